@@ -1,0 +1,301 @@
+"""Typed configuration: dataclasses filled from a size preset, a recipe YAML, an optional
+user YAML and ``a.b=c`` command-line overrides, in that order. Unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    vision_mlp_ratio: float = 4.0
+    text_width: int = 192
+    text_layers: int = 2  # text encoder (unimodal) layers
+    cross_layers: int = 2  # text cross-modality encoder layers (with cross-attention to image)
+    text_heads: int = 3
+    text_intermediate: int = 768
+    max_position: int = 64
+    type_vocab_size: int = 2
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    image_cross_layers: int = 3
+    image_cross_heads: int = 3
+    embed_dim: int = 128  # ITC projection size
+    temp: float = 0.07
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class MaskingConfig:
+    mode: str = "separate"  # "separate": one modality masked per pass; "joint": both at once
+    text_ratio: float = 0.3
+    image_ratio: float = 0.6
+    image_block: int = 2  # block side in patches (2x2 patches of 16 px = 32x32 px at ViT-B/16)
+    visible_only: bool = True  # masked image pass encodes only visible patches (MAE-style)
+
+
+@dataclass
+class LossConfig:
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    mim: float = 1.0
+    norm_pix: bool = False  # per-patch normalised pixel targets for MIM
+
+
+@dataclass
+class SyntheticConfig:
+    dir: str = "data/synthetic"
+    num_train: int = 4000
+    num_val: int = 100
+    num_test: int = 200
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # annotation JSON; None: the built-in synthetic scenes
+    val: Optional[str] = None
+    test: Optional[str] = None
+    image_root: Optional[str] = None  # image paths in the JSON are relative to this (default: JSON's folder)
+    tokenizer: Optional[str] = None  # vocab.txt / tokenizer.json; None: train a WordPiece on the captions
+    vocab_size: int = 1000  # for a tokenizer trained on the captions
+    max_text_len: int = 32
+    crop_scale: list = field(default_factory=lambda: [0.8, 1.0])
+    hflip: float = 0.5  # probability; "left"/"right" in the caption are swapped with the image
+    mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    num_workers: int = 1
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: Optional[str] = None  # None: runs/<recipe>-<preset>-<timestamp>
+    seed: int = 0
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    clip_grad: float = 1.0  # 0: no clipping
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    device: str = "auto"
+    log_every: int = 10
+    save_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    tensorboard: bool = True  # written when the tensorboard package is installed
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # zero-shot retrieval on the val split every N steps (0: only at the end)
+    k: int = 16  # ITM re-ranks the top-k of the ITC ranking
+    score: str = "itm"  # "itm" or "itm+itc"
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    recipe: str = "maskvlm"
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        _check_choice("masking.mode", self.masking.mode, ("separate", "joint"))
+        _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
+        _check_choice("eval.score", self.eval.score, ("itm", "itm+itc"))
+        for key in ("masking.text_ratio", "masking.image_ratio"):
+            value = _get(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}={value}: expected a ratio in [0, 1)")
+        for key in ("train.batch_size", "train.grad_accum", "train.max_steps", "eval.k",
+                    "eval.batch_size", "model.patch_size", "model.image_size", "masking.image_block"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"{key}={_get(self, key)}: expected a positive integer")
+        m = self.model
+        if m.image_size % m.patch_size:
+            raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
+        for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads"),
+                             ("vision_width", "image_cross_heads")):
+            if getattr(m, width) % getattr(m, heads):
+                raise ConfigError(f"model.{width}={getattr(m, width)} is not divisible by model.{heads}={getattr(m, heads)}")
+        if self.data.max_text_len > m.max_position:
+            raise ConfigError(f"data.max_text_len={self.data.max_text_len} exceeds model.max_position={m.max_position}")
+        if sum(w > 0 for w in dataclasses.asdict(self.loss).values() if not isinstance(w, bool)) == 0:
+            raise ConfigError("loss: every objective weight is 0; nothing to train")
+        lo, hi = self.data.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_scale={self.data.crop_scale}: expected 0 < min <= max <= 1")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(base, '__name__', base)})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {base.__name__}, got {type(value).__name__}")
+
+
+def merge_into(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Write ``updates`` (nested dict) into the dataclass ``obj`` in place, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(updates).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(fields))}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            merge_into(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return out
+
+
+def _recipe_file(kind: str, name: str) -> Path:
+    """Path of a packaged recipe (kind='') or size preset (kind='presets'), or a user YAML path."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    root = resources.files("maskvlm") / "recipes"
+    folder = root / kind if kind else root
+    path = Path(str(folder / f"{name}.yaml"))
+    if not path.exists():
+        available = sorted(p.stem for p in Path(str(folder)).glob("*.yaml"))
+        what = "preset" if kind else "recipe"
+        raise ConfigError(f"unknown {what} '{name}'; available: {', '.join(available)}")
+    return path
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in Path(str(resources.files("maskvlm") / "recipes")).glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_file: Optional[str] = None,
+                 overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- size preset <- recipe <- user YAML <- overrides. The recipe may name its preset."""
+    recipe_data = load_yaml(_recipe_file("", recipe))
+    preset = preset or recipe_data.pop("preset", None) or "tiny"
+    recipe_data.pop("preset", None)
+    cfg = Config(recipe=Path(recipe).stem, preset=Path(preset).stem)
+    for source, data in (("preset", load_yaml(_recipe_file("presets", preset))), ("recipe", recipe_data)):
+        try:
+            merge_into(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{source} '{preset if source == 'preset' else recipe}': {e}") from None
+    if config_file:
+        try:
+            merge_into(cfg, load_yaml(config_file))
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
+    merge_into(cfg, parse_overrides(overrides or []))
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    merge_into(cfg, data)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,216 @@
+"""Annotation-JSON datasets (ALBEF/BLIP layout: a list of ``{"image", "caption", "image_id"}``
+with ``caption`` a string or a list), the ``Batch`` dataclass and the pre-training collator
+that tokenises captions and applies the masking policies."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from ..masking import bert_mask, block_mask, maskable_tokens
+from .tokenizer import TextTokenizer
+from .transforms import ImageTransform, swap_left_right
+
+
+class DataError(ValueError):
+    """An input file or entry is malformed; the message names the file, entry and field."""
+
+
+def sample_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (the same in every process and worker)."""
+    return zlib.crc32(json.dumps(parts).encode()) * 2654435761 % (2 ** 63 - 1)
+
+
+def load_annotations(path: str | Path) -> list[dict]:
+    """Read and check an annotation JSON file: a list of objects with ``image`` and ``caption``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: the annotation list is empty")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: entry {i} is {type(entry).__name__}, expected an object")
+        if not isinstance(entry.get("image"), str):
+            raise DataError(f"{path}: entry {i} has no string field 'image'")
+        caption = entry.get("caption")
+        ok = isinstance(caption, str) or (isinstance(caption, list) and caption
+                                          and all(isinstance(c, str) for c in caption))
+        if not ok:
+            raise DataError(f"{path}: entry {i} field 'caption' must be a string or a non-empty list of strings")
+    return data
+
+
+def resolve_image_root(annotation_path: str | Path, image_root: Optional[str]) -> Path:
+    return Path(image_root) if image_root else Path(annotation_path).parent
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class PairDataset(Dataset):
+    """Image-caption pairs for pre-training. An entry with several captions yields one of them
+    per visit (chosen from the sample's seed). Keys are ``(epoch, index)`` from :class:`EpochSampler`
+    (or a plain index), so augmentation depends only on the seed, epoch and index."""
+
+    def __init__(self, annotation_path: str | Path, image_root: Optional[str], transform: ImageTransform,
+                 seed: int = 0, swap_on_flip: bool = True):
+        self.annotation_path = Path(annotation_path)
+        self.entries = load_annotations(annotation_path)
+        self.root = resolve_image_root(annotation_path, image_root)
+        self.transform = transform
+        self.seed = seed
+        self.swap_on_flip = swap_on_flip
+        ids: dict[Any, int] = {}
+        self.image_ids = [ids.setdefault(str(e.get("image_id", e["image"])), len(ids)) for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def captions(self) -> list[str]:
+        out = []
+        for e in self.entries:
+            out += [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+        return out
+
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        entry = self.entries[index]
+        seed = sample_seed(self.seed, epoch, index)
+        gen = torch.Generator().manual_seed(seed)
+        image, flipped = self.transform(open_image(self.root / entry["image"]), gen)
+        caption = entry["caption"]
+        if isinstance(caption, list):
+            caption = caption[int(torch.randint(len(caption), (), generator=gen))]
+        if flipped and self.swap_on_flip:
+            caption = swap_left_right(caption)
+        return dict(image=image, caption=caption, image_id=self.image_ids[index], index=index, seed=seed)
+
+
+class EpochSampler(Sampler):
+    """Seeded permutation per epoch yielding ``(epoch, index)`` keys; can start mid-epoch.
+
+    The order depends only on (seed, epoch), so resuming at ``start`` batches into an epoch sees
+    exactly the samples an uninterrupted run would have seen next."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def __iter__(self):
+        for i in self.order()[self.start:]:
+            yield (self.epoch, i)
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+@dataclass
+class Batch:
+    """A collated batch. Masked views are present only when an objective needs them."""
+    images: torch.Tensor  # (B, 3, H, W), normalised
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    image_ids: torch.Tensor  # (B,) integer id of the underlying image (captions of one image share it)
+    mlm_input_ids: Optional[torch.Tensor] = None  # (B, L) after BERT masking
+    mlm_labels: Optional[torch.Tensor] = None  # (B, L), -100 where not masked
+    image_mask: Optional[torch.Tensor] = None  # (B, N) bool, True = masked patch
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+                        for f in fields(self) for v in [getattr(self, f.name)]})
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
+                        for f in fields(self) for v in [getattr(self, f.name)]})
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class PretrainCollator:
+    """Stacks images, tokenises captions, and draws the text and image masks for the batch."""
+
+    def __init__(self, tokenizer: TextTokenizer, max_len: int, text_ratio: float = 0.0, image_ratio: float = 0.0,
+                 grid: Sequence[int] = (0, 0), image_block: int = 2):
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.text_ratio = text_ratio
+        self.image_ratio = image_ratio
+        self.grid = tuple(grid)
+        self.image_block = image_block
+        self.random_ids = tokenizer.ordinary_ids()
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        images = torch.stack([s["image"] for s in samples])
+        ids, attn = self.tokenizer([s["caption"] for s in samples], self.max_len)
+        batch = Batch(images=images, input_ids=ids, attention_mask=attn,
+                      image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long))
+        gen = torch.Generator().manual_seed(sample_seed(*[s["seed"] for s in samples]))
+        if self.text_ratio > 0:
+            maskable = maskable_tokens(ids, attn, self.tokenizer.special_ids)
+            batch.mlm_input_ids, batch.mlm_labels = bert_mask(ids, maskable, self.text_ratio, self.tokenizer.mask_id,
+                                                              self.random_ids, gen)
+        if self.image_ratio > 0:
+            batch.image_mask = block_mask(len(samples), self.grid, self.image_ratio, self.image_block, gen)
+        return batch
+
+
+class RetrievalDataset(Dataset):
+    """Images of a retrieval split (one entry per image, caption list) for evaluation.
+
+    Exposes ``texts``, ``txt2img`` (image index of each text) and ``img2txt`` (text indices of
+    each image). Entries with a single string caption are grouped by ``image`` path."""
+
+    def __init__(self, annotation_path: str | Path, image_root: Optional[str], transform: ImageTransform):
+        entries = load_annotations(annotation_path)
+        self.root = resolve_image_root(annotation_path, image_root)
+        self.transform = transform
+        self.images: list[str] = []
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        index: dict[str, int] = {}
+        for e in entries:
+            if e["image"] not in index:
+                index[e["image"]] = len(self.images)
+                self.images.append(e["image"])
+                self.img2txt.append([])
+            i = index[e["image"]]
+            for caption in [e["caption"]] if isinstance(e["caption"], str) else e["caption"]:
+                self.img2txt[i].append(len(self.texts))
+                self.txt2img.append(i)
+                self.texts.append(caption)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image, _ = self.transform(open_image(self.root / self.images[i]))
+        return image

@@ -1,0 +1,256 @@
+"""Built-in synthetic scenes: seeded, procedurally drawn images of coloured shapes over
+textured backgrounds with paraphrased captions that need attribute binding ("a red circle
+left of a blue square" vs "a blue circle left of a red square"). Written as PNG files plus
+annotation JSON in the ALBEF layout, so the ordinary annotation loader reads them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (35, 70, 230), "yellow": (240, 220, 30),
+    "purple": (140, 40, 180), "orange": (245, 130, 20), "white": (250, 250, 250),
+}
+SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
+NUMBER_WORDS = {2: "two", 3: "three"}
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+SUPERSAMPLE = 4
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    cx: float  # centre, fraction of the image side
+    cy: float
+
+    def box(self, side: int) -> list[int]:
+        r = SIZES[self.size] * side
+        return [round(self.cx * side - r), round(self.cy * side - r), round(self.cx * side + r), round(self.cy * side + r)]
+
+    def phrase(self, with_size: bool = False) -> str:
+        return f"{self.size + ' ' if with_size else ''}{self.color} {self.shape}"
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _region(cx: float, cy: float) -> str:
+    if cx < 0.38:
+        return "on the left"
+    if cx > 0.62:
+        return "on the right"
+    if cy < 0.38:
+        return "at the top"
+    if cy > 0.62:
+        return "at the bottom"
+    return "in the middle"
+
+
+def _texture(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A low-contrast, low-saturation background so that objects stay the salient content."""
+    base = rng.uniform(70, 170) + rng.uniform(-15, 15, size=3)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    kind = rng.integers(4)
+    amp = rng.uniform(8, 22)
+    if kind == 0:  # noise
+        pattern = rng.normal(0, 0.5, size=(side, side))
+    elif kind == 1:  # stripes at a random angle
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 9)
+        pattern = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+    elif kind == 2:  # checkerboard
+        cells = rng.integers(4, 10)
+        pattern = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2) * 2 - 1
+    else:  # gradient
+        angle = rng.uniform(0, 2 * np.pi)
+        pattern = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)
+        pattern = pattern * 2
+    image = base[None, None, :] + amp * pattern[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
+    s = side * SUPERSAMPLE
+    cx, cy, r = obj.cx * s, obj.cy * s, SIZES[obj.size] * s
+    color = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif obj.shape == "square":
+        q = r * 0.85
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=color)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=color)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif obj.shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+
+
+def render(objects: list[SceneObject], side: int, rng: np.random.Generator) -> Image.Image:
+    background = Image.fromarray(_texture(rng, side * SUPERSAMPLE // 4)).resize(
+        (side * SUPERSAMPLE, side * SUPERSAMPLE), Image.BILINEAR)
+    draw = ImageDraw.Draw(background)
+    for obj in objects:
+        _draw(draw, obj, side)
+    return background.resize((side, side), Image.LANCZOS)
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def _single_scene(rng):
+    obj = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
+    r = SIZES[obj.size]
+    obj.cx, obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
+    where, p, ps = _region(obj.cx, obj.cy), obj.phrase(), obj.phrase(with_size=True)
+    captions = [
+        f"{_article(ps)} {where}",
+        f"{_article(p)} {where}",
+        f"there is one {ps} {where}",
+        f"a single {p}, {obj.size}, {where}",
+        f"{where} of the picture is {_article(ps)}",
+        f"an image with just one {obj.shape}: it is {obj.color} and {obj.size}",
+        f"one {obj.color} {obj.shape} {where} on a textured background",
+    ]
+    return [obj], captions
+
+
+def _pair_scene(rng):
+    while True:
+        a = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
+        b = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
+        if (a.shape, a.color) != (b.shape, b.color):
+            break
+    for obj, (lo, hi) in ((a, (0.05, 0.45)), (b, (0.55, 0.95))):  # a on the left, b on the right
+        r = SIZES[obj.size]
+        obj.cx = rng.uniform(max(lo, r + 0.02) + 0.0, min(hi, 1 - r - 0.02))
+        obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03)
+    pa, pb = a.phrase(), b.phrase()
+    captions = [
+        f"{_article(pa)} to the left of {_article(pb)}",
+        f"{_article(pb)} to the right of {_article(pa)}",
+        f"{_article(pa)} and {_article(pb)}",
+        f"on the left {_article(a.phrase(True))}, on the right {_article(b.phrase(True))}",
+        f"{_article(pb)} next to {_article(pa)}",
+        f"two shapes: {_article(pa)} left and {_article(pb)} right",
+        f"a {a.size} {a.shape} that is {a.color} and a {b.size} {b.shape} that is {b.color}",
+    ]
+    return [a, b], captions
+
+
+def _count_scene(rng):
+    n = int(rng.integers(2, 4))
+    shape, color, size = _pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES)
+    r = SIZES[size]
+    objects: list[SceneObject] = []
+    for _ in range(200):  # rejection-sample positions without overlap
+        if len(objects) == n:
+            break
+        cx, cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
+        if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (2.2 * r) ** 2 for o in objects):
+            objects.append(SceneObject(shape, color, size, cx, cy))
+    n = len(objects)
+    word = NUMBER_WORDS.get(n, str(n))
+    plural = _plural(shape)
+    captions = [
+        f"{word} {color} {plural}",
+        f"{word} {size} {color} {plural}",
+        f"there are {word} {plural} and they are all {color}",
+        f"{n} {color} {plural} on a textured background",
+        f"a group of {word} {size} {plural}, all {color}",
+        f"exactly {word} {color} {plural} in the image",
+    ]
+    return objects, captions
+
+
+def make_scene(rng: np.random.Generator):
+    u = rng.random()
+    if u < 0.3:
+        return _single_scene(rng)
+    if u < 0.8:
+        return _pair_scene(rng)
+    return _count_scene(rng)
+
+
+def _choose_captions(rng, captions: list[str], k: int) -> list[str]:
+    order = rng.permutation(len(captions))[:k]
+    return [captions[i] for i in sorted(order)]
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    marker = Path(out_dir) / "synthetic.json"
+    return marker.exists()
+
+
+def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num_test: int = 200,
+             image_size: int = 64, seed: int = 0, captions_per_image: int = 5, progress: bool = True) -> Path:
+    """Write images and ``{train,val,test}.json`` under ``out_dir``; returns the folder.
+
+    train.json: one entry per caption (``image``, ``caption``, ``image_id``) as in ALBEF/BLIP
+    pre-training files; val.json/test.json: one entry per image with a list of captions, as in
+    the COCO Karpathy test layout. Every entry also lists its ``objects`` with boxes."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    for split_id, split in enumerate(SPLITS):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, split_id])
+        entries = []
+        for i in tqdm(range(counts[split]), desc=f"synthetic {split}", disable=not progress, leave=False):
+            objects, captions = make_scene(rng)
+            image = render(objects, image_size, rng)
+            rel = f"images/{split}/{i:06d}.png"
+            image.save(out / rel)
+            chosen = _choose_captions(rng, captions, captions_per_image)
+            meta = [dict(shape=o.shape, color=o.color, size=o.size, box=o.box(image_size)) for o in objects]
+            image_id = f"synthetic_{split}_{i:06d}"
+            if split == "train":
+                entries += [dict(image=rel, caption=c, image_id=image_id, objects=meta) for c in chosen]
+            else:
+                entries.append(dict(image=rel, caption=chosen, image_id=image_id, objects=meta))
+        with open(out / f"{split}.json", "w") as f:
+            json.dump(entries, f)
+    with open(out / "synthetic.json", "w") as f:  # written last: marks a complete dataset
+        json.dump(dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, **counts), f)
+    return out
+
+
+def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test: int, image_size: int,
+                     seed: int, progress: bool = True) -> Path:
+    """Generate the dataset unless a complete one with the same settings is already there."""
+    out = Path(out_dir)
+    wanted = dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, train=num_train, val=num_val,
+                  test=num_test)
+    if is_complete(out):
+        with open(out / "synthetic.json") as f:
+            if json.load(f) == wanted:
+                return out
+        log.info("synthetic data in %s was made with other settings; regenerating", out)
+    log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
+             num_test)
+    marker: Optional[Path] = out / "synthetic.json"
+    if marker.exists():
+        marker.unlink()
+    return generate(out, num_train, num_val, num_test, image_size, seed, progress=progress)

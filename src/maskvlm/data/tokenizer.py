@@ -1,0 +1,115 @@
+"""Text tokenizer on Hugging Face ``tokenizers``: a WordPiece trained on the training
+captions (saved with every checkpoint) or one loaded from ``vocab.txt`` / ``tokenizer.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import WordPiece
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Names a loaded tokenizer may use for each role (BERT-style first, RoBERTa-style second).
+_ROLES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"),
+          "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>")}
+
+
+class TextTokenizer:
+    """Turns captions into padded id tensors and knows the special-token ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        ids = {}
+        for role, names in _ROLES.items():
+            found = [tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None]
+            if not found:
+                raise ValueError(f"tokenizer has no {role} token (looked for {', '.join(names)})")
+            ids[role] = found[0]
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            ids["pad"], ids["unk"], ids["cls"], ids["sep"], ids["mask"])
+        self.special_ids = sorted(set(ids.values()))
+        self.vocab_size = tokenizer.get_vocab_size()
+        self._max_len = None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def ordinary_ids(self) -> torch.Tensor:
+        """Ids a random replacement may use (everything but special tokens)."""
+        keep = torch.ones(self.vocab_size, dtype=torch.bool)
+        keep[self.special_ids] = False
+        return keep.nonzero().squeeze(1)
+
+    def __call__(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode with [CLS] ... [SEP], truncate to ``max_len`` and pad to the longest -> (ids, mask)."""
+        if self._max_len != max_len:
+            self.tokenizer.enable_truncation(max_length=max_len)
+            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id))
+            self._max_len = max_len
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def id_to_token(self, i: int) -> str:
+        return self.tokenizer.id_to_token(int(i))
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self._max_len = None
+        self.tokenizer.save(str(path))
+
+
+def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000) -> TextTokenizer:
+    """Train a lower-cased BERT-style WordPiece on ``texts``."""
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return TextTokenizer(_bert_pipeline(tok))
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """Load ``tokenizer.json`` or a BERT ``vocab.txt`` (a folder holding either also works)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "vocab.txt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if path.suffix == ".json":
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    vocab = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            token = line.rstrip("\n")
+            if token:
+                vocab[token] = i
+    if "[UNK]" not in vocab:
+        raise ValueError(f"{path}: vocab.txt has no [UNK] token")
+    return TextTokenizer(_bert_pipeline(Tokenizer(WordPiece(vocab, unk_token="[UNK]"))))

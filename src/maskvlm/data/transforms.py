@@ -1,0 +1,82 @@
+"""Image transforms without torchvision: random resized crop, a horizontal flip that also
+swaps "left"/"right" in the caption, resize and normalisation. Randomness comes from a
+``torch.Generator`` so every sample is reproducible from its seed."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_left_right(caption: str) -> str:
+    """Mirror the spatial words of a caption to match a horizontally flipped image."""
+    return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(0)], caption)
+
+
+def _uniform(generator: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], generator: torch.Generator,
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A crop box (left, top, right, bottom) covering ``scale`` of the area with aspect in ``ratio``."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * _uniform(generator, scale[0], scale[1])
+        aspect = math.exp(_uniform(generator, log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            return left, top, left + w, top + h
+    side = min(width, height)  # fallback: central square
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor (3, size, size). ``train`` adds crop and flip."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], train: bool = False,
+                 crop_scale: Sequence[float] = (0.8, 1.0), hflip: float = 0.0):
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.train = train
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return (tensor - self.mean) / self.std
+
+    def __call__(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, bool]:
+        """Returns (tensor, flipped). A flipped image needs its caption passed through ``swap_left_right``."""
+        image = image.convert("RGB")
+        flipped = False
+        if self.train:
+            if generator is None:
+                raise ValueError("a training transform needs a generator")
+            box = random_resized_crop_box(image.width, image.height, self.crop_scale, generator)
+            image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+            if self.hflip > 0 and float(torch.rand((), generator=generator)) < self.hflip:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                flipped = True
+        elif image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        return self.to_tensor(image), flipped
+
+    def denormalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Back to [0, 1] pixel values (for pictures)."""
+        return (tensor * self.std.to(tensor.device) + self.mean.to(tensor.device)).clamp(0, 1)

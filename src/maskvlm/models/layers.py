@@ -1,0 +1,142 @@
+"""Transformer building blocks shared by every encoder: SDPA attention (self or cross),
+pre-norm ViT blocks and post-norm BERT layers (parameter names follow the usual
+ViT/BERT layouts so pretrained weights map onto them)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT initialisation: truncated normal linear/embedding weights, zero biases, unit norms."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def key_padding_to_attn_mask(key_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, Lk) bool, True = attend  ->  (B, 1, 1, Lk) mask broadcastable over heads and queries."""
+    if key_mask is None:
+        return None
+    return key_mask[:, None, None, :].bool()
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``scaled_dot_product_attention``.
+
+    Self-attention uses one fused ``qkv`` projection; cross-attention (``kv_dim`` given)
+    projects queries from ``x`` and keys/values from the context."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.is_cross = kv_dim is not None
+        if self.is_cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(kv_dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor")
+            q = self._split(self.q(x))
+            k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))
+        else:
+            q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_padding_to_attn_mask(key_mask),
+            dropout_p=self.dropout if self.training else 0.0)
+        b, _, n, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class PreNormBlock(nn.Module):
+    """ViT block (pre-norm); with ``cross_dim`` it gains a cross-attention sub-layer."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_dim: Optional[int] = None,
+                 dropout: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.has_cross = cross_dim is not None
+        if self.has_cross:
+            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = Attention(dim, heads, kv_dim=cross_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=key_mask)
+        if self.has_cross:
+            x = x + self.cross_attn(self.norm_cross(x), context=context, key_mask=context_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class BertSubLayer(nn.Module):
+    """Attention followed by BERT's post-norm residual: LayerNorm(x + dropout(attn(x)))."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: Optional[int], dropout: float, attn_dropout: float,
+                 eps: float):
+        super().__init__()
+        self.attn = Attention(dim, heads, kv_dim=kv_dim, dropout=attn_dropout)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, key_mask=None, context=None):
+        return self.norm(x + self.drop(self.attn(x, context=context, key_mask=key_mask)))
+
+
+class BertLayer(nn.Module):
+    """BERT encoder layer (post-norm): self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, dim: int, heads: int, intermediate: int, cross_dim: Optional[int] = None,
+                 dropout: float = 0.0, attn_dropout: float = 0.0, eps: float = 1e-12):
+        super().__init__()
+        self.attention = BertSubLayer(dim, heads, None, dropout, attn_dropout, eps)
+        self.crossattention = (BertSubLayer(dim, heads, cross_dim, dropout, attn_dropout, eps)
+                               if cross_dim is not None else None)
+        self.intermediate = nn.Linear(dim, intermediate)
+        self.output = nn.Linear(intermediate, dim)
+        self.output_drop = nn.Dropout(dropout)
+        self.output_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.attention(x, key_mask=key_mask)
+        if self.crossattention is not None:
+            x = self.crossattention(x, key_mask=context_mask, context=context)
+        return self.output_norm(x + self.output_drop(self.output(F.gelu(self.intermediate(x)))))

@@ -1,0 +1,77 @@
+"""BERT-style text stack: embeddings + post-norm layers. The first layers form the text
+encoder; the remaining layers, each with cross-attention to image tokens, form the text
+cross-modality encoder (the ALBEF/MaskVLM split of one BERT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .layers import BertLayer, init_weights
+
+
+@dataclass
+class TextOutput:
+    hidden: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L) bool, True = real token
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, width: int, max_position: int, type_vocab_size: int = 2,
+                 dropout: float = 0.0, eps: float = 1e-12):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width)
+        self.position_embeddings = nn.Embedding(max_position, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {length} tokens exceeds the {self.position_embeddings.num_embeddings} "
+                             "position embeddings (model.max_position)")
+        pos = torch.arange(length, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class TextEncoder(nn.Module):
+    """Unimodal text encoder: embeddings followed by ``layers`` BERT layers."""
+
+    def __init__(self, vocab_size: int, width: int, layers: int, heads: int, intermediate: int,
+                 max_position: int, type_vocab_size: int = 2, dropout: float = 0.0, attn_dropout: float = 0.0):
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab_size, width, max_position, type_vocab_size, dropout)
+        self.layer = nn.ModuleList(BertLayer(width, heads, intermediate, None, dropout, attn_dropout)
+                                   for _ in range(layers))
+        self.apply(init_weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        mask = attention_mask.bool()
+        x = self.embeddings(input_ids)
+        for layer in self.layer:
+            x = layer(x, key_mask=mask)
+        return TextOutput(hidden=x, attention_mask=mask)
+
+
+class TextCrossEncoder(nn.Module):
+    """Text cross-modality encoder: BERT layers with cross-attention to image tokens."""
+
+    def __init__(self, width: int, layers: int, heads: int, intermediate: int, image_width: int,
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(width, heads, intermediate, image_width, dropout, attn_dropout)
+                                   for _ in range(layers))
+        self.apply(init_weights)
+
+    def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
+                image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = text_hidden
+        for layer in self.layer:
+            x = layer(x, key_mask=text_mask, context=image_hidden, context_mask=image_mask)
+        return x

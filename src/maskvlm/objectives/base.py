@@ -1,0 +1,99 @@
+"""What every objective shares: its output type and the per-step state that caches the
+encodings several objectives use (unmasked image/text, ITC features, masked passes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..data.formats import Batch
+from ..masking import mask_to_indices
+from ..models.model import MaskVLM
+from ..models.text import TextOutput
+from ..models.vit import VisionOutput
+from ..train.distributed import all_gather_no_grad, all_gather_with_grad
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. sampled negatives, for tests
+
+
+class StepState:
+    """Encodings of one batch, each computed at most once and shared by the objectives."""
+
+    def __init__(self, model: MaskVLM, batch: Batch, visible_only: bool = True, joint: bool = False):
+        self.model, self.batch = model, batch
+        self.visible_only, self.joint = visible_only, joint
+        self._cache: dict[str, object] = {}
+
+    def _get(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def image(self) -> VisionOutput:
+        return self._get("image", lambda: self.model.encode_image(self.batch.images))
+
+    @property
+    def text(self) -> TextOutput:
+        return self._get("text", lambda: self.model.encode_text(self.batch.input_ids, self.batch.attention_mask))
+
+    @property
+    def image_features(self) -> torch.Tensor:
+        return self._get("image_features", lambda: self.model.image_features(self.image))
+
+    @property
+    def text_features(self) -> torch.Tensor:
+        return self._get("text_features", lambda: self.model.text_features(self.text))
+
+    def gathered_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features, image ids) of the whole global batch (all ranks)."""
+        return self._get("gathered", lambda: (all_gather_with_grad(self.image_features),
+                                              all_gather_with_grad(self.text_features),
+                                              all_gather_no_grad(self.batch.image_ids)))
+
+    @property
+    def masked_image(self) -> VisionOutput:
+        """Encoding of the block-masked image: visible patches only, or mask tokens in place."""
+        def encode():
+            mask = self.batch.image_mask
+            if mask is None:
+                raise ValueError("this objective needs image masks: the collator drew none (masking.image_ratio=0?)")
+            if self.visible_only:
+                return self.model.encode_image(self.batch.images, visible_idx=mask_to_indices(~mask))
+            return self.model.encode_image(self.batch.images, masked=mask)
+        return self._get("masked_image", encode)
+
+    @property
+    def masked_text(self) -> TextOutput:
+        def encode():
+            if self.batch.mlm_input_ids is None:
+                raise ValueError("this objective needs masked text: the collator drew none (masking.text_ratio=0?)")
+            return self.model.encode_text(self.batch.mlm_input_ids, self.batch.attention_mask)
+        return self._get("masked_text", encode)
+
+    @property
+    def image_context(self) -> torch.Tensor:
+        """Image tokens the masked text attends to: unmasked image, or the masked one in joint mode."""
+        return self.masked_image.hidden if self.joint else self.image.hidden
+
+    @property
+    def text_context(self) -> TextOutput:
+        """Text the masked image attends to: unmasked text, or the masked one in joint mode."""
+        return self.masked_text if self.joint else self.text
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if labels.numel() == 0:
+        return torch.zeros((), device=logits.device)
+    return (logits.argmax(-1) == labels).float().mean().detach()
+
+
+def optional_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return mask if mask is not None else torch.ones_like(like, dtype=torch.bool)

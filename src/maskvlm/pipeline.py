@@ -1,0 +1,94 @@
+"""The ``pretrain`` job end to end: data (synthetic scenes if none given), tokenizer, model,
+objectives, trainer, then zero-shot retrieval on the test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, merge_into, parse_overrides
+from .data.formats import PairDataset, PretrainCollator
+from .data.tokenizer import load_tokenizer, train_wordpiece
+from .data.transforms import ImageTransform
+from .models.io import TOKENIZER_FILE, read_config
+from .models.model import build_model
+from .tasks.pretrain import PretrainTask, make_retrieval_eval, prepare_data_paths
+from .tasks.retrieval import format_table
+from .train.checkpoint import list_checkpoints, resolve_resume
+from .train.distributed import is_main
+from .train.logging import setup_logging
+from .train.loop import Trainer, seed_everything
+
+log = logging.getLogger("maskvlm")
+
+
+def default_output_dir(config: Config) -> Path:
+    return Path("runs") / f"{config.recipe}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
+             evaluate_test: bool = True) -> dict:
+    """Run pre-training; returns {"train": last train metrics, "test": test retrieval metrics, ...}."""
+    output_dir = Path(config.train.output_dir) if config.train.output_dir else None
+    checkpoint = resolve_resume(resume, output_dir) if resume else None
+    if resume and checkpoint is None:
+        log.info("--resume auto: no checkpoint in %s yet; starting from scratch", output_dir)
+    if checkpoint is not None:
+        # The run's own configuration wins; command-line key=value overrides still apply (e.g. more steps).
+        config = read_config(checkpoint)
+        merge_into(config, parse_overrides(overrides or []))
+        config.validate()
+        output_dir = output_dir or checkpoint.parent.parent
+    output_dir = output_dir or default_output_dir(config)
+    config.train.output_dir = str(output_dir)
+    if checkpoint is None and list_checkpoints(output_dir):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              "or choose another --output-dir")
+    setup_logging(output_dir if is_main() else None)
+    prepare_data_paths(config, progress=config.train.progress)
+
+    if checkpoint is not None:
+        tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)
+    elif config.data.tokenizer:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    else:
+        captions = PairDataset(config.data.train, config.data.image_root, None).captions()
+        tokenizer = train_wordpiece(captions, config.data.vocab_size)
+        log.info("trained a WordPiece tokenizer on %d captions: %d tokens", len(captions), tokenizer.vocab_size)
+    config.model.vocab_size = tokenizer.vocab_size
+
+    seed_everything(config.train.seed)
+    model = build_model(config)
+    task = PretrainTask(model, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("recipe %s, preset %s: %.1fM parameters, objectives %s", config.recipe, config.preset, n_params / 1e6,
+             ", ".join(f"{k}x{v:g}" for k, v in task.weights.items()))
+
+    d, m = config.data, config.model
+    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed)
+    grid = (m.image_size // m.patch_size,) * 2
+    collator = PretrainCollator(tokenizer, d.max_text_len,
+                                text_ratio=config.masking.text_ratio if config.loss.mlm > 0 else 0.0,
+                                image_ratio=config.masking.image_ratio if config.loss.mim > 0 else 0.0,
+                                grid=grid, image_block=config.masking.image_block)
+    evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val else None
+    trainer = Trainer(task, config, dataset, collator, output_dir, tokenizer, evaluate)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    log.info("training %d steps of %d pairs on %s (%s), output in %s", config.train.max_steps,
+             config.train.batch_size * config.train.grad_accum, trainer.device, config.train.precision, output_dir)
+    start = time.perf_counter()
+    train_metrics = trainer.fit()
+    result = {"train": train_metrics, "train_seconds": time.perf_counter() - start,
+              "checkpoint": str(trainer.last_checkpoint), "output_dir": str(output_dir)}
+    if evaluate_test and d.test and is_main():
+        test = make_retrieval_eval(model, tokenizer, config, d.test, progress=config.train.progress)()
+        result["test"] = test
+        print(format_table(test, f"zero-shot retrieval on {d.test}"))
+        with open(output_dir / "results.json", "w") as f:
+            json.dump(result, f, indent=2)
+    return result

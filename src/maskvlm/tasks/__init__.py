@@ -1,0 +1,1 @@
+"""Tasks: what a trainer runs (pre-training objectives) and what is measured (retrieval)."""

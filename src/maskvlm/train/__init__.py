@@ -1,0 +1,1 @@
+"""Training machinery: the loop, optimiser and schedule, checkpoints, logging, distributed helpers."""

@@ -1,0 +1,106 @@
+"""Checkpoint folders: ``config.yaml``, ``model.safetensors`` (every weight and buffer of the
+task: model, teachers, queues), ``tokenizer.json`` and ``trainer_state.pt`` (optimizer,
+scheduler, step, data position, RNG states). Written to a temporary folder and renamed, so a
+crash mid-write never damages the previous checkpoint; loaded without unpickling code."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.io import CONFIG_FILE, MODEL_FILE, write_model_folder
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokenizer, trainer_state: dict,
+                    keep_last: int = 2) -> Path:
+    """Write ``output_dir/checkpoints/step-XXXXXXXX`` atomically and prune all but the newest ``keep_last``."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        write_model_folder(tmp, task, config, tokenizer)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
+    """``auto``: newest complete checkpoint in ``output_dir`` (None if there is none); else a path:
+    a checkpoint folder or a run folder (its newest checkpoint)."""
+    if resume == "auto":
+        if output_dir is None:
+            raise ValueError("--resume auto needs --output-dir (the run folder to look in)")
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if all((path / f).is_file() for f in CHECKPOINT_FILES):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (needs {', '.join(CHECKPOINT_FILES)}) "
+                            "and no complete checkpoint under it")
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{checkpoint / STATE_FILE}: cannot be loaded safely ({e})") from None

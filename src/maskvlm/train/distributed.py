@@ -1,0 +1,40 @@
+"""Process-group helpers. Every function is a no-op with one process, so single-process and
+``torchrun`` runs take the same code path."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0; gradients flow back to each rank's part."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)

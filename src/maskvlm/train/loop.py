@@ -1,0 +1,176 @@
+"""The one trainer: runs any task (a module mapping a ``Batch`` to ``(loss, metrics)``) with
+AdamW + warmup/cosine, gradient accumulation and clipping, bf16 autocast, progress bar,
+metrics logs, periodic evaluation and atomic checkpoints with exact resume."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.formats import EpochSampler
+from ..models.io import MODEL_FILE, load_state
+from ..runtime import autocast, resolve_device
+from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .distributed import is_main
+from .logging import MetricsLogger, log
+from .optim import build_optimizer, build_scheduler
+
+STATE_VERSION = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, task: nn.Module, config: Config, dataset: Dataset, collator: Callable,
+                 output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None):
+        self.task, self.config, self.dataset, self.collator = task, config, dataset, collator
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
+        self.evaluate = evaluate
+        t = config.train
+        self.device = resolve_device(t.device)
+        self.task.to(self.device)
+        self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
+        self.batches_per_epoch = len(dataset) // t.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the training set has {len(dataset)} samples, fewer than train.batch_size="
+                             f"{t.batch_size}")
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.skipped_nonfinite = 0
+        self.last_checkpoint: Optional[Path] = None
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "skipped_nonfinite": self.skipped_nonfinite,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state()}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.output_dir, self.step, self.task, self.config, self.tokenizer,
+                               self.state_dict(), self.config.train.keep_last)
+        self.last_checkpoint = path
+        log.info("checkpoint written: %s", path)
+        return path
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue exactly where ``checkpoint`` stopped: weights, optimizer, schedule, data position, RNG."""
+        load_state(self.task, load_file(str(checkpoint / MODEL_FILE)), str(checkpoint / MODEL_FILE))
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    # --- data ---------------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches forever, epoch after epoch, starting at the saved data position."""
+        t = self.config.train
+        while True:
+            sampler = EpochSampler(len(self.dataset), t.seed, self.epoch, start=self.batch_in_epoch * t.batch_size)
+            loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=self.collator,
+                                drop_last=True, num_workers=self.config.data.num_workers,
+                                pin_memory=self.device.type == "cuda",
+                                # a private generator: creating loaders must not consume the global RNG
+                                generator=torch.Generator(),
+                                persistent_workers=False)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # --- loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        t = self.config.train
+        main = is_main()
+        logger = MetricsLogger(self.output_dir, t.tensorboard) if main else None
+        self.task.train()
+        window: dict[str, float] = defaultdict(float)
+        window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        last: dict[str, float] = {}
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", disable=not (t.progress and main),
+                   dynamic_ncols=True)
+        batches = self._batches()
+        try:
+            while self.step < t.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                step_metrics: dict[str, float] = defaultdict(float)
+                finite = True
+                for _ in range(t.grad_accum):
+                    batch = next(batches).to(self.device, non_blocking=True)
+                    with autocast(self.device, t.precision):
+                        loss, metrics = self.task(batch)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss / t.grad_accum).backward()
+                    for k, v in metrics.items():
+                        step_metrics[k] += float(v) / t.grad_accum
+                    window_samples += len(batch)
+                grad_norm = float("nan")
+                if finite:
+                    if t.clip_grad > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad))
+                        finite = math.isfinite(grad_norm)
+                if finite:
+                    self.optimizer.step()
+                else:
+                    self.skipped_nonfinite += 1
+                    log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)", self.step,
+                                self.skipped_nonfinite)
+                self.scheduler.step()
+                self.step += 1
+                for k, v in step_metrics.items():
+                    window[k] += v
+                window_steps += 1
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: v / max(1, window_steps) for k, v in window.items()}
+                    last.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=window_samples / max(elapsed, 1e-9),
+                                epoch=self.epoch, skipped_nonfinite=self.skipped_nonfinite)
+                    if t.clip_grad > 0:
+                        last["grad_norm"] = grad_norm
+                    if logger:
+                        logger.log(self.step, "train", last)
+                    bar.set_postfix({k: f"{last[k]:.3f}" for k in last if k.endswith("_loss")} |
+                                    {"samples/s": f"{last['samples_per_s']:.0f}"})
+                    window.clear()
+                    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+                is_last = self.step == t.max_steps
+                if self.evaluate and self.config.eval.every_steps and self.step % self.config.eval.every_steps == 0 \
+                        and not is_last and main:
+                    val = self.evaluate()
+                    logger.log(self.step, "val", val)
+                    log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
+                if main and (is_last or (t.save_every and self.step % t.save_every == 0)):
+                    self.save()
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
+        return last
