@@ -40,6 +40,7 @@ class ModelConfig:
     temp: float = 0.07
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    attention: str = "auto"  # "sdpa", "math", or "auto": SDPA except bf16 on CPU (see benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Config:
 
     def validate(self) -> None:
         _check_choice("masking.mode", self.masking.mode, ("separate", "joint"))
+        _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
         _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc"))
         for key in ("masking.text_ratio", "masking.image_ratio"):
@@ -194,6 +196,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif base is str:
         if isinstance(value, str):
             return value

@@ -19,7 +19,7 @@ from .tasks.pretrain import PretrainTask, make_retrieval_eval, prepare_data_path
 from .tasks.retrieval import format_table
 from .train.checkpoint import list_checkpoints, resolve_resume
 from .train.distributed import is_main
-from .train.logging import setup_logging
+from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
 log = logging.getLogger("maskvlm")
@@ -32,6 +32,15 @@ def default_output_dir(config: Config) -> Path:
 def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
              evaluate_test: bool = True) -> dict:
     """Run pre-training; returns {"train": last train metrics, "test": test retrieval metrics, ...}."""
+    setup_logging()
+    output_dir, checkpoint, config = _resolve_run(config, resume, overrides)
+    if not is_main():
+        return _pretrain(config, checkpoint, output_dir, evaluate_test)
+    with log_to_file(output_dir):
+        return _pretrain(config, checkpoint, output_dir, evaluate_test)
+
+
+def _resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[str]]):
     output_dir = Path(config.train.output_dir) if config.train.output_dir else None
     checkpoint = resolve_resume(resume, output_dir) if resume else None
     if resume and checkpoint is None:
@@ -47,7 +56,10 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     if checkpoint is None and list_checkpoints(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output-dir")
-    setup_logging(output_dir if is_main() else None)
+    return output_dir, checkpoint, config
+
+
+def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
     prepare_data_paths(config, progress=config.train.progress)
 
     if checkpoint is not None:

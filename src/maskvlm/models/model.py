@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig
 from .fusion import ImageCrossEncoder
+from .layers import ATTENTION_IMPLS, Attention
 from .heads import ITCHead, ITMHead, MLMHead, PixelHead
 from .text import TextCrossEncoder, TextEncoder, TextOutput
 from .vit import VisionOutput, VisionTransformer
@@ -49,6 +50,14 @@ class MaskVLM(nn.Module):
         self.itm_head = ITMHead(c.text_width)
         self.mlm_head = MLMHead(c.text_width, self.text_encoder.embeddings.word_embeddings)
         self.pixel_head = PixelHead(c.vision_width, c.patch_size)
+        self.set_attention_impl(c.attention)
+
+    def set_attention_impl(self, impl: str) -> None:
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.impl = impl
 
     # --- encoders -------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, visible_idx: Optional[torch.Tensor] = None,

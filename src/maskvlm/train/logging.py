@@ -3,8 +3,10 @@ package is installed, TensorBoard event files in the same folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,23 +14,45 @@ from typing import Optional
 log = logging.getLogger("maskvlm")
 
 
-def setup_logging(output_dir: Optional[Path] = None, level: int = logging.INFO) -> None:
-    """Console log (and ``train.log`` in the run folder), once per process."""
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by test runners)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Console log for the ``maskvlm`` logger, once per process."""
     root = logging.getLogger("maskvlm")
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(fmt)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_FORMAT)
         root.addHandler(handler)
-    if output_dir is not None:
-        path = str(Path(output_dir) / "train.log")
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path)
-            handler.setFormatter(fmt)
-            root.addHandler(handler)
     root.propagate = False
+
+
+@contextlib.contextmanager
+def log_to_file(output_dir: Path):
+    """Also write the log to ``output_dir/train.log`` while the block runs."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(output_dir) / "train.log")
+    handler.setFormatter(_FORMAT)
+    root = logging.getLogger("maskvlm")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 class MetricsLogger:

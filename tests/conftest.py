@@ -1,0 +1,59 @@
+"""Shared fixtures: a micro configuration, a tiny synthetic dataset and its tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskvlm.config import build_config
+from maskvlm.data.formats import PairDataset, PretrainCollator
+from maskvlm.data.synthetic import generate
+from maskvlm.data.tokenizer import train_wordpiece
+from maskvlm.data.transforms import ImageTransform
+from maskvlm.models.model import build_model
+
+MICRO = [
+    "model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_layers=2",
+    "model.vision_heads=2", "model.text_width=32", "model.text_layers=1", "model.cross_layers=1",
+    "model.text_heads=2", "model.text_intermediate=64", "model.image_cross_layers=1", "model.image_cross_heads=2",
+    "model.embed_dim=16", "model.max_position=32", "data.max_text_len=24", "data.num_workers=0",
+    "train.batch_size=8", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=2",
+    "train.progress=false", "train.tensorboard=false", "eval.k=4", "eval.batch_size=16",
+]
+
+
+def micro_config(*overrides: str, recipe: str = "maskvlm"):
+    return build_config(recipe, overrides=MICRO + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic"), num_train=40, num_val=6, num_test=8, image_size=32,
+                    seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synthetic_dir):
+    return train_wordpiece(PairDataset(synthetic_dir / "train.json", None, None).captions(), vocab_size=200)
+
+
+@pytest.fixture
+def config(tokenizer):
+    cfg = micro_config()
+    cfg.model.vocab_size = tokenizer.vocab_size
+    return cfg
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+@pytest.fixture
+def batch(config, synthetic_dir, tokenizer):
+    m = config.model
+    transform = ImageTransform(m.image_size, config.data.mean, config.data.std, train=True, hflip=0.5)
+    dataset = PairDataset(synthetic_dir / "train.json", None, transform)
+    collator = PretrainCollator(tokenizer, config.data.max_text_len, 0.3, 0.6, (m.image_size // m.patch_size,) * 2, 2)
+    return collator([dataset[i] for i in range(8)])

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from maskvlm.data.formats import (DataError, EpochSampler, PairDataset, PretrainCollator, RetrievalDataset,
+                                  load_annotations)
+from maskvlm.data.synthetic import COLORS, SHAPES, generate
+from maskvlm.data.tokenizer import load_tokenizer, train_wordpiece
+from maskvlm.data.transforms import ImageTransform, swap_left_right
+from maskvlm.masking import IGNORE_INDEX
+
+
+def test_synthetic_layout_and_captions(synthetic_dir):
+    train = load_annotations(synthetic_dir / "train.json")
+    test = load_annotations(synthetic_dir / "test.json")
+    assert len(train) == 40 * 5 and all(isinstance(e["caption"], str) for e in train)
+    assert len(test) == 8 and all(len(e["caption"]) == 5 for e in test)
+    assert len({e["image_id"] for e in train}) == 40
+    for e in test:
+        assert Image.open(synthetic_dir / e["image"]).size == (32, 32)
+        for obj in e["objects"]:
+            assert obj["shape"] in SHAPES and obj["color"] in COLORS and len(obj["box"]) == 4
+
+
+def test_synthetic_pair_captions_bind_colours_to_shapes(tmp_path):
+    out = generate(tmp_path, num_train=60, num_val=0, num_test=0, image_size=32, seed=3, progress=False)
+    pairs = [e for e in load_annotations(out / "train.json") if len(e["objects"]) == 2
+             and e["objects"][0]["color"] + e["objects"][0]["shape"] != e["objects"][1]["color"] + e["objects"][1]["shape"]]
+    assert pairs
+    for e in pairs:
+        left, right = e["objects"]
+        assert left["box"][0] + left["box"][2] < right["box"][0] + right["box"][2]  # centres: left object first
+        # every caption names each colour with its own shape (in either phrase order)
+        text = e["caption"]
+        assert (f"{left['color']} {left['shape']}" in text or f"{left['shape']} that is {left['color']}" in text)
+        assert (f"{right['color']} {right['shape']}" in text or f"{right['shape']} that is {right['color']}" in text)
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = generate(tmp_path / "a", 5, 1, 1, 32, seed=7, progress=False)
+    b = generate(tmp_path / "b", 5, 1, 1, 32, seed=7, progress=False)
+    assert (a / "train.json").read_text() == (b / "train.json").read_text()
+    assert (a / "images/train/000003.png").read_bytes() == (b / "images/train/000003.png").read_bytes()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ('{"image": "x"}', "expected a JSON list"),
+    ("[]", "empty"),
+    ('[{"caption": "a"}]', "entry 0 has no string field 'image'"),
+    ('[{"image": "a.png", "caption": 3}]', "entry 0 field 'caption'"),
+])
+def test_bad_annotation_files_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "ann.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_annotations(path)
+
+
+def test_missing_image_is_a_clear_error(tmp_path):
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": "nope.png", "caption": "a"}]))
+    ds = PairDataset(tmp_path / "ann.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
+    with pytest.raises(DataError, match="nope.png"):
+        ds[0]
+
+
+def test_pair_dataset_is_reproducible_per_epoch_and_index(synthetic_dir):
+    t = ImageTransform(32, [0.5] * 3, [0.5] * 3, train=True, crop_scale=(0.5, 1.0), hflip=0.5)
+    ds = PairDataset(synthetic_dir / "train.json", None, t, seed=1)
+    a, b, c = ds[(0, 3)], ds[(0, 3)], ds[(1, 3)]
+    assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+    assert not torch.equal(a["image"], c["image"])
+    assert ds[(0, 0)]["image_id"] == ds[(0, 4)]["image_id"] != ds[(0, 5)]["image_id"]
+
+
+def test_epoch_sampler_resumes_mid_epoch():
+    full = list(EpochSampler(10, seed=0, epoch=2))
+    assert sorted(i for _, i in full) == list(range(10))
+    assert list(EpochSampler(10, seed=0, epoch=2, start=4)) == full[4:]
+    assert [i for _, i in EpochSampler(10, seed=0, epoch=3)] != [i for _, i in full]
+
+
+def test_flip_swaps_left_and_right_in_the_caption():
+    assert swap_left_right("a red circle on the left, Right of a square") == \
+        "a red circle on the right, Left of a square"
+    assert swap_left_right("leftover bright") == "leftover bright"
+    image = Image.new("RGB", (16, 16))
+    image.paste((255, 0, 0), (0, 0, 8, 16))  # red left half
+    t = ImageTransform(16, [0, 0, 0], [1, 1, 1], train=True, crop_scale=(1.0, 1.0), hflip=1.0)
+    out, flipped = t(image, torch.Generator().manual_seed(0))
+    assert flipped and out[0, :, -1].mean() > 0.9 and out[0, :, 0].mean() < 0.1
+
+
+def test_eval_transform_resizes_and_normalises():
+    t = ImageTransform(8, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    out, flipped = t(Image.new("RGB", (20, 12), (255, 255, 255)))
+    assert out.shape == (3, 8, 8) and not flipped
+    torch.testing.assert_close(out, torch.ones(3, 8, 8))
+
+
+def test_tokenizer_train_save_load_and_vocab_txt(tmp_path):
+    tok = train_wordpiece(["a red circle left of a blue square", "two green triangles"] * 5, vocab_size=100)
+    ids, mask = tok(["a red circle", "two green triangles on the left"], max_len=6)
+    assert ids.shape == (2, 6) and ids[0, 0] == tok.cls_id and mask[0].sum() == 5  # [CLS] a red circle [SEP]
+    assert ids[1, -1] == tok.sep_id or mask[1].sum() == 6
+    tok.save(tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert torch.equal(again(["a red circle"], 8)[0], tok(["a red circle"], 8)[0])
+    vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    from_vocab = load_tokenizer(tmp_path / "vocab.txt")
+    assert torch.equal(from_vocab(["a red circle"], 8)[0], tok(["a red circle"], 8)[0])
+    assert tok.decode(tok(["a red circle"], 8)[0][0].tolist()) == "a red circle"
+
+
+def test_collator_builds_masked_views(synthetic_dir, tokenizer):
+    ds = PairDataset(synthetic_dir / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
+    collate = PretrainCollator(tokenizer, 24, text_ratio=0.3, image_ratio=0.6, grid=(4, 4), image_block=2)
+    samples = [ds[(0, i)] for i in range(6)]
+    batch = collate(samples)
+    assert batch.images.shape == (6, 3, 32, 32) and batch.image_mask.shape == (6, 16)
+    assert (batch.image_mask.sum(1) == round(0.6 * 16)).all()
+    assert ((batch.mlm_labels != IGNORE_INDEX).sum(1) >= 1).all()
+    again = collate(samples)
+    assert torch.equal(again.mlm_input_ids, batch.mlm_input_ids) and torch.equal(again.image_mask, batch.image_mask)
+    plain = PretrainCollator(tokenizer, 24)(samples)
+    assert plain.mlm_input_ids is None and plain.image_mask is None
+
+
+def test_retrieval_dataset_indexes(synthetic_dir):
+    ds = RetrievalDataset(synthetic_dir / "test.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
+    assert len(ds) == 8 and len(ds.texts) == 40
+    assert all(ds.txt2img[t] == i for i, ts in enumerate(ds.img2txt) for t in ts)
+    assert ds[0].shape == (3, 32, 32)

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+from maskvlm.cli import build_parser, main
+
+
+def _help(*argv):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+
+
+def test_pretrain_help_describes_every_option(capsys):
+    _help("pretrain")
+    out = capsys.readouterr().out
+    for option in ("--recipe", "--preset", "--config", "--data", "--image-root", "--output-dir", "--resume",
+                   "--steps", "--device", "--print-config", "key.sub=value"):
+        assert option in out
+
+
+def test_evaluate_help_describes_every_option(capsys):
+    _help("evaluate", "retrieval")
+    out = capsys.readouterr().out
+    for option in ("--checkpoint", "--data", "--image-root", "--k", "--score", "--batch-size", "--device",
+                   "--precision", "--out"):
+        assert option in out
+
+
+def test_config_error_exits_2_with_the_key(capsys):
+    assert main(["pretrain", "train.nope=1", "--print-config"]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+
+
+def test_print_config_and_recipes(capsys):
+    assert main(["pretrain", "--print-config", "--steps", "5"]) == 0
+    assert "max_steps: 5" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "maskvlm" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_console_script_pretrain_then_evaluate(synthetic_dir, tmp_path):
+    from tests.conftest import MICRO
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
+           "--test-data", str(synthetic_dir / "test.json"), "--output-dir", str(run), "--steps", "3",
+           "--no-progress", *MICRO]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "image (text->image)" in done.stdout and "R@10" in done.stdout
+    out_json = tmp_path / "metrics.json"
+    done = subprocess.run([sys.executable, "-m", "maskvlm.cli", "evaluate", "retrieval", "--checkpoint", str(run),
+                           "--k", "2", "--out", str(out_json), "--no-progress"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ITM re-rank k=2" in done.stdout and out_json.exists()

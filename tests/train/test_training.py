@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import maskvlm.train.checkpoint as checkpoint_module
+from maskvlm.models.model import MaskVLM, load_pretrained
+from maskvlm.pipeline import pretrain
+from maskvlm.train.checkpoint import list_checkpoints, load_trainer_state, resolve_resume
+from tests.conftest import micro_config
+
+
+def _config(synthetic_dir, out, *overrides):
+    return micro_config(f"data.train={synthetic_dir / 'train.json'}", f"data.val={synthetic_dir / 'val.json'}",
+                        f"data.test={synthetic_dir / 'test.json'}", f"train.output_dir={out}", *overrides)
+
+
+def _train_losses(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_pretrain_end_to_end_loss_goes_down(synthetic_dir, tmp_path):
+    cfg = _config(synthetic_dir, tmp_path / "run", "train.max_steps=40", "train.log_every=1", "train.lr=0.002",
+                  "train.warmup_steps=5", "eval.every_steps=20")
+    result = pretrain(cfg)
+    losses = _train_losses(tmp_path / "run")
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert set(result["test"]) >= {"txt_r1", "img_r1", "txt_r10", "img_r10", "r1_mean", "itc_txt_r1"}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"]["k"] == 4
+    val = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"val"' in line]
+    assert len(val) == 1 and val[0]["step"] == 20
+    assert (tmp_path / "run" / "train.log").exists()
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(synthetic_dir, tmp_path):
+    # dropout on, so the restored RNG state matters as much as the data position and optimizer state
+    extra = ("train.max_steps=6", "train.save_every=3", "train.keep_last=5", "model.hidden_dropout=0.1",
+             "data.test=null", "data.val=null")
+    pretrain(_config(synthetic_dir, tmp_path / "full", *extra))
+    full = list_checkpoints(tmp_path / "full")
+    assert [p.name for p in full] == ["step-00000003", "step-00000006"]
+    pretrain(_config(synthetic_dir, tmp_path / "resumed", *extra), resume=str(full[0]))
+    a = load_file(str(full[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "resumed")[-1] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = load_trainer_state(full[-1]), load_trainer_state(list_checkpoints(tmp_path / "resumed")[-1])
+    assert (sa["step"], sa["epoch"], sa["batch_in_epoch"]) == (sb["step"], sb["epoch"], sb["batch_in_epoch"])
+    # the first run's batches (8 pairs of 200) put step 6 at epoch 0, batch 6
+    assert (sa["epoch"], sa["batch_in_epoch"]) == (0, 6)
+
+
+def test_checkpoints_are_pruned_and_a_failed_write_keeps_the_previous(synthetic_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    pretrain(_config(synthetic_dir, run, "train.max_steps=4", "train.save_every=1", "train.keep_last=2",
+                     "data.test=null"))
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        pretrain(_config(synthetic_dir, run, "train.max_steps=4", "data.test=null"))
+
+    def broken_save(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        pretrain(_config(synthetic_dir, run, "train.max_steps=5", "data.test=null"), resume="auto")
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert resolve_resume("auto", run).name == "step-00000004"
+
+
+def test_trainer_state_loads_without_unpickling_code(synthetic_dir, tmp_path):
+    pretrain(_config(synthetic_dir, tmp_path / "run", "train.max_steps=1", "data.test=null"))
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and "optimizer" in state and "rng" in state
+
+
+def test_save_and_load_pretrained_roundtrip(model, config, tokenizer, batch, tmp_path):
+    model.save_pretrained(tmp_path / "m", config, tokenizer)
+    again = MaskVLM.from_pretrained(tmp_path / "m")
+    model.eval(), again.eval()
+    a = model(batch.images, batch.input_ids, batch.attention_mask)
+    b = again(batch.images, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(a.image_features, b.image_features)
+    torch.testing.assert_close(a.text_features, b.text_features)
+    assert again.mlm_head.decoder.weight is again.text_encoder.embeddings.word_embeddings.weight
+    _, cfg, tok = load_pretrained(tmp_path / "m")
+    assert cfg.model == config.model and tok.vocab_size == tokenizer.vocab_size
+
+
+def test_loading_into_a_different_architecture_lists_the_keys(model, config, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "m", config, tokenizer)
+    cfg_path = tmp_path / "m" / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("vision_layers: 2", "vision_layers: 3"))
+    with pytest.raises(ValueError, match=r"missing keys \['visual_encoder.blocks.2"):
+        load_pretrained(tmp_path / "m")
