@@ -162,7 +162,14 @@ def main(argv=None) -> int:
     from .data.formats import DataError
     from .train.logging import setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse only takes positionals in one run)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     setup_logging()
     handlers = {"pretrain": _pretrain, "evaluate": _evaluate_retrieval, "data": _data, "recipes": _recipes}
     try:

@@ -12,9 +12,16 @@ from torch import nn
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT/ViT initialisation: truncated normal linear/embedding weights, zero biases, unit norms."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=std)
+    """Initialisation for training from scratch: xavier-uniform linear weights (as MAE), truncated
+    normal embeddings, zero biases, unit norms. BERT's std-0.02 linear init leaves a new
+    cross-attention sub-layer (two small projections in series, then a post-norm residual) at about
+    1% of the residual stream, and image-text matching then takes hundreds of steps to start."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
