@@ -99,3 +99,12 @@ def test_loading_into_a_different_architecture_lists_the_keys(model, config, tok
     cfg_path.write_text(cfg_path.read_text().replace("vision_layers: 2", "vision_layers: 3"))
     with pytest.raises(ValueError, match=r"missing keys \['visual_encoder.blocks.2"):
         load_pretrained(tmp_path / "m")
+
+
+def test_gradient_accumulation_consumes_micro_batches(synthetic_dir, tmp_path):
+    pretrain(_config(synthetic_dir, tmp_path / "run", "train.max_steps=3", "train.grad_accum=2",
+                     "train.batch_size=4", "data.test=null"))
+    state = load_trainer_state(list_checkpoints(tmp_path / "run")[-1])
+    assert (state["step"], state["batch_in_epoch"]) == (3, 6)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 3 and rows[-1]["samples_per_s"] > 0
