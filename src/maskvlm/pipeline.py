@@ -31,7 +31,11 @@ def default_output_dir(config: Config) -> Path:
 
 def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
              evaluate_test: bool = True) -> dict:
-    """Run pre-training; returns {"train": last train metrics, "test": test retrieval metrics, ...}."""
+    """Run pre-training; returns {"train": last train metrics, "test": test retrieval metrics, ...}.
+
+    With ``resume``, the checkpoint's own ``config.yaml`` is used (so the architecture cannot change
+    by accident) and only ``overrides`` (``key=value`` strings, e.g. ``train.max_steps=900``) are
+    applied on top; ``config`` then only supplies ``train.output_dir``."""
     setup_logging()
     output_dir, checkpoint, config = _resolve_run(config, resume, overrides)
     if not is_main():

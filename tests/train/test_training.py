@@ -67,7 +67,8 @@ def test_checkpoints_are_pruned_and_a_failed_write_keeps_the_previous(synthetic_
         raise OSError("No space left on device")
     monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
     with pytest.raises(OSError, match="No space"):
-        pretrain(_config(synthetic_dir, run, "train.max_steps=5", "data.test=null"), resume="auto")
+        # on resume the checkpoint's config is used; changes come as explicit overrides
+        pretrain(_config(synthetic_dir, run, "data.test=null"), resume="auto", overrides=["train.max_steps=5"])
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert resolve_resume("auto", run).name == "step-00000004"
