@@ -18,8 +18,15 @@ def _add_pretrain(sub) -> None:
         "pretrain", help="pre-train a model (default: MaskVLM, tiny preset, built-in synthetic scenes)",
         description="Pre-train a masked vision-language model, then report zero-shot retrieval on the test split. "
                     "With no --data, the built-in synthetic scenes are generated (once) and used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default="maskvlm", help="recipe name (see `maskvlm recipes`) or a recipe YAML path")
+        epilog="examples:\n"
+               "  maskvlm pretrain                                   # tiny MaskVLM on synthetic scenes, CPU\n"
+               "  maskvlm pretrain --steps 200 loss.mim=0 masking.text_ratio=0.15\n"
+               "  maskvlm pretrain --preset base --data cc3m.json --image-root images/ --test-data coco_test.json\n"
+               "  maskvlm pretrain --output-dir runs/a --resume auto train.max_steps=900\n"
+               "On --resume the checkpoint's own configuration is used; key=value overrides still apply.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="maskvlm", help="recipe name (see `maskvlm recipes`) or a recipe YAML path "
+                                                       "(default: maskvlm)")
     p.add_argument("--preset", default=None, help="model size preset (tiny, base) or YAML path; default: the recipe's")
     p.add_argument("--config", default=None, help="a YAML file of settings applied over the recipe")
     p.add_argument("--data", default=None, help="training annotation JSON (ALBEF layout); sets data.train")
@@ -44,19 +51,19 @@ def _add_evaluate(sub) -> None:
     r = tasks.add_parser(
         "retrieval", help="image-text retrieval (ITC ranking + ITM re-ranking of the top-k)",
         description="Zero-shot (or fine-tuned) image-text retrieval: encode every image and caption, rank by ITC "
-                    "similarity, re-rank each query's top-k with the ITM head; prints R@1/5/10 both directions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "similarity, re-rank each query's top-k with the ITM head; prints R@1/5/10 both directions.")
     r.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/.../checkpoints/step-N) or a "
                                                        "run folder (its newest checkpoint) or a pretrained folder")
     r.add_argument("--data", default=None, help="retrieval JSON: one entry per image with a caption list "
                                                 "(default: the checkpoint's data.test)")
-    r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to")
+    r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to (default: the JSON file's "
+                                                      "folder, or the checkpoint's data.image_root with its data.test)")
     r.add_argument("--k", type=int, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
     r.add_argument("--score", choices=("itm", "itm+itc"), default=None, help="re-ranking score; default eval.score")
     r.add_argument("--batch-size", type=int, default=None, help="encoding / ITM batch size; default eval.batch_size")
-    r.add_argument("--device", default=None, help="cpu, cuda or auto (default: the checkpoint's train.device)")
-    r.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: train.precision")
-    r.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
+    r.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
+    r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

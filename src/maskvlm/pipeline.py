@@ -99,9 +99,10 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
              config.train.batch_size * config.train.grad_accum, trainer.device, config.train.precision, output_dir)
     start = time.perf_counter()
     train_metrics = trainer.fit()
-    result = {"train": train_metrics, "train_seconds": time.perf_counter() - start,
-              "checkpoint": str(trainer.last_checkpoint), "output_dir": str(output_dir)}
-    if evaluate_test and d.test and is_main():
+    result = {"train": train_metrics, "train_seconds": time.perf_counter() - start, "step": trainer.step,
+              "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
+              "output_dir": str(output_dir)}
+    if evaluate_test and d.test and is_main() and not trainer.interrupted:
         test = make_retrieval_eval(model, tokenizer, config, d.test, progress=config.train.progress)()
         result["test"] = test
         print(format_table(test, f"zero-shot retrieval on {d.test}"))

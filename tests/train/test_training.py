@@ -109,3 +109,37 @@ def test_gradient_accumulation_consumes_micro_batches(synthetic_dir, tmp_path):
     assert (state["step"], state["batch_in_epoch"]) == (3, 6)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["step"] == 3 and rows[-1]["samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import MICRO
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
+           "--output-dir", str(run), "--steps", "400", "--no-progress", *MICRO, "data.num_workers=1",
+           "train.save_every=0", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "--resume auto" in err
+    saved = list_checkpoints(run)
+    assert len(saved) == 1
+    step = load_trainer_state(saved[0])["step"]
+    assert 3 <= step < 400
+    done = subprocess.run([sys.executable, "-m", "maskvlm.cli", "pretrain", "--output-dir", str(run), "--resume",
+                           "auto", "--no-progress", f"train.max_steps={step + 2}"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {saved[0]} at step {step}" in done.stderr
+    assert load_trainer_state(list_checkpoints(run)[-1])["step"] == step + 2

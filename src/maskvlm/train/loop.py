@@ -4,8 +4,11 @@ metrics logs, periodic evaluation and atomic checkpoints with exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,10 +33,39 @@ from .optim import build_optimizer, build_scheduler
 STATE_VERSION = 1
 
 
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C / SIGTERM reach the whole process group; only the main process reacts (and checkpoints).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While active, SIGINT/SIGTERM set the returned event instead of killing the process, so the
+    loop can finish its step and checkpoint; a second signal raises KeyboardInterrupt at once."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        log.warning("received %s: finishing this step and writing a checkpoint (send again to abort now)",
+                    signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
@@ -57,6 +89,7 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.skipped_nonfinite = 0
         self.last_checkpoint: Optional[Path] = None
+        self.interrupted = False
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -95,7 +128,7 @@ class Trainer:
                                 drop_last=True, num_workers=self.config.data.num_workers,
                                 pin_memory=self.device.type == "cuda",
                                 # a private generator: creating loaders must not consume the global RNG
-                                generator=torch.Generator(),
+                                generator=torch.Generator(), worker_init_fn=_worker_init,
                                 persistent_workers=False)
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -115,7 +148,10 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", disable=not (t.progress and main),
                    dynamic_ncols=True)
         batches = self._batches()
-        try:
+        with stop_requests() as stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(bar.close)
+            if logger:
+                cleanup.callback(logger.close)
             while self.step < t.max_steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
@@ -167,10 +203,12 @@ class Trainer:
                     val = self.evaluate()
                     logger.log(self.step, "val", val)
                     log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
-                if main and (is_last or (t.save_every and self.step % t.save_every == 0)):
+                if stop.is_set():
+                    self.interrupted = True
+                if main and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
                     self.save()
-        finally:
-            bar.close()
-            if logger:
-                logger.close()
+                if self.interrupted:
+                    log.warning("stopped at step %d of %d; continue with: maskvlm pretrain --output-dir %s "
+                                "--resume auto", self.step, t.max_steps, self.output_dir)
+                    break
         return last
