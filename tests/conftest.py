@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,10 @@ from maskvlm.data.synthetic import generate
 from maskvlm.data.tokenizer import train_wordpiece
 from maskvlm.data.transforms import ImageTransform
 from maskvlm.models.model import build_model
+
+# Subprocesses started by tests import this checkout's code, whatever is pip-installed.
+_ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(_ROOT / "src"), str(_ROOT), os.environ.get("PYTHONPATH", "")])
 
 MICRO = [
     "model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_layers=2",

@@ -134,3 +134,22 @@ def test_retrieval_dataset_indexes(synthetic_dir):
     assert len(ds) == 8 and len(ds.texts) == 40
     assert all(ds.txt2img[t] == i for i, ts in enumerate(ds.img2txt) for t in ts)
     assert ds[0].shape == (3, 32, 32)
+
+
+def test_trained_tokenizer_is_the_same_in_every_process(tmp_path, synthetic_dir):
+    # the tokenizers library hashes with a per-process random seed, so compare separate processes
+    import subprocess
+    import sys
+    code = ("import sys; from maskvlm.data.formats import PairDataset; from maskvlm.data.tokenizer import "
+            "train_wordpiece; t = train_wordpiece(PairDataset(sys.argv[1], None, None).captions(), int(sys.argv[2])); "
+            "print(' '.join(t.id_to_token(i) for i in range(t.vocab_size)))")
+    runs = [subprocess.run([sys.executable, "-c", code, str(synthetic_dir / "train.json"), "500"],
+                           capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0].split()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = train_wordpiece(["a red circle"] * 3 + ["two tiny triangles"], vocab_size=500)
+    assert tok.tokenizer.encode("two red circle").tokens == ["[CLS]", "two", "red", "circle", "[SEP]"]
+    assert tok.tokenizer.encode("triangles").tokens[1] == "triangles"
+    assert tok.tokenizer.encode("tent").tokens == ["[CLS]", "t", "##e", "##n", "##t", "[SEP]"]  # unseen word
+    assert tok.tokenizer.encode("a [MASK] circle").tokens == ["[CLS]", "a", "[MASK]", "circle", "[SEP]"]
+    small = train_wordpiece(["a red circle"] * 3 + ["two tiny triangles"], vocab_size=40)  # subword trainer path
+    assert small.vocab_size <= 40 and small.tokenizer.encode("red").tokens[1:-1]

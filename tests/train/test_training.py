@@ -143,3 +143,20 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_pat
     assert done.returncode == 0, done.stderr
     assert f"resumed from {saved[0]} at step {step}" in done.stderr
     assert load_trainer_state(list_checkpoints(run)[-1])["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_two_fresh_processes_train_identical_weights(synthetic_dir, tmp_path):
+    # tokenizer training, initialisation, augmentation, masks and negatives are all seeded
+    import subprocess
+    import sys
+
+    from tests.conftest import MICRO
+    weights = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
+               "--output-dir", str(tmp_path / name), "--steps", "3", "--no-progress", *MICRO, "data.num_workers=1"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        weights.append(load_file(str(list_checkpoints(tmp_path / name)[-1] / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

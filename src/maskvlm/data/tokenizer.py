@@ -3,6 +3,7 @@ captions (saved with every checkpoint) or one loaded from ``vocab.txt`` / ``toke
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -67,6 +68,8 @@ class TextTokenizer:
 
 
 def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+    # registered as special: skipped when decoding, and "[MASK]" typed in a text stays one token
+    tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
@@ -76,15 +79,39 @@ def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+def _bert_pre_tokenized_words(texts: Iterable[str]) -> Counter:
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    return counts
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000) -> TextTokenizer:
-    """Train a lower-cased BERT-style WordPiece on ``texts``."""
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return TextTokenizer(_bert_pipeline(tok))
+    """A lower-cased BERT-style WordPiece for ``texts``; the same texts give the same vocabulary and ids.
+
+    When every distinct word fits (with one initial and one ``##`` piece per character, so unseen
+    words still split), the vocabulary is exactly that, sorted: deterministic, and every training
+    word is one token. Otherwise the ``tokenizers`` WordPiece trainer learns subwords; it breaks ties
+    in hash order, so its subword set can differ slightly between fresh runs (pass a fixed
+    ``vocab.txt`` via ``data.tokenizer`` for exact reproducibility; checkpoints always carry theirs)."""
+    texts = list(texts)
+    words = _bert_pre_tokenized_words(texts)
+    chars = sorted({c for w in words for c in w})
+    pieces = sorted(set(chars) | {"##" + c for c in chars})
+    if len(SPECIAL_TOKENS) + len(pieces) + len(words) <= vocab_size:
+        learned = set(pieces) | set(words)
+    else:
+        tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+                                            show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        learned = set(tok.get_vocab())
+    ordered = SPECIAL_TOKENS + sorted(learned - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate(ordered)}
+    return TextTokenizer(_bert_pipeline(Tokenizer(WordPiece(vocab, unk_token="[UNK]"))))
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
