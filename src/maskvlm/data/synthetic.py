@@ -24,7 +24,7 @@ COLORS = {
 SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
 NUMBER_WORDS = {2: "two", 3: "three"}
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUPERSAMPLE = 4
 
 
@@ -53,20 +53,26 @@ def _plural(shape: str) -> str:
 
 
 def _region(cx: float, cy: float) -> str:
-    if cx < 0.38:
-        return "on the left"
-    if cx > 0.62:
-        return "on the right"
-    if cy < 0.38:
-        return "at the top"
-    if cy > 0.62:
-        return "at the bottom"
+    """Where a single object is, on a 3x3 grid: "in the top left", "on the right", "in the middle"."""
+    col = "left" if cx < 0.38 else "right" if cx > 0.62 else ""
+    row = "top" if cy < 0.38 else "bottom" if cy > 0.62 else ""
+    if row and col:
+        return f"in the {row} {col}"
+    if col:
+        return f"on the {col}"
+    if row:
+        return f"at the {row}"
     return "in the middle"
 
 
-def _texture(rng: np.random.Generator, side: int) -> np.ndarray:
-    """A low-contrast, low-saturation background so that objects stay the salient content."""
-    base = rng.uniform(70, 170) + rng.uniform(-15, 15, size=3)
+BACKGROUNDS = ("speckled", "striped", "checkered", "shaded")
+
+
+def _texture(rng: np.random.Generator, side: int) -> tuple[np.ndarray, str]:
+    """A low-contrast, low-saturation background so that objects stay the salient content.
+    Returns the pixels and a phrase naming it ("a dark striped background")."""
+    level = rng.uniform(70, 170)
+    base = level + rng.uniform(-15, 15, size=3)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     kind = rng.integers(4)
     amp = rng.uniform(8, 22)
@@ -83,7 +89,8 @@ def _texture(rng: np.random.Generator, side: int) -> np.ndarray:
         pattern = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)
         pattern = pattern * 2
     image = base[None, None, :] + amp * pattern[..., None]
-    return np.clip(image, 0, 255).astype(np.uint8)
+    phrase = f"{'dark' if level < 120 else 'light'} {BACKGROUNDS[kind]}"
+    return np.clip(image, 0, 255).astype(np.uint8), phrase
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
@@ -105,13 +112,12 @@ def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
 
 
-def render(objects: list[SceneObject], side: int, rng: np.random.Generator) -> Image.Image:
-    background = Image.fromarray(_texture(rng, side * SUPERSAMPLE // 4)).resize(
-        (side * SUPERSAMPLE, side * SUPERSAMPLE), Image.BILINEAR)
-    draw = ImageDraw.Draw(background)
+def render(objects: list[SceneObject], side: int, background: np.ndarray) -> Image.Image:
+    canvas = Image.fromarray(background).resize((side * SUPERSAMPLE, side * SUPERSAMPLE), Image.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
     for obj in objects:
         _draw(draw, obj, side)
-    return background.resize((side, side), Image.LANCZOS)
+    return canvas.resize((side, side), Image.LANCZOS)
 
 
 def _pick(rng: np.random.Generator, options) -> str:
@@ -119,24 +125,24 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _single_scene(rng):
+def _single_scene(rng, bg: str):
     obj = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
     r = SIZES[obj.size]
     obj.cx, obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
     where, p, ps = _region(obj.cx, obj.cy), obj.phrase(), obj.phrase(with_size=True)
     captions = [
-        f"{_article(ps)} {where}",
-        f"{_article(p)} {where}",
-        f"there is one {ps} {where}",
-        f"a single {p}, {obj.size}, {where}",
-        f"{where} of the picture is {_article(ps)}",
-        f"an image with just one {obj.shape}: it is {obj.color} and {obj.size}",
-        f"one {obj.color} {obj.shape} {where} on a textured background",
+        f"{_article(ps)} {where} on {_article(bg)} background",
+        f"just one {p} {where}, {bg} background",
+        f"there is one {ps} {where} of the picture",
+        f"a single {p}, {obj.size}, {where}, over {_article(bg)} pattern",
+        f"{where} of the {bg} picture is {_article(ps)}",
+        f"an image with only one {obj.shape}: it is {obj.color} and {obj.size}, {where}",
+        f"one {obj.color} {obj.shape} {where} on {_article(bg)} background",
     ]
     return [obj], captions
 
 
-def _pair_scene(rng):
+def _pair_scene(rng, bg: str):
     while True:
         a = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
         b = SceneObject(_pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES), 0, 0)
@@ -146,20 +152,20 @@ def _pair_scene(rng):
         r = SIZES[obj.size]
         obj.cx = rng.uniform(max(lo, r + 0.02) + 0.0, min(hi, 1 - r - 0.02))
         obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03)
-    pa, pb = a.phrase(), b.phrase()
+    pa, pb, sa, sb = a.phrase(), b.phrase(), a.phrase(True), b.phrase(True)
     captions = [
-        f"{_article(pa)} to the left of {_article(pb)}",
-        f"{_article(pb)} to the right of {_article(pa)}",
-        f"{_article(pa)} and {_article(pb)}",
-        f"on the left {_article(a.phrase(True))}, on the right {_article(b.phrase(True))}",
-        f"{_article(pb)} next to {_article(pa)}",
-        f"two shapes: {_article(pa)} left and {_article(pb)} right",
-        f"a {a.size} {a.shape} that is {a.color} and a {b.size} {b.shape} that is {b.color}",
+        f"{_article(sa)} to the left of {_article(sb)}",
+        f"{_article(pb)} to the right of {_article(pa)} on {_article(bg)} background",
+        f"{_article(sa)} and {_article(sb)}, {bg} background",
+        f"on the left {_article(sa)}, on the right {_article(sb)}",
+        f"{_article(sb)} next to {_article(pa)}, which is {a.size}",
+        f"two shapes on {_article(bg)} background: {_article(pa)} left and {_article(pb)} right",
+        f"a {a.size} {a.shape} that is {a.color} and a {b.size} {b.shape} that is {b.color}, left to right",
     ]
     return [a, b], captions
 
 
-def _count_scene(rng):
+def _count_scene(rng, bg: str):
     n = int(rng.integers(2, 4))
     shape, color, size = _pick(rng, SHAPES), _pick(rng, COLORS), _pick(rng, SIZES)
     r = SIZES[size]
@@ -174,23 +180,23 @@ def _count_scene(rng):
     word = NUMBER_WORDS.get(n, str(n))
     plural = _plural(shape)
     captions = [
-        f"{word} {color} {plural}",
+        f"{word} {size} {color} {plural} on {_article(bg)} background",
         f"{word} {size} {color} {plural}",
-        f"there are {word} {plural} and they are all {color}",
-        f"{n} {color} {plural} on a textured background",
+        f"there are {word} {size} {plural} and they are all {color}, {bg} background",
+        f"{n} {color} {plural} on {_article(bg)} background",
         f"a group of {word} {size} {plural}, all {color}",
-        f"exactly {word} {color} {plural} in the image",
+        f"exactly {word} {color} {plural} in the {bg} image",
     ]
     return objects, captions
 
 
-def make_scene(rng: np.random.Generator):
+def make_scene(rng: np.random.Generator, side: int):
+    """(image, objects, candidate captions) of one random scene."""
+    background, bg = _texture(rng, side * SUPERSAMPLE // 4)
     u = rng.random()
-    if u < 0.3:
-        return _single_scene(rng)
-    if u < 0.8:
-        return _pair_scene(rng)
-    return _count_scene(rng)
+    build = _single_scene if u < 0.3 else _pair_scene if u < 0.8 else _count_scene
+    objects, captions = build(rng, bg)
+    return render(objects, side, background), objects, captions
 
 
 def _choose_captions(rng, captions: list[str], k: int) -> list[str]:
@@ -219,8 +225,7 @@ def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num
         rng = np.random.default_rng([seed, split_id])
         entries = []
         for i in tqdm(range(counts[split]), desc=f"synthetic {split}", disable=not progress, leave=False):
-            objects, captions = make_scene(rng)
-            image = render(objects, image_size, rng)
+            image, objects, captions = make_scene(rng, image_size)
             rel = f"images/{split}/{i:06d}.png"
             image.save(out / rel)
             chosen = _choose_captions(rng, captions, captions_per_image)
