@@ -84,7 +84,8 @@ def test_trainer_state_loads_without_unpickling_code(synthetic_dir, tmp_path):
 def test_save_and_load_pretrained_roundtrip(model, config, tokenizer, batch, tmp_path):
     model.save_pretrained(tmp_path / "m", config, tokenizer)
     again = MaskVLM.from_pretrained(tmp_path / "m")
-    model.eval(), again.eval()
+    assert not again.training
+    model.eval()
     a = model(batch.images, batch.input_ids, batch.attention_mask)
     b = again(batch.images, batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(a.image_features, b.image_features)

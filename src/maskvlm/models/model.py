@@ -106,7 +106,8 @@ def build_model(config: Config) -> MaskVLM:
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
-    """Load (model, config, tokenizer) from a folder written by ``save_pretrained`` or a checkpoint."""
+    """Load (model, config, tokenizer) from a folder written by ``save_pretrained`` or a checkpoint.
+    The model is returned in eval mode (call ``.train()`` to fine-tune)."""
     from ..data.tokenizer import load_tokenizer
 
     directory = Path(directory)
@@ -114,4 +115,4 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
     model = build_model(config)
     load_state(model, model_weights(directory), str(directory / "model.safetensors"))
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).exists() else None
-    return model.to(device), config, tokenizer
+    return model.to(device).eval(), config, tokenizer
