@@ -156,9 +156,9 @@ def _data(args) -> int:
 
 
 def _recipes(args) -> int:
-    from .config import _recipe_file, list_recipes
+    from .config import recipe_path, list_recipes
     for name in list_recipes():
-        with open(_recipe_file("", name)) as f:
+        with open(recipe_path("", name)) as f:
             first = f.readline().lstrip("# ").strip()
         print(f"{name:12s} {first}")
     return 0

@@ -247,7 +247,7 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _recipe_file(kind: str, name: str) -> Path:
+def recipe_path(kind: str, name: str) -> Path:
     """Path of a packaged recipe (kind='') or size preset (kind='presets'), or a user YAML path."""
     candidate = Path(name)
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
@@ -282,11 +282,11 @@ def load_yaml(path: str | Path) -> dict:
 def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_file: Optional[str] = None,
                  overrides: Optional[list[str]] = None) -> Config:
     """Defaults <- size preset <- recipe <- user YAML <- overrides. The recipe may name its preset."""
-    recipe_data = load_yaml(_recipe_file("", recipe))
+    recipe_data = load_yaml(recipe_path("", recipe))
     preset = preset or recipe_data.pop("preset", None) or "tiny"
     recipe_data.pop("preset", None)
     cfg = Config(recipe=Path(recipe).stem, preset=Path(preset).stem)
-    for source, data in (("preset", load_yaml(_recipe_file("presets", preset))), ("recipe", recipe_data)):
+    for source, data in (("preset", load_yaml(recipe_path("presets", preset))), ("recipe", recipe_data)):
         try:
             merge_into(cfg, data)
         except ConfigError as e:

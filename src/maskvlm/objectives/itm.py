@@ -39,7 +39,8 @@ class ITM(nn.Module):
         image_hidden = torch.cat([image.hidden, image.hidden[neg_image], image.hidden])
         fused = model.text_cross_encoder(text_hidden, text_mask, image_hidden)
         logits = model.itm_logits(fused).float()
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
+        labels[:b] = 1
         keep = torch.cat([torch.ones(b, dtype=torch.bool, device=valid.device), valid, valid])
         loss = F.cross_entropy(logits[keep], labels[keep])
         return ObjectiveOutput(loss, {"itm_acc": accuracy(logits[keep], labels[keep])},

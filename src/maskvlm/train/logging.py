@@ -9,7 +9,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger("maskvlm")
 
