@@ -66,13 +66,18 @@ def _resolve_run(config: Config, resume: Optional[str], overrides: Optional[list
 def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
     prepare_data_paths(config, progress=config.train.progress)
 
+
+    d, m = config.data, config.model
+    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed)
+
     if checkpoint is not None:
         tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)
-    elif config.data.tokenizer:
-        tokenizer = load_tokenizer(config.data.tokenizer)
+    elif d.tokenizer:
+        tokenizer = load_tokenizer(d.tokenizer)
     else:
-        captions = PairDataset(config.data.train, config.data.image_root, None).captions()
-        tokenizer = train_wordpiece(captions, config.data.vocab_size)
+        captions = dataset.captions()
+        tokenizer = train_wordpiece(captions, d.vocab_size)
         log.info("trained a WordPiece tokenizer on %d captions: %d tokens", len(captions), tokenizer.vocab_size)
     config.model.vocab_size = tokenizer.vocab_size
 
@@ -83,9 +88,6 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     log.info("recipe %s, preset %s: %.1fM parameters, objectives %s", config.recipe, config.preset, n_params / 1e6,
              ", ".join(f"{k}x{v:g}" for k, v in task.weights.items()))
 
-    d, m = config.data, config.model
-    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
-    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed)
     grid = (m.image_size // m.patch_size,) * 2
     collator = PretrainCollator(tokenizer, d.max_text_len,
                                 text_ratio=config.masking.text_ratio if config.loss.mlm > 0 else 0.0,

@@ -161,3 +161,13 @@ def test_two_fresh_processes_train_identical_weights(synthetic_dir, tmp_path):
         weights.append(load_file(str(list_checkpoints(tmp_path / name)[-1] / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_periodic_evaluation_does_not_change_training(synthetic_dir, tmp_path):
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"eval{every}"
+        pretrain(_config(synthetic_dir, out, "train.max_steps=4", f"eval.every_steps={every}", "data.test=null"))
+        runs[every] = load_file(str(list_checkpoints(out)[-1] / "model.safetensors"))
+    assert any('"val"' in line for line in open(tmp_path / "eval2" / "metrics.jsonl"))
+    assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])

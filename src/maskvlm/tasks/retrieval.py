@@ -22,7 +22,8 @@ def encode_split(model: MaskVLM, dataset: RetrievalDataset, tokenizer: TextToken
                  batch_size: int, device: torch.device, precision: str, progress: bool = False,
                  num_workers: int = 0) -> dict:
     image_hidden, image_feat, text_hidden, text_mask, text_feat = [], [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    # a private generator: evaluating during training must not shift the training RNG stream
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
     with autocast(device, precision):
         for images in tqdm(loader, desc="encode images", disable=not progress, leave=False):
             out = model.encode_image(images.to(device))
