@@ -123,8 +123,8 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_pat
     from tests.conftest import MICRO
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
-           "--output-dir", str(run), "--steps", "400", "--no-progress", *MICRO, "data.num_workers=1",
-           "train.save_every=0", "train.log_every=1"]
+           "--output-dir", str(run), "--no-progress", *MICRO, "data.num_workers=1",
+           "train.save_every=0", "train.log_every=1", "train.max_steps=400"]  # after MICRO: the last value wins
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
