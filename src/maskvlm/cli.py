@@ -113,8 +113,6 @@ def _pretrain(args) -> int:
 
 
 def _evaluate_retrieval(args) -> int:
-    import torch
-
     from .data.formats import RetrievalDataset
     from .models.model import load_pretrained
     from .runtime import resolve_device
@@ -139,7 +137,6 @@ def _evaluate_retrieval(args) -> int:
                                  e.k if args.k is None else args.k, args.score or e.score,
                                  args.batch_size or e.batch_size, device, args.precision or config.train.precision,
                                  progress=not args.no_progress)
-    torch.set_printoptions(precision=2)
     print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

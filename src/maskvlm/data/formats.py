@@ -142,13 +142,15 @@ class Batch:
     mlm_labels: Optional[torch.Tensor] = None  # (B, L), -100 where not masked
     image_mask: Optional[torch.Tensor] = None  # (B, N) bool, True = masked patch
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+    def _map(self, fn) -> "Batch":
+        return Batch(**{f.name: (fn(v) if isinstance(v, torch.Tensor) else v)
                         for f in fields(self) for v in [getattr(self, f.name)]})
 
-    def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
-                        for f in fields(self) for v in [getattr(self, f.name)]})
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -9,7 +9,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -255,7 +254,5 @@ def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test
         log.info("synthetic data in %s was made with other settings; regenerating", out)
     log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
              num_test)
-    marker: Optional[Path] = out / "synthetic.json"
-    if marker.exists():
-        marker.unlink()
+    (out / "synthetic.json").unlink(missing_ok=True)  # incomplete until generate() rewrites it
     return generate(out, num_train, num_val, num_test, image_size, seed, progress=progress)

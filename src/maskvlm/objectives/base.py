@@ -4,7 +4,6 @@ encodings several objectives use (unmasked image/text, ITC features, masked pass
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -93,7 +92,3 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.numel() == 0:
         return torch.zeros((), device=logits.device)
     return (logits.argmax(-1) == labels).float().mean().detach()
-
-
-def optional_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return mask if mask is not None else torch.ones_like(like, dtype=torch.bool)
