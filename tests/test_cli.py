@@ -55,3 +55,30 @@ def test_console_script_pretrain_then_evaluate(synthetic_dir, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ITM re-rank k=2" in done.stdout and out_json.exists()
+
+
+def test_finetune_help_and_missing_checkpoint(capsys):
+    _help("finetune")
+    out = capsys.readouterr().out
+    for text in ("retrieval", "vqa", "nlvr2", "ve", "--checkpoint", "--data", "--val-data", "--test-data",
+                 "--image-root", "--resume", "--print-config"):
+        assert text in out
+    for task in ("vqa", "nlvr2", "ve"):
+        _help("evaluate", task)
+        assert "--predictions" in capsys.readouterr().out
+    assert main(["finetune", "vqa"]) == 2
+    assert "pass --checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_task_on_a_malformed_file_exits_2_naming_it(tmp_path, capsys):
+    bad = tmp_path / "dev.json"
+    bad.write_text('{"identifier": "dev-1-0-0", "sentence": "s", "label": 1}\n')
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "config.yaml").write_text("task: {name: nlvr2}\n")
+    (folder / "classes.json").write_text('["False", "True"]')
+    (folder / "tokenizer.json").write_text("{}")
+    assert main(["evaluate", "nlvr2", "--checkpoint", str(folder), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"maskvlm evaluate: error: {bad}: line 1 (dev-1-0-0): field 'label'" in err

@@ -44,6 +44,42 @@ def _add_pretrain(sub) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pre-trained model on retrieval, VQA, NLVR2 or SNLI-VE",
+        description="Fine-tune a pre-trained checkpoint on a downstream task, then evaluate on the val and test "
+                    "files. With no --data, the task's built-in synthetic data is generated (once) and used. "
+                    "Settings come from the pre-trained model (architecture) and recipes/finetune/TASK.yaml; "
+                    "key=value overrides apply on top (--print-config lists them).",
+        epilog="examples:\n"
+               "  maskvlm finetune vqa --checkpoint runs/pre                      # synthetic VQA, CPU\n"
+               "  maskvlm finetune retrieval --checkpoint runs/pre --data coco_train.json \\\n"
+               "      --val-data coco_val.json --test-data coco_test.json --image-root coco/ eval.k=256\n"
+               "  maskvlm finetune vqa --checkpoint runs/pre --data v2_OpenEnded_mscoco_train2014_questions.json \\\n"
+               "      --val-data v2_OpenEnded_mscoco_val2014_questions.json --image-root coco/\n"
+               "  maskvlm finetune nlvr2 --checkpoint runs/pre --data nlvr2/train.json --val-data nlvr2/dev.json \\\n"
+               "      --test-data nlvr2/test1.json --image-root nlvr2/images\n"
+               "  maskvlm finetune ve --output-dir runs/ve --resume auto train.max_steps=1000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=("retrieval", "vqa", "nlvr2", "ve"), help="the downstream task")
+    p.add_argument("--checkpoint", default=None, help="pre-trained checkpoint, run folder (its newest checkpoint) or "
+                                                      "model folder to start from (task.init)")
+    p.add_argument("--config", default=None, help="a YAML file of settings applied over the task's recipe")
+    p.add_argument("--data", default=None, help="training file in the task's format; sets data.train")
+    p.add_argument("--val-data", default=None, help="validation file (periodic and final evaluation); data.val")
+    p.add_argument("--test-data", default=None, help="test file evaluated at the end; sets data.test")
+    p.add_argument("--image-root", default=None, help="image folder (default: the data file's folder); "
+                                                      "sets data.image_root")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<recipe>-<preset>-<time>)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint folder, a run folder, or 'auto' (newest in --output-dir)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps; sets train.max_steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto; sets train.device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a task",
                        description="Evaluate a checkpoint or pretrained-model folder.")
@@ -65,6 +101,22 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
     r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, title, fmt in (("vqa", "VQA v2 accuracy (official metric) and the eval-server result file",
+                              "official questions JSON (answers read from the annotations file next to it) or "
+                              "an ALBEF-style list"),
+                             ("nlvr2", "NLVR2 accuracy", "NLVR2 JSON lines (dev.json, test1.json)"),
+                             ("ve", "SNLI-VE accuracy (overall and per class)", "snli_ve_*.jsonl")):
+        t = tasks.add_parser(name, help=title, description=f"{title} of a fine-tuned checkpoint.")
+        t.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder or run folder")
+        t.add_argument("--data", default=None, help=f"{fmt} (default: the checkpoint's data.test)")
+        t.add_argument("--image-root", default=None, help="image folder (default: the data file's folder)")
+        t.add_argument("--predictions", default=None, help="write the predictions here"
+                       + (" ([{question_id, answer}], the eval-server format)" if name == "vqa" else ""))
+        t.add_argument("--batch-size", type=int, default=None, help="default eval.batch_size")
+        t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
+        t.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
+        t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+        t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_data(sub) -> None:
@@ -84,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskvlm", description="Masked vision-language pre-training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
+    _add_finetune(sub)
     _add_evaluate(sub)
     _add_data(sub)
     sub.add_parser("recipes", help="list the available recipes")
@@ -94,16 +147,7 @@ def _pretrain(args) -> int:
     from .config import build_config
     from .pipeline import pretrain
 
-    flag_overrides = []
-    for flag, key in (("data", "data.train"), ("val_data", "data.val"), ("test_data", "data.test"),
-                      ("image_root", "data.image_root"), ("output_dir", "train.output_dir"),
-                      ("steps", "train.max_steps"), ("device", "train.device")):
-        value = getattr(args, flag)
-        if value is not None:
-            flag_overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    if args.no_progress:
-        flag_overrides.append("train.progress=false")
-    overrides = flag_overrides + list(args.overrides)
+    overrides = _flag_overrides(args, _RUN_FLAGS) + list(args.overrides)
     config = build_config(args.recipe, args.preset, args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -112,12 +156,57 @@ def _pretrain(args) -> int:
     return 0
 
 
+_RUN_FLAGS = (("data", "data.train"), ("val_data", "data.val"), ("test_data", "data.test"),
+              ("image_root", "data.image_root"), ("output_dir", "train.output_dir"), ("steps", "train.max_steps"),
+              ("device", "train.device"))
+
+
+def _flag_overrides(args, flags) -> list[str]:
+    out = []
+    for flag, key in flags:
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.no_progress:
+        out.append("train.progress=false")
+    return out
+
+
+def _finetune(args) -> int:
+    from .finetune import build_finetune_config, finetune
+
+    overrides = _flag_overrides(args, _RUN_FLAGS) + list(args.overrides)
+    if args.checkpoint is None and args.resume is None:
+        raise FileNotFoundError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH "
+                                "(or --resume to continue a fine-tuning run)")
+    config = build_finetune_config(args.task, args.checkpoint, args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    finetune(config, resume=args.resume, overrides=overrides)
+    return 0
+
+
+def _evaluate(args) -> int:
+    if args.task == "retrieval":
+        return _evaluate_retrieval(args)
+    from .finetune import evaluate_task
+
+    metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
+                            args.batch_size, args.predictions, progress=not args.no_progress)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
 def _evaluate_retrieval(args) -> int:
     from .data.formats import RetrievalDataset
     from .models.model import load_pretrained
     from .runtime import resolve_device
     from .tasks.pretrain import eval_transform
-    from .tasks.retrieval import evaluate_retrieval, format_table
+    from .tasks.retrieval import evaluate_retrieval, format_table, protocol_k
     from .train.checkpoint import resolve_resume
 
     folder = Path(args.checkpoint)
@@ -133,8 +222,8 @@ def _evaluate_retrieval(args) -> int:
     image_root = args.image_root if args.data else (args.image_root or config.data.image_root)
     dataset = RetrievalDataset(data, image_root, eval_transform(config))
     e = config.eval
-    metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len,
-                                 e.k if args.k is None else args.k, args.score or e.score,
+    k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
+    metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k, args.score or e.score,
                                  args.batch_size or e.batch_size, device, args.precision or config.train.precision,
                                  progress=not args.no_progress)
     print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"))
@@ -175,7 +264,7 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     setup_logging()
-    handlers = {"pretrain": _pretrain, "evaluate": _evaluate_retrieval, "data": _data, "recipes": _recipes}
+    handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

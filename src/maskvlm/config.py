@@ -112,10 +112,24 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # zero-shot retrieval on the val split every N steps (0: only at the end)
+    every_steps: int = 0  # evaluate on the val split every N steps (0: only at the end)
     k: int = 16  # ITM re-ranks the top-k of the ITC ranking
+    k_auto: bool = True  # k=256 for files named *coco*, 128 for *flickr*/*f30k* (the usual protocol)
     score: str = "itm"  # "itm" or "itm+itc"
     batch_size: int = 128
+
+
+TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "pretrain"  # or a downstream task: retrieval, vqa, nlvr2, ve
+    init: Optional[str] = None  # fine-tuning: the pre-trained checkpoint or model folder it starts from
+    layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) in each encoder tower (1: off)
+    head_lr_mult: float = 1.0  # lr multiplier of the newly initialised task head
+    head_hidden: int = 0  # hidden width of the classifier head (0: twice the text width)
+    num_answers: int = 3129  # VQA: the answer vocabulary is the top-N training answers
 
 
 @dataclass
@@ -128,6 +142,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +152,11 @@ class Config:
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
         _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc"))
+        _check_choice("task.name", self.task.name, TASKS)
+        if not 0 < self.task.layer_decay <= 1:
+            raise ConfigError(f"task.layer_decay={self.task.layer_decay}: expected a value in (0, 1]")
+        if self.task.head_lr_mult <= 0 or self.task.num_answers < 1:
+            raise ConfigError("task.head_lr_mult and task.num_answers must be positive")
         for key in ("masking.text_ratio", "masking.image_ratio"):
             value = _get(self, key)
             if not 0.0 <= value < 1.0:
@@ -259,6 +279,14 @@ def recipe_path(kind: str, name: str) -> Path:
         available = sorted(p.stem for p in Path(str(folder)).glob("*.yaml"))
         what = "preset" if kind else "recipe"
         raise ConfigError(f"unknown {what} '{name}'; available: {', '.join(available)}")
+    return path
+
+
+def finetune_recipe(task: str) -> Path:
+    """The packaged fine-tuning settings of a downstream task (recipes/finetune/<task>.yaml)."""
+    path = Path(str(resources.files("maskvlm") / "recipes" / "finetune" / f"{task}.yaml"))
+    if not path.exists():
+        raise ConfigError(f"unknown task '{task}'; available: {', '.join(TASKS[1:])}")
     return path
 
 

@@ -26,7 +26,8 @@ log = logging.getLogger("maskvlm")
 
 
 def default_output_dir(config: Config) -> Path:
-    return Path("runs") / f"{config.recipe}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = "" if config.task.name == "pretrain" else f"{config.task.name}-"
+    return Path("runs") / f"{job}{config.recipe}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -37,14 +38,14 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     by accident) and only ``overrides`` (``key=value`` strings, e.g. ``train.max_steps=900``) are
     applied on top; ``config`` then only supplies ``train.output_dir``."""
     setup_logging()
-    output_dir, checkpoint, config = _resolve_run(config, resume, overrides)
+    output_dir, checkpoint, config = resolve_run(config, resume, overrides)
     if not is_main():
         return _pretrain(config, checkpoint, output_dir, evaluate_test)
     with log_to_file(output_dir):
         return _pretrain(config, checkpoint, output_dir, evaluate_test)
 
 
-def _resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[str]]):
+def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[str]]):
     output_dir = Path(config.train.output_dir) if config.train.output_dir else None
     checkpoint = resolve_resume(resume, output_dir) if resume else None
     if resume and checkpoint is None:

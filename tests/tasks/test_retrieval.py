@@ -29,3 +29,29 @@ def test_format_table_prints_both_directions():
     m.update(r1_mean=1.0, r_mean=1.0, k=16.0, chance_r1=0.5)
     text = format_table(m)
     assert "R@1" in text and "image->text" in text and "text->image" in text and "k=16" in text
+
+
+def test_recall_ties_count_against_the_query_and_any_positive_counts():
+    img2txt = [[0, 1], [2, 3]]
+    txt2img = [0, 0, 1, 1]
+    # a constant score matrix must not look perfect: every positive ties with a negative
+    flat = torch.zeros(2, 4)
+    m = recall_metrics(flat, flat.t(), img2txt, txt2img)
+    assert m["txt_r1"] == 0.0 and m["img_r1"] == 0.0
+    # image 0: its second caption (col 1) wins outright although col 0 ranks last -> hit at R@1;
+    # image 1: its best caption ties with a caption of image 0 -> rank 1 (miss at R@1, hit at R@5)
+    sim = torch.tensor([[0.0, 0.9, 0.5, 0.1],
+                        [0.7, 0.2, 0.7, 0.1]])
+    m = recall_metrics(sim, sim.t(), img2txt, txt2img)
+    assert m["txt_r1"] == 50.0 and m["txt_r5"] == 100.0
+    # text->image: text 0 (image 0) scores 0.0 vs 0.7 -> miss; text 1: 0.9 > 0.2 hit; text 2: 0.5 < 0.7 hit;
+    # text 3: 0.1 vs 0.1 tie -> miss
+    assert m["img_r1"] == 50.0
+
+
+def test_protocol_k_follows_the_dataset():
+    from maskvlm.tasks.retrieval import protocol_k
+    assert protocol_k("ann/coco_test.json", 16) == 256
+    assert protocol_k("ann/flickr30k_test.json", 16) == 128
+    assert protocol_k("data/synthetic/test.json", 16) == 16
+    assert protocol_k("ann/coco_test.json", 16, auto=False) == 16

@@ -55,6 +55,64 @@ def load_annotations(path: str | Path) -> list[dict]:
     return data
 
 
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """A JSON-lines file (one object per line, blank lines ignored); errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e})") from None
+            if not isinstance(entry, dict):
+                raise DataError(f"{path}: line {n} is {type(entry).__name__}, expected an object")
+            out.append(entry)
+    if not out:
+        raise DataError(f"{path}: no entries")
+    return out
+
+
+def require(entry: dict, key: str, types, where: str) -> Any:
+    """``entry[key]`` if present and of ``types``; else a DataError naming ``where`` and the field."""
+    allowed = types if isinstance(types, tuple) else (types,)
+    value = entry.get(key) if isinstance(entry, dict) else None
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = "/".join(t.__name__ for t in allowed)
+        got = "missing" if value is None else f"got {type(value).__name__} {value!r}"[:80]
+        raise DataError(f"{where}: field '{key}' must be {names} ({got})")
+    return value
+
+
+def check_images(paths: Sequence[Path], owners: Sequence[str]) -> None:
+    """Fail early, naming the entry, when an image file an entry refers to does not exist."""
+    seen: set = set()
+    for path, owner in zip(paths, owners):
+        if path in seen:
+            continue
+        seen.add(path)
+        if not path.is_file():
+            missing = sum(1 for p in set(paths) if not p.is_file())
+            raise DataError(f"{owner}: image file not found: {path} ({missing} of {len(set(paths))} images missing; "
+                            "is the image root right? set it with --image-root / data.image_root)")
+
+
 def resolve_image_root(annotation_path: str | Path, image_root: Optional[str]) -> Path:
     return Path(image_root) if image_root else Path(annotation_path).parent
 
@@ -150,6 +208,25 @@ class Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class TaskBatch:
+    """A collated fine-tuning batch: named tensors (``images`` first dimension = batch size)."""
+
+    def __init__(self, **tensors):
+        self.__dict__.update(tensors)
+
+    def _map(self, fn) -> "TaskBatch":
+        return TaskBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
+
+    def to(self, device, non_blocking: bool = False) -> "TaskBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TaskBatch":
         return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@ re-rank each query's top-k with the ITM head in batches, and report R@1/5/10 bot
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,6 +16,17 @@ from ..models.model import MaskVLM
 from ..runtime import autocast
 
 _OUTSIDE_TOP_K = 1e4  # candidates outside the top-k keep their ITC order, below every re-ranked one
+
+
+def protocol_k(path: str, k: int, auto: bool = True) -> int:
+    """The re-ranking depth for ``path``: with ``auto``, the usual protocol's 256 for COCO and 128
+    for Flickr30K (recognised by the file name), otherwise ``k``."""
+    name = Path(str(path)).name.lower()
+    if auto and "coco" in name:
+        return 256
+    if auto and ("flickr" in name or "f30k" in name):
+        return 128
+    return k
 
 
 @torch.no_grad()
@@ -64,17 +76,19 @@ def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool) -> torch.T
     return scores
 
 
-def _ranks_of_positives(scores: torch.Tensor, positives: list[list[int]], chunk: int = 256) -> torch.Tensor:
-    """For each row, the best (smallest) rank of any of its positive columns."""
+def _ranks_of_positives(scores: torch.Tensor, positives: list[list[int]], chunk: int = 1024) -> torch.Tensor:
+    """For each row, the 0-based rank of its best positive column: the number of non-positive
+    columns scoring at least as high. Ties count against the query, so a model that scores
+    everything alike gets R@1 = 0, not 100."""
     out = []
     for start in range(0, scores.shape[0], chunk):
-        block = scores[start:start + chunk]
-        order = block.argsort(dim=1, descending=True)
-        rank_of = torch.empty_like(order)
-        rank_of.scatter_(1, order, torch.arange(block.shape[1]).expand_as(order).contiguous())
+        block = scores[start:start + chunk].float()
+        is_pos = torch.zeros_like(block, dtype=torch.bool)
         for r, pos in enumerate(positives[start:start + chunk]):
-            out.append(int(rank_of[r, pos].min()))
-    return torch.tensor(out)
+            is_pos[r, pos] = True
+        best = block.masked_fill(~is_pos, float("-inf")).max(dim=1).values
+        out.append(((block >= best[:, None]) & ~is_pos).sum(dim=1))
+    return torch.cat(out)
 
 
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]],

@@ -5,6 +5,7 @@ crash mid-write never damages the previous checkpoint; loaded without unpickling
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -42,7 +43,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokenizer, trainer_state: dict,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, extra_files: Optional[dict] = None) -> Path:
     """Write ``output_dir/checkpoints/step-XXXXXXXX`` atomically and prune all but the newest ``keep_last``."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,9 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     try:
         write_model_folder(tmp, task, config, tokenizer)
         torch.save(trainer_state, tmp / STATE_FILE)
+        for name, content in (extra_files or {}).items():  # e.g. a task's class names
+            with open(tmp / name, "w") as f:
+                json.dump(content, f)
         for name in os.listdir(tmp):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())

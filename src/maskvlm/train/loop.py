@@ -28,7 +28,7 @@ from ..runtime import autocast, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import is_main
 from .logging import MetricsLogger, log
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
 
 STATE_VERSION = 1
 
@@ -70,15 +70,21 @@ def stop_requests():
 
 class Trainer:
     def __init__(self, task: nn.Module, config: Config, dataset: Dataset, collator: Callable,
-                 output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None):
+                 output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None,
+                 extra_files: Optional[dict] = None):
         self.task, self.config, self.dataset, self.collator = task, config, dataset, collator
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.evaluate = evaluate
-        t = config.train
+        self.extra_files = extra_files or {}  # name -> JSON-able object written into every checkpoint
+        t, job = config.train, config.task
         self.device = resolve_device(t.device)
         self.task.to(self.device)
-        self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas)
+        lr_scale = None
+        if job.name != "pretrain" and (job.layer_decay != 1 or job.head_lr_mult != 1):
+            lr_scale = layerwise_lr_scale(config.model, job.layer_decay, job.head_lr_mult)
+        self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale)
+        self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
         self.batches_per_epoch = len(dataset) // t.batch_size
         if self.batches_per_epoch == 0:
@@ -100,7 +106,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.step, self.task, self.config, self.tokenizer,
-                               self.state_dict(), self.config.train.keep_last)
+                               self.state_dict(), self.config.train.keep_last, self.extra_files)
         self.last_checkpoint = path
         log.info("checkpoint written: %s", path)
         return path
@@ -145,7 +151,7 @@ class Trainer:
         window: dict[str, float] = defaultdict(float)
         window_steps, window_samples, window_start = 0, 0, time.perf_counter()
         last: dict[str, float] = {}
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", disable=not (t.progress and main),
+        bar = tqdm(total=t.max_steps, initial=self.step, desc=self.command, disable=not (t.progress and main),
                    dynamic_ncols=True)
         batches = self._batches()
         with stop_requests() as stop, contextlib.ExitStack() as cleanup:
@@ -187,7 +193,9 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
                     last = {k: v / max(1, window_steps) for k, v in window.items()}
-                    last.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=window_samples / max(elapsed, 1e-9),
+                    # the base rate (groups may carry layer-wise / head multipliers)
+                    base_lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
+                    last.update(lr=base_lr, samples_per_s=window_samples / max(elapsed, 1e-9),
                                 epoch=self.epoch, skipped_nonfinite=self.skipped_nonfinite)
                     if t.clip_grad > 0:
                         last["grad_norm"] = grad_norm
@@ -208,7 +216,7 @@ class Trainer:
                 if main and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
                     self.save()
                 if self.interrupted:
-                    log.warning("stopped at step %d of %d; continue with: maskvlm pretrain --output-dir %s "
-                                "--resume auto", self.step, t.max_steps, self.output_dir)
+                    log.warning("stopped at step %d of %d; continue with: maskvlm %s --output-dir %s "
+                                "--resume auto", self.step, t.max_steps, self.command, self.output_dir)
                     break
         return last

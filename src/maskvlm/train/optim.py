@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -10,21 +12,62 @@ from torch import nn
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "token_type_embeddings")
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Biases, norms, the temperature and position/special tokens are not decayed."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, weight_decay: float, lr: float = 0.0,
+                 lr_scale: Optional[Callable[[str], float]] = None) -> list[dict]:
+    """Biases, norms, the temperature and position/special tokens are not decayed. With
+    ``lr_scale`` (parameter name -> multiplier) each distinct multiplier gets its own groups."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(name.endswith(n) or f".{n}." in name for n in _NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or any(name.endswith(n) or f".{n}." in name for n in _NO_DECAY_NAMES)
+        scale = lr_scale(name) if lr_scale else 1.0
+        groups.setdefault((no_decay, scale), []).append(p)
+    out = []
+    for (no_decay, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if lr_scale:
+            group.update(lr=lr * scale, lr_scale=scale)
+        out.append(group)
+    return out
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
-    groups = param_groups(module, weight_decay)
+_TOWERS = (  # (prefix, index offset attribute): the layers of each encoder tower, bottom to top
+    (("model.visual_encoder.blocks.", None), ("model.image_cross_encoder.blocks.", "vision_layers")),
+    (("model.text_encoder.layer.", None), ("model.text_cross_encoder.layer.", "text_layers")),
+)
+_EMBEDDINGS = ("model.visual_encoder.patch_embed", "model.visual_encoder.cls_token", "model.visual_encoder.pos_embed",
+               "model.visual_encoder.mask_token", "model.text_encoder.embeddings.")
+
+
+def layerwise_lr_scale(model_config, layer_decay: float, head_lr_mult: float) -> Callable[[str], float]:
+    """Multiplier for a fine-tuning task's parameter names (``model.*`` = the pre-trained model,
+    anything else = the new task head). Embeddings are layer 0, encoder layer i is i + 1 counted
+    through the tower (unimodal then cross-modality layers), and a tower of L layers scales layer
+    l by ``layer_decay ** (L + 1 - l)``; other pre-trained parameters (ITC/ITM heads, final norms)
+    keep the full rate; the task head gets ``head_lr_mult``."""
+    m = model_config
+    depth = {0: m.vision_layers + m.image_cross_layers, 1: m.text_layers + m.cross_layers}
+
+    def scale(name: str) -> float:
+        if not name.startswith("model."):
+            return head_lr_mult
+        if name.startswith(_EMBEDDINGS):
+            tower = 1 if name.startswith("model.text_encoder") else 0
+            return layer_decay ** (depth[tower] + 1)
+        for tower, stages in enumerate(_TOWERS):
+            for prefix, offset in stages:
+                if name.startswith(prefix):
+                    index = int(re.match(r"(\d+)", name[len(prefix):]).group(1))
+                    layer = index + 1 + (getattr(m, offset) if offset else 0)
+                    return layer_decay ** (depth[tower] + 1 - layer)
+        return 1.0
+    return scale
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
+                    lr_scale: Optional[Callable[[str], float]] = None) -> torch.optim.Optimizer:
+    groups = param_groups(module, weight_decay, lr, lr_scale)
     use_fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=use_fused or None)
 

@@ -1,0 +1,270 @@
+"""The ``finetune`` and ``evaluate`` jobs of the downstream tasks: retrieval (ITC + ITM on the
+pre-training objectives), VQA, NLVR2 and SNLI-VE (a classifier on the fused [CLS]). They run
+on the same trainer, configuration, checkpoints and resume as pre-training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from safetensors.torch import load_file
+
+from .config import Config, ConfigError, DataConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
+from .data.formats import DataError, PairDataset, PretrainCollator
+from .data.tokenizer import load_tokenizer
+from .data.transforms import ImageTransform
+from .models.io import MODEL_FILE, TOKENIZER_FILE, load_state, model_weights, read_config
+from .models.model import build_model
+from .runtime import resolve_device
+from .tasks.classify import ExampleCollator, ExampleDataset, FusedClassifier, predict
+from .tasks.downstream import CLASSES_FILE, CLASSIFICATION_TASKS, ClassificationTask
+from .tasks.pretrain import PretrainTask, eval_transform, make_retrieval_eval, prepare_data_paths
+from .tasks.retrieval import format_table
+from .train.checkpoint import resolve_resume
+from .train.distributed import is_main
+from .train.logging import log_to_file, setup_logging
+from .train.loop import Trainer, seed_everything
+
+log = logging.getLogger("maskvlm")
+DOWNSTREAM = ("retrieval",) + tuple(CLASSIFICATION_TASKS)
+
+
+def model_folder(path: str | Path) -> Path:
+    """A folder holding ``model.safetensors``: the path itself, or a run folder's newest checkpoint."""
+    folder = Path(path)
+    if (folder / MODEL_FILE).is_file():
+        return folder
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint not found: {folder}")
+    return resolve_resume(str(folder), None)
+
+
+def build_finetune_config(task: str, init: Optional[str], config_file: Optional[str] = None,
+                          overrides: Optional[list[str]] = None) -> Config:
+    """The pre-trained model's architecture (and its image normalisation, text length, masking
+    settings and synthetic-data settings) <- recipes/finetune/<task>.yaml <- user YAML <- overrides."""
+    if task not in DOWNSTREAM:
+        raise ConfigError(f"unknown task '{task}'; available: {', '.join(DOWNSTREAM)}")
+    recipe = load_yaml(finetune_recipe(task))
+    if init is None:
+        cfg = Config()  # resuming: the checkpoint's own config replaces this one
+    else:
+        base = read_config(model_folder(init))
+        cfg = Config(recipe=base.recipe, preset=base.preset, model=base.model, masking=base.masking, loss=base.loss)
+        cfg.data = DataConfig(mean=base.data.mean, std=base.data.std, max_text_len=base.data.max_text_len,
+                              synthetic=base.data.synthetic)
+        cfg.task.init = str(init)
+    cfg.task.name = task
+    for source, data in ((str(finetune_recipe(task)), recipe), (config_file, load_yaml(config_file) if config_file
+                                                                   else {})):
+        try:
+            merge_into(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    merge_into(cfg, parse_overrides(overrides or []))
+    cfg.validate()
+    return cfg
+
+
+def prepare_task_data(config: Config, progress: bool = True) -> None:
+    """With no ``data.train``, point the task at the built-in synthetic data (generated once)."""
+    d, name = config.data, config.task.name
+    if d.train is not None:
+        return
+    if name == "retrieval":
+        prepare_data_paths(config, progress)
+        return
+    from .data.synthetic_tasks import generate_task
+
+    s = d.synthetic
+    root = generate_task(name, Path(s.dir) / name, image_size=s.image_size, seed=s.seed, progress=progress)
+    d.train, d.val, d.test = (str(root / f) for f in CLASSIFICATION_TASKS[name].synthetic_files)
+    d.image_root = None
+
+
+def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
+             evaluate_test: bool = True) -> dict:
+    """Fine-tune ``config.task.name`` starting from ``config.task.init`` (or continue ``resume``)."""
+    from .pipeline import resolve_run
+
+    setup_logging()
+    wanted = config.task.name
+    output_dir, checkpoint, config = resolve_run(config, resume, overrides)
+    if config.task.name != wanted:
+        raise ConfigError(f"{checkpoint} is a '{config.task.name}' run; it cannot be resumed as '{wanted}'")
+    if checkpoint is None and not config.task.init:
+        raise ConfigError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH (task.init)")
+    if not is_main():
+        return _finetune(config, checkpoint, output_dir, evaluate_test)
+    with log_to_file(output_dir):
+        return _finetune(config, checkpoint, output_dir, evaluate_test)
+
+
+def _load_start(config: Config, checkpoint: Optional[Path]):
+    """(model with the pre-trained weights unless resuming, tokenizer)."""
+    source = checkpoint if checkpoint is not None else model_folder(config.task.init)
+    tokenizer = load_tokenizer(source / TOKENIZER_FILE)
+    seed_everything(config.train.seed)
+    model = build_model(config)
+    if checkpoint is None:
+        load_state(model, model_weights(source), str(source / MODEL_FILE))
+        log.info("initialised from %s", source)
+    return model, tokenizer
+
+
+def _train_transform(config: Config) -> ImageTransform:
+    d = config.data
+    return ImageTransform(config.model.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+
+
+def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
+    prepare_task_data(config, progress=config.train.progress)
+    model, tokenizer = _load_start(config, checkpoint)
+    name, d = config.task.name, config.data
+    if name == "retrieval":
+        module = PretrainTask(model, config)
+        dataset = PairDataset(d.train, d.image_root, _train_transform(config), seed=config.train.seed,
+                              swap_on_flip=True)
+        collator = PretrainCollator(tokenizer, d.max_text_len)
+        evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val else None
+        extra, spec, classes = {}, None, None
+    else:
+        spec = CLASSIFICATION_TASKS[name]
+        train_examples = spec.load(d.train, d.image_root)
+        classes = _classes(spec, train_examples, config, checkpoint)
+        lost = spec.attach(train_examples, classes)
+        if lost:
+            log.info("%d of %d training questions have no answer in the %d-answer vocabulary (kept; their target "
+                     "is all zeros)", lost, len(train_examples), len(classes))
+        module = FusedClassifier(model, len(classes), spec.num_images, config.task.head_hidden, spec.soft)
+        dataset = ExampleDataset(train_examples, _train_transform(config), seed=config.train.seed)
+        collator = ExampleCollator(tokenizer, d.max_text_len, len(classes) if spec.soft else 0)
+        evaluate = _classification_eval(spec, module, tokenizer, config, classes, d.val)[0] if d.val else None
+        extra = {CLASSES_FILE: classes}
+    log.info("fine-tuning %s on %s (%d training examples) from %s", name, d.train, len(dataset),
+             checkpoint or config.task.init)
+    trainer = Trainer(module, config, dataset, collator, output_dir, tokenizer, evaluate, extra_files=extra)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    start = time.perf_counter()
+    train_metrics = trainer.fit()
+    result = {"task": name, "train": train_metrics, "train_seconds": time.perf_counter() - start,
+              "step": trainer.step, "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
+              "output_dir": str(output_dir)}
+    if trainer.interrupted or not is_main():
+        return result
+    for split, path in (("val", d.val), ("test", d.test if evaluate_test else None)):
+        if not path:
+            continue
+        if name == "retrieval":
+            metrics = make_retrieval_eval(model, tokenizer, config, path, progress=config.train.progress)()
+            print(format_table(metrics, f"fine-tuned retrieval on {path}"))
+        else:
+            run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
+                                                 predictions=output_dir / f"predictions_{split}.json")
+            metrics = run()
+            if name == "vqa":
+                metrics["vqa_prior_acc"] = question_prior_accuracy(train_examples, examples)
+            print(format_metrics(spec, metrics, f"{spec.title} on {path}"))
+        result[split] = metrics
+    with open(output_dir / "results.json", "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _classes(spec: ClassificationTask, train_examples, config: Config, checkpoint: Optional[Path]) -> list[str]:
+    if checkpoint is not None and (checkpoint / CLASSES_FILE).is_file():
+        with open(checkpoint / CLASSES_FILE) as f:
+            return json.load(f)
+    classes = spec.build_classes(train_examples, config)
+    if spec.soft:
+        log.info("answer vocabulary: %d answers (task.num_answers=%d)", len(classes), config.task.num_answers)
+    return classes
+
+
+def _classification_eval(spec: ClassificationTask, module: FusedClassifier, tokenizer, config: Config,
+                         classes: list[str], path: str, predictions: Optional[Path] = None,
+                         image_root: Optional[str] = None, progress: bool = False, examples=None):
+    """(zero-argument function returning the metrics on ``path``, its examples); with
+    ``predictions`` the predictions file is written too."""
+    examples = examples or spec.load(path, image_root or config.data.image_root)
+    dataset = ExampleDataset(examples, eval_transform(config))
+    collator = ExampleCollator(tokenizer, config.data.max_text_len)
+    device = resolve_device(config.train.device)
+
+    def run() -> dict:
+        logits = predict(module, dataset, collator, config.eval.batch_size, device, config.train.precision,
+                         progress=progress)
+        metrics, names = spec.score(logits, examples, classes)
+        if predictions is not None:
+            spec.write_predictions(predictions, names, examples)
+            log.info("predictions written: %s", predictions)
+        return metrics
+    return run, examples
+
+
+def question_prior_accuracy(train_examples, examples) -> float:
+    """VQA accuracy of answering each question with the most common training answer of its first
+    three words ("how many circles", "is there a"): what the question alone gets right."""
+    from .tasks.vqa import normalize_answer, vqa_accuracy
+
+    by_prefix: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for ex in train_examples:
+        answers = [normalize_answer(a) for a in ex.answers or []]
+        by_prefix.setdefault(" ".join(ex.text.lower().split()[:3]), Counter()).update(answers)
+        overall.update(answers)
+    scored = []
+    for ex in examples:
+        if ex.answers:
+            counts = by_prefix.get(" ".join(ex.text.lower().split()[:3])) or overall
+            scored.append(vqa_accuracy(counts.most_common(1)[0][0], ex.answers))
+    return 100.0 * sum(scored) / max(1, len(scored))
+
+
+def format_metrics(spec: ClassificationTask, metrics: dict, title: str) -> str:
+    lines = [title]
+    for key, value in metrics.items():
+        lines.append(f"  {key:24s}{value:8.2f}")
+    if spec.chance is not None:
+        lines.append(f"  {'chance':24s}{spec.chance:8.2f}")
+    return "\n".join(lines)
+
+
+def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_root: Optional[str] = None,
+                  device: Optional[str] = None, precision: Optional[str] = None, batch_size: Optional[int] = None,
+                  predictions: Optional[str] = None, progress: bool = True) -> dict:
+    """Evaluate a fine-tuned VQA / NLVR2 / SNLI-VE checkpoint on ``data`` (default: its data.test)."""
+    spec = CLASSIFICATION_TASKS[task]
+    folder = model_folder(checkpoint)
+    config = read_config(folder)
+    if config.task.name != task:
+        raise ConfigError(f"{folder} is a '{config.task.name}' checkpoint, not a fine-tuned '{task}' model")
+    if not (folder / CLASSES_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: no {CLASSES_FILE} (the task's classes are saved with every checkpoint)")
+    with open(folder / CLASSES_FILE) as f:
+        classes = json.load(f)
+    if device:
+        config.train.device = device
+    if precision:
+        config.train.precision = precision
+    if batch_size:
+        config.eval.batch_size = batch_size
+    path = data or config.data.test
+    if not path:
+        raise DataError("no --data given and the checkpoint's config has no data.test")
+    root = image_root if data else (image_root or config.data.image_root)
+    examples = spec.load(path, root)  # data errors first, before any model work
+    tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
+    module = FusedClassifier(build_model(config), len(classes), spec.num_images, config.task.head_hidden, spec.soft)
+    load_state(module, load_file(str(folder / MODEL_FILE)), str(folder / MODEL_FILE))
+    module.to(resolve_device(config.train.device))
+    run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
+                                         Path(predictions) if predictions else None, root, progress, examples)
+    metrics = run()
+    print(format_metrics(spec, metrics, f"{spec.title} on {path} ({len(examples)} examples)"))
+    return metrics

@@ -1,0 +1,72 @@
+"""The classification tasks (VQA, NLVR2, SNLI-VE) described by what differs between them:
+the loader, the classes (fixed, or VQA's answer vocabulary built from the training answers),
+the number of images per example, the loss form and the metric."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import Config
+from . import nlvr2, ve, vqa
+from .classify import Example, accuracy_by
+
+CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    name: str
+    title: str
+    load: Callable[..., list[Example]]
+    classes: Optional[tuple[str, ...]] = None  # None: VQA's answer vocabulary from the training data
+    num_images: int = 1
+    soft: bool = False  # soft-score BCE (VQA) instead of cross-entropy
+    chance: Optional[float] = None  # accuracy (%) of guessing, for reports
+    synthetic_files: tuple[str, str, str] = ("", "", "")  # train / val / test file names of the synthetic data
+
+    @property
+    def primary(self) -> str:
+        return "vqa_acc" if self.soft else "acc"
+
+    def build_classes(self, train_examples: list[Example], config: Config) -> list[str]:
+        if self.classes is not None:
+            return list(self.classes)
+        return vqa.build_answer_vocab(train_examples, config.task.num_answers)
+
+    def attach(self, examples: list[Example], classes: list[str]) -> int:
+        """Prepare examples for training against ``classes``; returns how many cannot be learned."""
+        return vqa.attach_targets(examples, classes) if self.soft else 0
+
+    def score(self, logits: torch.Tensor, examples: list[Example], classes: list[str]) -> tuple[dict, list[str]]:
+        """(metrics, predicted class names) for ``logits`` (N, num_classes) over ``examples``."""
+        predicted = logits.argmax(-1).tolist()
+        names = [classes[p] for p in predicted]
+        if self.soft:
+            return vqa.vqa_metrics(names, examples), names
+        if any(ex.label is None for ex in examples):
+            return {}, names
+        return accuracy_by(predicted, examples, classes), names
+
+    def write_predictions(self, path: Path, names: list[str], examples: list[Example]) -> None:
+        if self.soft:
+            vqa.write_results(path, names, examples)
+            return
+        with open(path, "w") as f:
+            json.dump([{"id": ex.id, "prediction": n, "label": None if ex.label is None else self.classes[ex.label]}
+                       for n, ex in zip(names, examples)], f)
+
+
+CLASSIFICATION_TASKS = {
+    "vqa": ClassificationTask("vqa", "VQA v2", vqa.load_vqa, soft=True, synthetic_files=(
+        "v2_OpenEnded_mscoco_train2014_questions.json", "v2_OpenEnded_mscoco_val2014_questions.json",
+        "v2_OpenEnded_mscoco_test2014_questions.json")),
+    "nlvr2": ClassificationTask("nlvr2", "NLVR2", nlvr2.load_nlvr2, tuple(nlvr2.CLASSES), num_images=2, chance=50.0,
+                                synthetic_files=("train.json", "dev.json", "test1.json")),
+    "ve": ClassificationTask("ve", "SNLI-VE", ve.load_snli_ve, tuple(ve.CLASSES), chance=100 / 3, synthetic_files=(
+        "snli_ve_train.jsonl", "snli_ve_dev.jsonl", "snli_ve_test.jsonl")),
+}

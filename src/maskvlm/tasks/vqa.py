@@ -1,0 +1,201 @@
+"""VQA v2: loaders for the official question/annotation files and the ALBEF-style JSON list,
+the standard answer normalisation, the answer vocabulary (top-N training answers), soft
+scores min(#annotators / 3, 1), the official accuracy and the eval-server result file."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from ..data.formats import DataError, check_images, read_json, require
+from .classify import Example
+
+# --- answer normalisation ----------------------------------------------------------------------
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+# Contractions written without the apostrophe, mapped back to the usual spelling.
+_CONTRACTIONS = {c.replace("'", ""): c for c in (
+    "aren't can't couldn't couldn't've didn't doesn't don't hadn't hasn't haven't he'd he'll he's how'd how'll "
+    "how's i'd i'll i'm i've isn't it'd it'll let's ma'am mightn't might've mustn't must've needn't o'clock "
+    "shan't she'd she'll she's should've shouldn't that's there's there'd there're they'd they'll they're they've "
+    "wasn't we'd we'll we're we've weren't what'll what're what's what've when's where'd where's where've who'd "
+    "who'll who's who've why'll why're why's won't would've wouldn't y'all you'd you'll you're you've").split()}
+_PUNCT = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$")
+_NUMBER_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def normalize_answer(answer: str) -> str:
+    """The VQA evaluation's answer normalisation: whitespace, punctuation (kept inside numbers
+    such as 2.5 and 1,000 -> 1000), lower case, number words -> digits, articles dropped,
+    apostrophe-less contractions restored ("dont" -> "don't")."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = _NUMBER_COMMA.sub("", text)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _PUNCT:
+            # punctuation next to a space is dropped, inside a word it separates ("black/white")
+            near_space = (i > 0 and text[i - 1] == " ") or (i + 1 < len(text) and text[i + 1] == " ")
+            out.append("" if near_space else " ")
+        else:
+            out.append(ch)
+    text = _PERIOD.sub("", "".join(out))
+    words = []
+    for word in text.lower().split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(predicted: str, answers: list[str]) -> float:
+    """Official VQA accuracy of one prediction: the mean, over the 10 leave-one-annotator-out
+    subsets, of min(1, #annotators in the subset who gave the prediction / 3)."""
+    pred = normalize_answer(predicted)
+    gts = [normalize_answer(a) for a in answers]
+    matches = [g == pred for g in gts]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(gts)
+
+
+def build_answer_vocab(examples: list[Example], top_n: int = 3129) -> list[str]:
+    """The ``top_n`` most frequent normalised training answers (ties: alphabetical)."""
+    counts: Counter = Counter()
+    for ex in examples:
+        counts.update(normalize_answer(a) for a in ex.answers or [])
+    counts.pop("", None)
+    if not counts:
+        raise DataError("no answers in the VQA training data: cannot build an answer vocabulary")
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [a for a, _ in ranked[:top_n]]
+
+
+def soft_scores(answers: list[str], index: dict[str, int]) -> dict[int, float]:
+    """answer index -> min(#annotators who gave it / 3, 1), for answers in the vocabulary."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return {index[a]: min(1.0, n / 3.0) for a, n in counts.items() if a in index}
+
+
+def attach_targets(examples: list[Example], vocab: list[str]) -> int:
+    """Fill ``soft`` from the vocabulary; returns how many examples have no answer in it."""
+    index = {a: i for i, a in enumerate(vocab)}
+    uncovered = 0
+    for ex in examples:
+        ex.soft = soft_scores(ex.answers or [], index)
+        uncovered += not ex.soft
+    return uncovered
+
+
+# --- loaders -------------------------------------------------------------------------------------
+_SUBTYPE = re.compile(r"((?:train|val|test-dev|test)\d{4})")
+
+
+def annotation_path_for(questions_path: Path, subtype: str) -> Path:
+    """Where the official annotations of a questions file live: ``v2_mscoco_{subtype}_annotations.json``."""
+    return questions_path.parent / f"v2_mscoco_{subtype}_annotations.json"
+
+
+def load_vqa(path: str | Path, image_root: Optional[str] = None, check: bool = True) -> list[Example]:
+    """Questions from the official ``v2_OpenEnded_mscoco_{subtype}_questions.json`` (answers from the
+    ``v2_mscoco_{subtype}_annotations.json`` next to it, when present) or from an ALBEF-style list
+    ``[{"question_id", "question", "image", "answer": [..]}]``. Images of the official layout are
+    ``{image_root}/{subtype}/COCO_{subtype}_{image_id:012d}.jpg`` (test-dev uses the test images);
+    ``image_root`` defaults to the file's folder."""
+    path = Path(path)
+    data = read_json(path)
+    root = Path(image_root) if image_root else path.parent
+    if isinstance(data, dict) and "questions" in data:
+        examples = _load_official(path, data, root)
+    elif isinstance(data, list):
+        examples = _load_list(path, data, root)
+    else:
+        raise DataError(f"{path}: expected the official VQA questions file (an object with 'questions') or a "
+                        "JSON list of {question_id, question, image, answer} entries")
+    if not examples:
+        raise DataError(f"{path}: no questions")
+    if check:
+        check_images([p for ex in examples for p in ex.images],
+                     [f"{path}: question_id {ex.id}" for ex in examples])
+    return examples
+
+
+def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
+    subtype = data.get("data_subtype")
+    if not isinstance(subtype, str):
+        m = _SUBTYPE.search(path.name)
+        if not m:
+            raise DataError(f"{path}: field 'data_subtype' is missing and the file name names no split "
+                            "(expected e.g. train2014)")
+        subtype = m.group(1)
+    image_dir = subtype.replace("test-dev", "test")
+    questions = data["questions"]
+    if not isinstance(questions, list):
+        raise DataError(f"{path}: field 'questions' must be a list")
+    answers: dict[int, dict] = {}
+    ann_path = annotation_path_for(path, subtype)
+    if ann_path.is_file():
+        ann = read_json(ann_path)
+        items = ann.get("annotations") if isinstance(ann, dict) else None
+        if not isinstance(items, list):
+            raise DataError(f"{ann_path}: expected an object with a list 'annotations'")
+        for i, a in enumerate(items):
+            where = f"{ann_path}: annotation {i}"
+            qid = require(a, "question_id", int, where)
+            raw = require(a, "answers", list, f"{where} (question_id {qid})")
+            texts = [require(x, "answer", str, f"{where} (question_id {qid}) answers[{j}]") for j, x in enumerate(raw)]
+            answers[qid] = dict(answers=texts, kind=a.get("answer_type", ""))
+    examples = []
+    for i, q in enumerate(questions):
+        where = f"{path}: question {i}"
+        qid = require(q, "question_id", int, where)
+        where = f"{where} (question_id {qid})"
+        image_id = require(q, "image_id", int, where)
+        text = require(q, "question", str, where)
+        a = answers.get(qid)
+        if answers and a is None:
+            raise DataError(f"{where}: no annotation for this question in {ann_path}")
+        examples.append(Example(id=qid, images=[root / image_dir / f"COCO_{image_dir}_{image_id:012d}.jpg"],
+                                text=text, answers=a["answers"] if a else None, kind=a["kind"] if a else ""))
+    return examples
+
+
+def _load_list(path: Path, data: list, root: Path) -> list[Example]:
+    examples = []
+    for i, e in enumerate(data):
+        where = f"{path}: entry {i}"
+        qid = require(e, "question_id", (int, str), where)
+        where = f"{where} (question_id {qid})"
+        text = require(e, "question", str, where)
+        image = require(e, "image", str, where)
+        answer = e.get("answer")
+        if answer is not None:
+            answer = [answer] if isinstance(answer, str) else answer
+            if not isinstance(answer, list) or not all(isinstance(a, str) for a in answer):
+                raise DataError(f"{where}: field 'answer' must be a string or a list of strings")
+        examples.append(Example(id=qid, images=[root / image], text=text, answers=answer))
+    return examples
+
+
+# --- metric and result file -----------------------------------------------------------------------
+def vqa_metrics(predicted: list[str], examples: list[Example]) -> dict[str, float]:
+    """Official accuracy (%) overall and per answer type, over the examples that have answers."""
+    scored = [(vqa_accuracy(p, ex.answers), ex.kind) for p, ex in zip(predicted, examples) if ex.answers]
+    if not scored:
+        return {}
+    metrics = {"vqa_acc": 100.0 * sum(s for s, _ in scored) / len(scored)}
+    for kind in sorted({k for _, k in scored if k}):
+        rows = [s for s, k in scored if k == kind]
+        metrics[f"vqa_acc_{kind.replace('/', '_')}"] = 100.0 * sum(rows) / len(rows)
+    return metrics
+
+
+def write_results(path: str | Path, predicted: list[str], examples: list[Example]) -> None:
+    """The eval-server result file: ``[{"question_id": int, "answer": str}, ...]``."""
+    with open(path, "w") as f:
+        json.dump([{"question_id": ex.id, "answer": p} for p, ex in zip(predicted, examples)], f)

@@ -1,0 +1,154 @@
+"""Synthetic downstream data, and fine-tuning every task end to end on micro sizes: the loss
+goes down, checkpoints carry the task's classes, evaluation reloads them, resume is exact."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maskvlm.config import ConfigError
+from maskvlm.data.synthetic_tasks import generate_task
+from maskvlm.finetune import build_finetune_config, evaluate_task, finetune
+from maskvlm.tasks import nlvr2, ve, vqa
+from maskvlm.tasks.downstream import CLASSIFICATION_TASKS
+from maskvlm.train.optim import layerwise_lr_scale
+
+SMALL = {"vqa": {"train": 12, "val": 4, "test": 4}, "nlvr2": {"train": 12, "dev": 4, "test1": 4},
+         "ve": {"train": 12, "dev": 4, "test": 4}}
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return {t: generate_task(t, root / t, SMALL[t], image_size=32, seed=0, progress=False) for t in SMALL}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tokenizer):
+    from tests.conftest import micro_config
+    from maskvlm.models.model import build_model
+
+    cfg = micro_config()
+    cfg.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pretrained")
+    build_model(cfg).save_pretrained(folder, cfg, tokenizer)
+    return folder
+
+
+def _files(task, task_data):
+    return [task_data[task] / f for f in CLASSIFICATION_TASKS[task].synthetic_files]
+
+
+def test_synthetic_tasks_are_balanced_and_read_by_the_real_loaders(task_data):
+    big = generate_task("nlvr2", task_data["nlvr2"].parent / "nlvr2_big", {"train": 60, "dev": 2, "test1": 2},
+                        image_size=32, progress=False)
+    labels = Counter(e.label for e in nlvr2.load_nlvr2(big / "train.json"))
+    assert labels[0] == labels[1] == 60  # one true and one false statement per image pair
+    exs = ve.load_snli_ve(task_data["ve"] / "snli_ve_train.jsonl")
+    assert Counter(e.label for e in exs) == {0: 12, 1: 12, 2: 12}
+    questions = vqa.load_vqa(task_data["vqa"] / "v2_OpenEnded_mscoco_train2014_questions.json")
+    kinds = Counter(e.kind for e in questions)
+    assert set(kinds) == {"yes/no", "number", "other"} and all(len(e.answers) == 10 for e in questions)
+    # the simulated annotators write answers in several surface forms that normalise to one
+    assert any(len(set(e.answers)) > 1 and len({vqa.normalize_answer(a) for a in e.answers}) == 1 for e in questions)
+
+
+def test_synthetic_task_generation_is_reused_and_deterministic(tmp_path):
+    a = generate_task("ve", tmp_path / "a", SMALL["ve"], image_size=32, progress=False)
+    b = generate_task("ve", tmp_path / "b", SMALL["ve"], image_size=32, progress=False)
+    assert (a / "snli_ve_train.jsonl").read_text() == (b / "snli_ve_train.jsonl").read_text()
+    stamp = (a / "snli_ve_train.jsonl").stat().st_mtime_ns
+    generate_task("ve", tmp_path / "a", SMALL["ve"], image_size=32, progress=False)
+    assert (a / "snli_ve_train.jsonl").stat().st_mtime_ns == stamp
+
+
+def _config(task, pretrained, task_data, out, *extra):
+    files = _files(task, task_data) if task != "retrieval" else [None, None, None]
+    data = [f"data.train={files[0]}", f"data.val={files[1]}", f"data.test={files[2]}"] if files[0] else []
+    return build_finetune_config(task, str(pretrained), overrides=data + [
+        "train.batch_size=8", "train.max_steps=24", "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=4",
+        "train.progress=false", "train.tensorboard=false", "train.save_every=0", "eval.every_steps=0",
+        "eval.batch_size=16", "eval.k=4", "data.num_workers=0", "data.max_text_len=24", "data.crop_scale=[1.0,1.0]",
+        f"train.output_dir={out}", *extra])
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "ve"])
+def test_finetune_classification_tasks(task, pretrained, task_data, tmp_path):
+    out = tmp_path / task
+    result = finetune(_config(task, pretrained, task_data, out))
+    rows = _losses(out)
+    assert rows[-1]["cls_loss"] < rows[0]["cls_loss"] * 0.8, [r["cls_loss"] for r in rows]
+    primary = CLASSIFICATION_TASKS[task].primary
+    assert 0 <= result["test"][primary] <= 100 and primary in result["val"]
+    checkpoint = out / "checkpoints" / "step-00000024"
+    classes = json.loads((checkpoint / "classes.json").read_text())
+    if task == "vqa":
+        assert "yes" in classes and "no" in classes
+        results = json.loads((out / "predictions_test.json").read_text())
+        assert set(results[0]) == {"question_id", "answer"} and results[0]["answer"] in classes
+        assert "vqa_prior_acc" in result["test"]
+    else:
+        assert classes == list(CLASSIFICATION_TASKS[task].classes)
+    again = evaluate_task(task, str(out), progress=False)  # reloads model, head and classes
+    assert again[primary] == pytest.approx(result["test"][primary])
+
+
+def test_finetune_retrieval_starts_from_pretrained_weights(pretrained, synthetic_dir, tmp_path):
+    out = tmp_path / "ret"
+    cfg = _config("retrieval", pretrained, None, out, f"data.train={synthetic_dir / 'train.json'}",
+                  f"data.test={synthetic_dir / 'test.json'}")
+    assert (cfg.loss.mlm, cfg.loss.mim) == (0, 0)
+    result = finetune(cfg)
+    rows = _losses(out)
+    assert rows[-1]["itc_loss"] < rows[0]["itc_loss"]
+    assert "itm_loss" in rows[0] and "mlm_loss" not in rows[0]
+    assert result["test"]["k"] == 4 and "txt_r1" in result["test"]
+
+
+def test_finetune_resume_is_exact(pretrained, task_data, tmp_path):
+    # 63 questions / 8 per batch: step 8 is in the second epoch; dropout on and evaluation in between
+    extra = ("train.max_steps=8", "train.save_every=4", "train.keep_last=5", "eval.every_steps=2",
+             "model.hidden_dropout=0.1")
+    full = finetune(_config("vqa", pretrained, task_data, tmp_path / "full", *extra), evaluate_test=False)
+    middle = tmp_path / "full/checkpoints/step-00000004"
+    resumed = finetune(_config("vqa", pretrained, task_data, tmp_path / "part", *extra), resume=str(middle),
+                       evaluate_test=False)
+    assert resumed["step"] == full["step"] == 8
+    a = load_file(str(tmp_path / "full/checkpoints/step-00000008/model.safetensors"))
+    b = load_file(str(tmp_path / "part/checkpoints/step-00000008/model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_finetune_config_and_errors(pretrained, task_data, tmp_path):
+    cfg = _config("nlvr2", pretrained, task_data, tmp_path / "x")
+    assert cfg.task.name == "nlvr2" and cfg.task.init == str(pretrained) and cfg.data.hflip == 0.0
+    assert cfg.model.vision_width == 32  # the architecture comes from the pre-trained model
+    with pytest.raises(ConfigError, match="unknown task 'caption'"):
+        build_finetune_config("caption", str(pretrained))
+    with pytest.raises(ConfigError, match="task.layer_decay=1.5"):
+        build_finetune_config("ve", str(pretrained), overrides=["task.layer_decay=1.5"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        build_finetune_config("ve", str(tmp_path / "nope"))
+
+
+def test_layerwise_lr_scale(config):
+    scale = layerwise_lr_scale(config.model, 0.5, 10.0)
+    # micro: vision 2 + image-cross 1 layers -> depth 3; text 1 + cross 1 -> depth 2
+    assert scale("head.net.0.weight") == 10.0
+    assert scale("model.visual_encoder.patch_embed.proj.weight") == 0.5 ** 4
+    assert scale("model.visual_encoder.blocks.0.attn.qkv.weight") == 0.5 ** 3
+    assert scale("model.image_cross_encoder.blocks.0.mlp.fc1.weight") == 0.5 ** 1
+    assert scale("model.text_encoder.embeddings.word_embeddings.weight") == 0.5 ** 3
+    assert scale("model.text_encoder.layer.0.output.weight") == 0.5 ** 2
+    assert scale("model.text_cross_encoder.layer.0.output.weight") == 0.5 ** 1
+    assert scale("model.itm_head.fc.weight") == 1.0

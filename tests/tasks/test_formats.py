@@ -1,0 +1,178 @@
+"""Downstream loaders on tiny files written in each real dataset's format, answer normalisation,
+the VQA metric on hand-computed cases, and clear errors for malformed files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskvlm.data.formats import DataError
+from maskvlm.tasks import nlvr2, ve, vqa
+from maskvlm.tasks.classify import Example
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# --- VQA ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, expected", [
+    ("Two", "2"), ("  Red. ", "red"), ("the red one", "red 1"), ("A Circle", "circle"), ("yes!", "yes"),
+    ("1,000", "1000"), ("2.5", "2.5"), ("black/white", "black white"), ("dont know", "don't know"),
+    ("no, it isnt", "no it isn't"), ("None", "0"), ("hot-dog", "hot dog"), ("left.", "left"),
+])
+def test_answer_normalisation(raw, expected):
+    assert vqa.normalize_answer(raw) == expected
+
+
+def test_vqa_accuracy_hand_computed():
+    # 3 of 10 annotators said "2" (one as "two"): each of them sees 2 others -> 2/3, the other 7 see 3 -> 1
+    answers = ["2", "2", "two"] + ["3"] * 7
+    assert vqa.vqa_accuracy("2", answers) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert vqa.vqa_accuracy("Two.", answers) == pytest.approx(0.9)
+    assert vqa.vqa_accuracy("2", ["2", "2"] + ["x"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert vqa.vqa_accuracy("yes", ["yes"] * 10) == 1.0
+    assert vqa.vqa_accuracy("4", answers) == 0.0
+
+
+def test_answer_vocabulary_and_soft_scores():
+    exs = [Example(1, [], "q", answers=["Red", "red", "red.", "blue"]),
+           Example(2, [], "q", answers=["blue", "Blue", "green", "two"])]
+    vocab = vqa.build_answer_vocab(exs, top_n=3)
+    assert vocab == ["blue", "red", "2"]  # counts 3, 3 (alphabetical), then 1s alphabetical: "2" < "green"
+    index = {a: i for i, a in enumerate(vocab)}
+    assert vqa.soft_scores(exs[0].answers, index) == {1: 1.0, 0: pytest.approx(1 / 3)}
+    assert vqa.attach_targets(exs, ["red"]) == 1  # the second question has no answer in this vocabulary
+
+
+def _official_vqa(tmp_path, subtype="val2014", with_answers=True):
+    questions = [{"image_id": 42, "question": "What color is it?", "question_id": 4201},
+                 {"image_id": 7, "question": "How many?", "question_id": 701}]
+    (tmp_path / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps(
+        {"data_subtype": subtype, "task_type": "Open-Ended", "questions": questions}))
+    if with_answers:
+        annotations = [{"question_id": 4201, "image_id": 42, "answer_type": "other",
+                        "answers": [{"answer": "red", "answer_id": i} for i in range(10)]},
+                       {"question_id": 701, "image_id": 7, "answer_type": "number",
+                        "answers": [{"answer": "two", "answer_id": i} for i in range(10)]}]
+        (tmp_path / f"v2_mscoco_{subtype}_annotations.json").write_text(json.dumps(
+            {"data_subtype": subtype, "annotations": annotations}))
+    for image_id in (42, 7):
+        folder = subtype.replace("test-dev", "test")
+        _image(tmp_path / folder / f"COCO_{folder}_{image_id:012d}.jpg")
+    return tmp_path / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+
+
+def test_vqa_official_files(tmp_path):
+    exs = vqa.load_vqa(_official_vqa(tmp_path))
+    assert [e.id for e in exs] == [4201, 701]
+    assert exs[0].images[0] == tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"
+    assert exs[1].answers == ["two"] * 10 and exs[1].kind == "number"
+    m = vqa.vqa_metrics(["Red", "3"], exs)
+    assert m["vqa_acc"] == 50.0 and m["vqa_acc_other"] == 100.0 and m["vqa_acc_number"] == 0.0
+
+
+def test_vqa_test_dev_without_answers_uses_test_images_and_writes_results(tmp_path):
+    exs = vqa.load_vqa(_official_vqa(tmp_path, "test-dev2015", with_answers=False))
+    assert exs[0].answers is None and exs[0].images[0].name == "COCO_test2015_000000000042.jpg"
+    assert vqa.vqa_metrics(["a", "b"], exs) == {}
+    vqa.write_results(tmp_path / "r.json", ["red", "2"], exs)
+    assert json.loads((tmp_path / "r.json").read_text()) == [{"question_id": 4201, "answer": "red"},
+                                                             {"question_id": 701, "answer": "2"}]
+
+
+def test_vqa_albef_list(tmp_path):
+    _image(tmp_path / "train2014" / "a.jpg")
+    path = tmp_path / "vqa_train.json"
+    path.write_text(json.dumps([{"question_id": 1, "question": "is it?", "image": "train2014/a.jpg",
+                                 "answer": ["yes", "yes", "no"], "dataset": "vqa"}]))
+    (ex,) = vqa.load_vqa(path)
+    assert ex.answers == ["yes", "yes", "no"] and ex.images[0] == tmp_path / "train2014" / "a.jpg"
+
+
+def test_vqa_malformed_files_name_file_entry_and_field(tmp_path):
+    path = _official_vqa(tmp_path)
+    data = json.loads(path.read_text())
+    data["questions"][1]["image_id"] = "seven"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"questions\.json: question 1 \(question_id 701\): field 'image_id' must be int"):
+        vqa.load_vqa(path)
+    del data["questions"][1]["image_id"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"field 'image_id' must be int \(missing\)"):
+        vqa.load_vqa(path)
+    path = _official_vqa(tmp_path)
+    (tmp_path / "val2014" / "COCO_val2014_000000000007.jpg").unlink()
+    with pytest.raises(DataError, match=r"question_id 701: image file not found: .*COCO_val2014_000000000007.jpg"):
+        vqa.load_vqa(path)
+    ann = tmp_path / "v2_mscoco_val2014_annotations.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["answers"] = "red"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotations\.json: annotation 0 \(question_id 4201\): field 'answers'"):
+        vqa.load_vqa(path, check=False)
+
+
+# --- NLVR2 ---------------------------------------------------------------------------------------
+def test_nlvr2_pairs_from_identifiers(tmp_path):
+    for name in ("train-10171-0-img0.png", "train-10171-0-img1.png"):
+        _image(tmp_path / "train" / "21" / name)
+    for name in ("dev-5-2-img0.png", "dev-5-2-img1.png"):
+        _image(tmp_path / "dev" / name)
+    _jsonl(tmp_path / "train.json", [
+        {"identifier": "train-10171-0-0", "sentence": "One image has a dog.", "label": "True", "directory": "21"},
+        {"identifier": "train-10171-0-1", "sentence": "No dogs.", "label": "False", "directory": 21}])
+    _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "sentence": "s", "label": "False"}])
+    train = nlvr2.load_nlvr2(tmp_path / "train.json")
+    assert [e.label for e in train] == [1, 0]
+    assert train[0].images == [tmp_path / "train/21/train-10171-0-img0.png", tmp_path / "train/21/train-10171-0-img1.png"]
+    dev = nlvr2.load_nlvr2(tmp_path / "dev.json")
+    assert dev[0].images[1] == tmp_path / "dev" / "dev-5-2-img1.png" and dev[0].label == 0
+    # a flat image folder given as the image root also works
+    flat = nlvr2.load_nlvr2(tmp_path / "dev.json", image_root=str(tmp_path / "dev"))
+    assert flat[0].images[0] == tmp_path / "dev" / "dev-5-2-img0.png"
+
+
+def test_nlvr2_malformed(tmp_path):
+    _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "sentence": "s", "label": "maybe"}])
+    with pytest.raises(DataError, match=r"dev\.json: line 1 \(dev-5-2-3\): field 'label' must be \"True\" or \"False\""):
+        nlvr2.load_nlvr2(tmp_path / "dev.json", check=False)
+    _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "label": "True"}])
+    with pytest.raises(DataError, match=r"line 1 \(dev-5-2-3\): field 'sentence' must be str \(missing\)"):
+        nlvr2.load_nlvr2(tmp_path / "dev.json")
+    _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "sentence": "s", "label": "True"}])
+    with pytest.raises(DataError, match=r"dev\.json: dev-5-2-3: image file not found: .*dev-5-2-img0\.png"):
+        nlvr2.load_nlvr2(tmp_path / "dev.json")
+    (tmp_path / "bad.json").write_text('{"identifier": "x"\n')
+    with pytest.raises(DataError, match=r"bad\.json: line 1 is not valid JSON"):
+        nlvr2.load_nlvr2(tmp_path / "bad.json")
+
+
+# --- SNLI-VE --------------------------------------------------------------------------------------
+def test_snli_ve_labels_and_images(tmp_path):
+    _image(tmp_path / "flickr30k_images" / "1000092795.jpg")
+    rows = [{"Flickr30K_ID": "1000092795", "sentence2": h, "gold_label": g, "pairID": f"p{i}"}
+            for i, (h, g) in enumerate([("a", "entailment"), ("b", "neutral"), ("c", "contradiction"), ("d", "-")])]
+    _jsonl(tmp_path / "snli_ve_dev.jsonl", rows)
+    exs = ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
+    assert [e.label for e in exs] == [0, 1, 2]  # "-" (no majority) skipped
+    assert [ve.CLASSES[e.label] for e in exs] == ["entailment", "neutral", "contradiction"]
+    assert exs[0].images[0] == tmp_path / "flickr30k_images" / "1000092795.jpg" and exs[0].id == "p0"
+
+
+def test_snli_ve_malformed(tmp_path):
+    _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "maybe"}])
+    with pytest.raises(DataError, match=r"snli_ve_dev\.jsonl: line 1: field 'gold_label' must be one of"):
+        ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
+    _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": 3, "gold_label": "neutral"}])
+    with pytest.raises(DataError, match=r"line 1: field 'sentence2' must be str \(got int 3\)"):
+        ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
+    _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "neutral"}])
+    with pytest.raises(DataError, match=r"image file not found: .*1\.jpg"):
+        ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
