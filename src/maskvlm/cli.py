@@ -95,7 +95,8 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to (default: the JSON file's "
                                                       "folder, or the checkpoint's data.image_root with its data.test)")
     r.add_argument("--k", type=int, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
-    r.add_argument("--score", choices=("itm", "itm+itc"), default=None, help="re-ranking score; default eval.score")
+    r.add_argument("--score", choices=("itm", "itm+itc", "itc"), default=None,
+                   help="re-ranking score (itc: no re-ranking); default eval.score")
     r.add_argument("--batch-size", type=int, default=None, help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
     r.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
@@ -140,7 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_data(sub)
     sub.add_parser("recipes", help="list the available recipes")
+    _add_ablate(sub)
     return parser
+
+
+def _add_ablate(sub) -> None:
+    from .ablation import CONFIGS, Study
+    d = Study(out=Path("."))
+    p = sub.add_parser(
+        "ablate", help="pre-train every recipe and loss ablation on data fractions, then retrieval",
+        description="The ablation study on the synthetic scenes: each config is pre-trained on nested fractions "
+                    "of the training images with the same number of steps, for each seed, then evaluated "
+                    "zero-shot and after retrieval fine-tuning. Finished runs are kept in OUT/results.jsonl "
+                    "and skipped when the command is run again. The defaults take under an hour on 2 CPU cores.")
+    p.add_argument("--out", default="runs/ablation", help="folder for runs, results.jsonl, ablation.md/.png")
+    p.add_argument("--configs", nargs="+", default=d.configs, choices=list(CONFIGS), metavar="NAME",
+                   help=f"configs to run (default all: {', '.join(CONFIGS)})")
+    p.add_argument("--fractions", nargs="+", type=float, default=d.fractions, help="pre-training data fractions")
+    p.add_argument("--seeds", nargs="+", type=int, default=d.seeds, help="seeds (each a full set of runs)")
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="steps per pre-training run")
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="retrieval fine-tuning steps (0: none)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-train", type=int, default=d.num_train, help="synthetic training images (5 captions each)")
+    p.add_argument("--size", choices=("small", "recipe"), default="small",
+                   help="small: a 32 px model sized for CPUs (default); recipe: each recipe's own preset")
+    p.add_argument("--report", default=None, metavar="FILE.md",
+                   help="also write the tables into this markdown file (between ablation markers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
 
 def _pretrain(args) -> int:
@@ -250,6 +278,41 @@ def _recipes(args) -> int:
     return 0
 
 
+def _ablate(args) -> int:
+    import platform
+
+    from .ablation import SMALL, Study, report, run_study
+    from .train.logging import setup_logging
+
+    setup_logging()
+    out = Path(args.out)
+    study = Study(out=out, configs=args.configs, fractions=args.fractions, seeds=args.seeds,
+                  pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+                  size_overrides=list(SMALL) if args.size == "small" else [], extra_overrides=list(args.overrides),
+                  num_train=args.num_train)
+    rows = run_study(study, progress=not args.no_progress)
+    import torch
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    text = report(rows, out, command="maskvlm " + " ".join(sys.argv[1:]) if sys.argv else "", machine=machine)
+    (out / "ablation.md").write_text(text)
+    print(text)
+    if args.report:
+        write_between_markers(Path(args.report), text, "ablation")
+    return 0
+
+
+def write_between_markers(path: Path, text: str, name: str) -> None:
+    """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{start}\n{text}{end}"
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
 def main(argv=None) -> int:
     from .config import ConfigError
     from .data.formats import DataError
@@ -264,7 +327,8 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     setup_logging()
-    handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes}
+    handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes,
+                "ablate": _ablate}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

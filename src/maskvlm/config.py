@@ -41,6 +41,8 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "auto"  # "sdpa", "math", or "auto": SDPA except bf16 on CPU (see benchmarks/RESULTS.md)
+    arch: str = "two_stream"  # "two_stream" (ViT + BERT + cross-modality encoders) or "single_stream" (MLIM)
+    single_layers: int = 6  # single_stream: layers of the joint transformer (width text_width, text_heads)
 
 
 @dataclass
@@ -50,6 +52,12 @@ class MaskingConfig:
     image_ratio: float = 0.6
     image_block: int = 2  # block side in patches (2x2 patches of 16 px = 32x32 px at ViT-B/16)
     visible_only: bool = True  # masked image pass encodes only visible patches (MAE-style)
+    image_policy: str = "block"  # "block", "random" (uniform patches) or "text_guided" (needs a teacher)
+    guided_temp: float = 0.5  # text-guided: Gumbel top-k over relevance / temp (higher: closer to random)
+    modality_aware: bool = False  # per sample one of: heavy image / text intact, heavy text / image intact, light both
+    modality_probs: list = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])  # of those three modes
+    heavy_ratio: float = 0.8
+    light_ratio: float = 0.15
 
 
 @dataclass
@@ -59,6 +67,34 @@ class LossConfig:
     mlm: float = 1.0
     mim: float = 1.0
     norm_pix: bool = False  # per-patch normalised pixel targets for MIM
+    mrm: float = 0.0  # MAMO: fused latents of the masked pair regress the teacher's (unmasked pair)
+    mim_feat: float = 0.0  # MAMO: masked patches regress the teacher's image-encoder patch features (L1)
+    proto: float = 0.0  # SemMIM: swapped prototype prediction between two augmented views
+    proto_mim: float = 0.0  # SemMIM: masked patches predict the teacher's text-fused prototype assignments
+    recon: float = 0.0  # MLIM: sum of squared pixel errors of the deconvolution decoder's output
+    recon_region: str = "masked"  # "masked": only pixels of masked regions; "all": the whole image
+
+
+@dataclass
+class MomentumConfig:
+    """The EMA (momentum) teacher, created when a recipe's objectives need one."""
+    decay: float = 0.995  # teacher <- decay * teacher + (1 - decay) * student after every update
+    queue_size: int = 0  # ITC feature queue of teacher features (ALBEF: 65536); 0 = in-batch only
+    alpha: float = 0.0  # momentum distillation weight of the teacher's soft targets (ALBEF: 0.4)
+    alpha_warmup_steps: int = -1  # alpha ramps up linearly over these steps (-1: the first epoch)
+    distill_mlm: bool = True  # with alpha > 0, MLM also learns from the teacher's soft predictions
+
+
+@dataclass
+class PrototypeConfig:
+    """SemMIM's prototype space (see docs/recipes.md for the choices the paper leaves open)."""
+    num: int = 1024  # K learnable prototypes (unit vectors of model.embed_dim)
+    student_temp: float = 0.1
+    assign: str = "sinkhorn"  # teacher assignments: "sinkhorn" (equipartition) or "centering" (+ sharpening)
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    teacher_temp: float = 0.04  # "centering" only
+    center_momentum: float = 0.9  # "centering" only
 
 
 @dataclass
@@ -115,7 +151,7 @@ class EvalConfig:
     every_steps: int = 0  # evaluate on the val split every N steps (0: only at the end)
     k: int = 16  # ITM re-ranks the top-k of the ITC ranking
     k_auto: bool = True  # k=256 for files named *coco*, 128 for *flickr*/*f30k* (the usual protocol)
-    score: str = "itm"  # "itm" or "itm+itc"
+    score: str = "itm"  # "itm", "itm+itc", or "itc" (ITC ranking only, no re-ranking)
     batch_size: int = 128
 
 
@@ -130,6 +166,7 @@ class TaskConfig:
     head_lr_mult: float = 1.0  # lr multiplier of the newly initialised task head
     head_hidden: int = 0  # hidden width of the classifier head (0: twice the text width)
     num_answers: int = 3129  # VQA: the answer vocabulary is the top-N training answers
+    modality_dropout: float = 0.0  # single-stream models: drop one modality of a training pair with this probability
 
 
 @dataclass
@@ -139,19 +176,64 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+
+    def needs_teacher(self) -> bool:
+        """Whether the objectives use an EMA teacher (momentum encoders)."""
+        lo, mo = self.loss, self.momentum
+        return (mo.queue_size > 0 or mo.alpha > 0 or lo.mrm > 0 or lo.mim_feat > 0 or lo.proto > 0
+                or lo.proto_mim > 0 or self.masking.image_policy == "text_guided")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
         _check_choice("masking.mode", self.masking.mode, ("separate", "joint"))
+        _check_choice("masking.image_policy", self.masking.image_policy, ("block", "random", "text_guided"))
+        _check_choice("prototypes.assign", self.prototypes.assign, ("sinkhorn", "centering"))
+        _check_choice("model.arch", self.model.arch, ("two_stream", "single_stream"))
+        _check_choice("loss.recon_region", self.loss.recon_region, ("masked", "all"))
+        mk = self.masking
+        if mk.modality_aware:
+            probs = mk.modality_probs
+            if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+                raise ConfigError(f"masking.modality_probs={probs}: expected three probabilities summing to 1")
+            if mk.visible_only:
+                raise ConfigError("masking.modality_aware draws a different count per sample; "
+                                  "set masking.visible_only: false")
+            for key in ("heavy_ratio", "light_ratio"):
+                if not 0 <= getattr(mk, key) < 1:
+                    raise ConfigError(f"masking.{key}={getattr(mk, key)}: expected a ratio in [0, 1)")
+        if self.model.arch == "single_stream":
+            if self.model.vision_width != self.model.text_width:
+                raise ConfigError("model.arch=single_stream needs model.vision_width == model.text_width")
+            if mk.visible_only and self.loss.recon > 0:
+                raise ConfigError("model.arch=single_stream encodes masked regions as mask tokens; "
+                                  "set masking.visible_only: false")
+            unsupported = [k for k in ("mim", "mrm", "mim_feat", "proto", "proto_mim") if getattr(self.loss, k) > 0]
+            if unsupported:
+                raise ConfigError(f"model.arch=single_stream has no image cross-modality encoder or pixel head for "
+                                  f"loss.{', loss.'.join(unsupported)}; use recon for images")
+        elif self.loss.recon > 0:
+            raise ConfigError("loss.recon needs the deconvolution decoder of model.arch=single_stream")
+        if not 0 <= self.task.modality_dropout < 1:
+            raise ConfigError(f"task.modality_dropout={self.task.modality_dropout}: expected a value in [0, 1)")
+        if not 0.0 <= self.momentum.decay < 1.0:
+            raise ConfigError(f"momentum.decay={self.momentum.decay}: expected a value in [0, 1)")
+        if not 0.0 <= self.momentum.alpha <= 1.0:
+            raise ConfigError(f"momentum.alpha={self.momentum.alpha}: expected a value in [0, 1]")
+        if self.momentum.queue_size < 0 or self.prototypes.num < 2:
+            raise ConfigError("momentum.queue_size must be >= 0 and prototypes.num >= 2")
+        if self.masking.guided_temp <= 0:
+            raise ConfigError(f"masking.guided_temp={self.masking.guided_temp}: expected a positive value")
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
         _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
-        _check_choice("eval.score", self.eval.score, ("itm", "itm+itc"))
+        _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
         _check_choice("task.name", self.task.name, TASKS)
         if not 0 < self.task.layer_decay <= 1:
             raise ConfigError(f"task.layer_decay={self.task.layer_decay}: expected a value in (0, 1]")
@@ -174,7 +256,7 @@ class Config:
                 raise ConfigError(f"model.{width}={getattr(m, width)} is not divisible by model.{heads}={getattr(m, heads)}")
         if self.data.max_text_len > m.max_position:
             raise ConfigError(f"data.max_text_len={self.data.max_text_len} exceeds model.max_position={m.max_position}")
-        if sum(w > 0 for w in dataclasses.asdict(self.loss).values() if not isinstance(w, bool)) == 0:
+        if sum(w > 0 for w in dataclasses.asdict(self.loss).values() if isinstance(w, float)) == 0:
             raise ConfigError("loss: every objective weight is 0; nothing to train")
         lo, hi = self.data.crop_scale
         if not 0 < lo <= hi <= 1:

@@ -13,7 +13,7 @@ from typing import Optional
 
 from safetensors.torch import load_file
 
-from .config import Config, ConfigError, DataConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
+from .config import Config, ConfigError, DataConfig, LossConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
 from .data.formats import DataError, PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer
 from .data.transforms import ImageTransform
@@ -54,7 +54,10 @@ def build_finetune_config(task: str, init: Optional[str], config_file: Optional[
         cfg = Config()  # resuming: the checkpoint's own config replaces this one
     else:
         base = read_config(model_folder(init))
-        cfg = Config(recipe=base.recipe, preset=base.preset, model=base.model, masking=base.masking, loss=base.loss)
+        # Only the architecture carries over: the pre-training objectives, teacher and prototypes do not
+        # (the task recipe names its own objectives; the loss defaults here are ITC + ITM).
+        cfg = Config(recipe=base.recipe, preset=base.preset, model=base.model, masking=base.masking,
+                     loss=LossConfig(mlm=0.0, mim=0.0))
         cfg.data = DataConfig(mean=base.data.mean, std=base.data.std, max_text_len=base.data.max_text_len,
                               synthetic=base.data.synthetic)
         cfg.task.init = str(init)
@@ -110,6 +113,10 @@ def _load_start(config: Config, checkpoint: Optional[Path]):
     tokenizer = load_tokenizer(source / TOKENIZER_FILE)
     seed_everything(config.train.seed)
     model = build_model(config)
+    if hasattr(model, "modality_dropout"):  # single-stream models: drop one modality of a training pair
+        model.modality_dropout = config.task.modality_dropout
+    elif config.task.modality_dropout > 0:
+        raise ConfigError("task.modality_dropout needs a single-stream model (model.arch=single_stream)")
     if checkpoint is None:
         load_state(model, model_weights(source), str(source / MODEL_FILE))
         log.info("initialised from %s", source)

@@ -16,18 +16,19 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
     return scores.argsort(dim=1).argsort(dim=1)
 
 
-def bert_mask(input_ids: torch.Tensor, maskable: torch.Tensor, ratio: float, mask_id: int,
+def bert_mask(input_ids: torch.Tensor, maskable: torch.Tensor, ratio: float | torch.Tensor, mask_id: int,
               random_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking of ``round(ratio * #maskable)`` tokens per row (at least one where any is maskable).
+    """BERT masking of ``round(ratio * #maskable)`` tokens per row (at least one where any is maskable
+    and the row's ratio is above 0); ``ratio`` is one float or a (B,) tensor of per-row ratios.
 
     Of the chosen tokens 80% become ``mask_id``, 10% a random id from ``random_ids`` (ordinary
     vocabulary, no special tokens) and 10% stay. ``maskable`` (B, L) bool excludes special and
     padding tokens. Returns (masked ids, labels) with labels = IGNORE_INDEX where not chosen."""
     b, length = input_ids.shape
     n_maskable = maskable.sum(dim=1)
+    ratio = torch.as_tensor(ratio, dtype=torch.float32)  # a scalar, or (B,) one ratio per row
     n_mask = torch.round(n_maskable.float() * ratio).long()
-    if ratio > 0:
-        n_mask = torch.where(n_maskable > 0, n_mask.clamp(min=1), n_mask)
+    n_mask = torch.where((n_maskable > 0) & (ratio > 0), n_mask.clamp(min=1), n_mask)
     scores = torch.rand(b, length, generator=generator)
     scores = scores.masked_fill(~maskable, 2.0)  # unmaskable tokens sort last
     chosen = _ranks(scores) < n_mask[:, None]
@@ -76,3 +77,41 @@ def mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("mask rows have different counts; visible-only encoding needs equal counts per sample")
     b = mask.shape[0]
     return mask.nonzero(as_tuple=False)[:, 1].view(b, -1)
+
+
+def text_guided_mask(relevance: torch.Tensor, ratio: float, temp: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask ``round(ratio * N)`` patches per row, preferring those most related to the caption.
+
+    ``relevance`` (B, N) scores each patch against its caption (e.g. the cosine of teacher patch
+    and text features). Patches are drawn without replacement with probability proportional to
+    ``softmax(relevance / temp)`` (Gumbel top-k), so the most related patches are masked most
+    often but every patch can be chosen; a large ``temp`` approaches uniform random masking."""
+    b, n = relevance.shape
+    target = int(round(ratio * n))
+    uniform = torch.rand(b, n, generator=generator, device=relevance.device if generator is None else "cpu")
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-9, 1 - 1e-9))).to(relevance.device)
+    key = relevance.float() / temp + gumbel
+    return _ranks(-key) < target
+
+
+# Modes of modality-aware masking (MLIM), one drawn per sample.
+IMAGE_HEAVY, TEXT_HEAVY, LIGHT_BOTH = 0, 1, 2
+
+
+def modality_aware_ratios(batch_size: int, probs, heavy: float, light: float,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw a mode per sample with probabilities ``probs``: IMAGE_HEAVY masks ``heavy`` of the image
+    and leaves the text intact, TEXT_HEAVY the reverse, LIGHT_BOTH masks ``light`` of each.
+    Returns (modes, text ratios, image ratios), each (B,)."""
+    modes = torch.multinomial(torch.tensor(probs, dtype=torch.float), batch_size, replacement=True,
+                              generator=generator)
+    text_of_mode = torch.tensor([0.0, heavy, light])
+    image_of_mode = torch.tensor([heavy, 0.0, light])
+    return modes, text_of_mode[modes], image_of_mode[modes]
+
+
+def random_patch_mask(ratios: torch.Tensor, num_patches: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) bool: ``round(ratios[i] * N)`` uniformly random patches of row i are True."""
+    counts = torch.round(ratios.float() * num_patches).long()
+    return _ranks(torch.rand(len(ratios), num_patches, generator=generator)) < counts[:, None]

@@ -15,7 +15,7 @@ from .data.tokenizer import load_tokenizer, train_wordpiece
 from .data.transforms import ImageTransform
 from .models.io import TOKENIZER_FILE, read_config
 from .models.model import build_model
-from .tasks.pretrain import PretrainTask, make_retrieval_eval, prepare_data_paths
+from .tasks.pretrain import PretrainTask, make_retrieval_eval, needs_image_mask, needs_text_mask, prepare_data_paths
 from .tasks.retrieval import format_table
 from .train.checkpoint import list_checkpoints, resolve_resume
 from .train.distributed import is_main
@@ -64,13 +64,18 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
     return output_dir, checkpoint, config
 
 
+def modality_aware(config: Config):
+    mk = config.masking
+    return (mk.modality_probs, mk.heavy_ratio, mk.light_ratio) if mk.modality_aware else None
+
+
 def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
     prepare_data_paths(config, progress=config.train.progress)
 
 
     d, m = config.data, config.model
     transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
-    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed)
+    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed, two_views=config.loss.proto > 0)
 
     if checkpoint is not None:
         tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)
@@ -84,17 +89,22 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
 
     seed_everything(config.train.seed)
     model = build_model(config)
-    task = PretrainTask(model, config)
+    steps_per_epoch = len(dataset) // (config.train.batch_size * config.train.grad_accum)
+    task = PretrainTask(model, config, steps_per_epoch)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("recipe %s, preset %s: %.1fM parameters, objectives %s", config.recipe, config.preset, n_params / 1e6,
              ", ".join(f"{k}x{v:g}" for k, v in task.weights.items()))
 
     grid = (m.image_size // m.patch_size,) * 2
     collator = PretrainCollator(tokenizer, d.max_text_len,
-                                text_ratio=config.masking.text_ratio if config.loss.mlm > 0 else 0.0,
-                                image_ratio=config.masking.image_ratio if config.loss.mim > 0 else 0.0,
-                                grid=grid, image_block=config.masking.image_block)
-    evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val else None
+                                text_ratio=config.masking.text_ratio if needs_text_mask(config) else 0.0,
+                                image_ratio=config.masking.image_ratio if needs_image_mask(config) else 0.0,
+                                grid=grid, image_block=1 if config.masking.image_policy == "random"
+                                else config.masking.image_block, modality_aware=modality_aware(config))
+    aligned = config.loss.itc > 0 or config.loss.itm > 0  # retrieval needs a trained ITC or ITM head
+    if not aligned:
+        log.info("no ITC/ITM objective in this recipe: zero-shot retrieval is skipped (fine-tune retrieval instead)")
+    evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val and aligned else None
     trainer = Trainer(task, config, dataset, collator, output_dir, tokenizer, evaluate)
     if checkpoint is not None:
         trainer.resume(checkpoint)
@@ -105,7 +115,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     result = {"train": train_metrics, "train_seconds": time.perf_counter() - start, "step": trainer.step,
               "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
-    if evaluate_test and d.test and is_main() and not trainer.interrupted:
+    if evaluate_test and d.test and aligned and is_main() and not trainer.interrupted:
         test = make_retrieval_eval(model, tokenizer, config, d.test, progress=config.train.progress)()
         result["test"] = test
         print(format_table(test, f"zero-shot retrieval on {d.test}"))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..masking import bert_mask, block_mask, maskable_tokens
+from ..masking import bert_mask, block_mask, maskable_tokens, modality_aware_ratios, random_patch_mask
 from .tokenizer import TextTokenizer
 from .transforms import ImageTransform, swap_left_right
 
@@ -133,7 +133,8 @@ class PairDataset(Dataset):
     (or a plain index), so augmentation depends only on the seed, epoch and index."""
 
     def __init__(self, annotation_path: str | Path, image_root: Optional[str], transform: ImageTransform,
-                 seed: int = 0, swap_on_flip: bool = True):
+                 seed: int = 0, swap_on_flip: bool = True, two_views: bool = False):
+        self.two_views = two_views  # also return a second, independently augmented view as "image2"
         self.annotation_path = Path(annotation_path)
         self.entries = load_annotations(annotation_path)
         self.root = resolve_image_root(annotation_path, image_root)
@@ -157,13 +158,17 @@ class PairDataset(Dataset):
         entry = self.entries[index]
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
-        image, flipped = self.transform(open_image(self.root / entry["image"]), gen)
+        pil = open_image(self.root / entry["image"])
+        image, flipped = self.transform(pil, gen)
         caption = entry["caption"]
         if isinstance(caption, list):
             caption = caption[int(torch.randint(len(caption), (), generator=gen))]
         if flipped and self.swap_on_flip:
             caption = swap_left_right(caption)
-        return dict(image=image, caption=caption, image_id=self.image_ids[index], index=index, seed=seed)
+        sample = dict(image=image, caption=caption, image_id=self.image_ids[index], index=index, seed=seed)
+        if self.two_views:
+            sample["image2"] = self.transform(pil, gen)[0]
+        return sample
 
 
 class EpochSampler(Sampler):
@@ -199,6 +204,8 @@ class Batch:
     mlm_input_ids: Optional[torch.Tensor] = None  # (B, L) after BERT masking
     mlm_labels: Optional[torch.Tensor] = None  # (B, L), -100 where not masked
     image_mask: Optional[torch.Tensor] = None  # (B, N) bool, True = masked patch
+    images2: Optional[torch.Tensor] = None  # (B, 3, H, W) a second augmented view (two-view objectives)
+    mask_modes: Optional[torch.Tensor] = None  # (B,) modality-aware masking mode of each sample
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: (fn(v) if isinstance(v, torch.Tensor) else v)
@@ -237,7 +244,8 @@ class PretrainCollator:
     """Stacks images, tokenises captions, and draws the text and image masks for the batch."""
 
     def __init__(self, tokenizer: TextTokenizer, max_len: int, text_ratio: float = 0.0, image_ratio: float = 0.0,
-                 grid: Sequence[int] = (0, 0), image_block: int = 2):
+                 grid: Sequence[int] = (0, 0), image_block: int = 2, modality_aware: Optional[tuple] = None):
+        self.modality_aware = modality_aware  # (mode probabilities, heavy ratio, light ratio) or None
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.text_ratio = text_ratio
@@ -251,13 +259,26 @@ class PretrainCollator:
         ids, attn = self.tokenizer([s["caption"] for s in samples], self.max_len)
         batch = Batch(images=images, input_ids=ids, attention_mask=attn,
                       image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long))
+        if "image2" in samples[0]:
+            batch.images2 = torch.stack([s["image2"] for s in samples])
         gen = torch.Generator().manual_seed(sample_seed(*[s["seed"] for s in samples]))
+        if self.modality_aware is not None:
+            return self._modality_aware(batch, gen)
         if self.text_ratio > 0:
             maskable = maskable_tokens(ids, attn, self.tokenizer.special_ids)
             batch.mlm_input_ids, batch.mlm_labels = bert_mask(ids, maskable, self.text_ratio, self.tokenizer.mask_id,
                                                               self.random_ids, gen)
         if self.image_ratio > 0:
             batch.image_mask = block_mask(len(samples), self.grid, self.image_ratio, self.image_block, gen)
+        return batch
+
+    def _modality_aware(self, batch: Batch, gen: torch.Generator) -> Batch:
+        probs, heavy, light = self.modality_aware
+        batch.mask_modes, text_ratios, image_ratios = modality_aware_ratios(len(batch), probs, heavy, light, gen)
+        maskable = maskable_tokens(batch.input_ids, batch.attention_mask, self.tokenizer.special_ids)
+        batch.mlm_input_ids, batch.mlm_labels = bert_mask(batch.input_ids, maskable, text_ratios,
+                                                          self.tokenizer.mask_id, self.random_ids, gen)
+        batch.image_mask = random_patch_mask(image_ratios, self.grid[0] * self.grid[1], gen)
         return batch
 
 

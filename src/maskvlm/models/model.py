@@ -74,9 +74,13 @@ class MaskVLM(nn.Module):
         return self.itc_head.text_features(text.hidden[:, 0])
 
     # --- fusion -----------------------------------------------------------------------------
+    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
+        """Encoded text tokens (B, L, D_text) attending to encoded image tokens -> (B, L, D_text)."""
+        return self.text_cross_encoder(text_hidden, text_mask, image_hidden)
+
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:
         """Text tokens attending to image tokens -> (B, L, D_text)."""
-        return self.text_cross_encoder(text.hidden, text.attention_mask, image_hidden)
+        return self.fuse(text.hidden, text.attention_mask, image_hidden)
 
     def fuse_image(self, image: VisionOutput, text: TextOutput) -> torch.Tensor:
         """Image tokens (mask tokens where patches are missing) attending to text -> (B, 1 + N, D_image)."""
@@ -101,7 +105,11 @@ class MaskVLM(nn.Module):
         return model
 
 
-def build_model(config: Config) -> MaskVLM:
+def build_model(config: Config):
+    """The model named by ``model.arch``: the two-stream MaskVLM or the single-stream MLIM model."""
+    if config.model.arch == "single_stream":
+        from .single_stream import SingleStreamVLM
+        return SingleStreamVLM(config.model)
     return MaskVLM(config.model, encoder_mask_token=not config.masking.visible_only)
 
 

@@ -4,6 +4,7 @@ encodings several objectives use (unmasked image/text, ITC features, masked pass
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -25,9 +26,12 @@ class ObjectiveOutput:
 class StepState:
     """Encodings of one batch, each computed at most once and shared by the objectives."""
 
-    def __init__(self, model: MaskVLM, batch: Batch, visible_only: bool = True, joint: bool = False):
+    def __init__(self, model: MaskVLM, batch: Batch, visible_only: bool = True, joint: bool = False,
+                 teacher: Optional[MaskVLM] = None, alpha: float = 0.0):
         self.model, self.batch = model, batch
         self.visible_only, self.joint = visible_only, joint
+        self.teacher = teacher  # EMA copy of the model (recipes with momentum encoders), run without gradients
+        self.alpha = alpha  # momentum distillation weight at this step
         self._cache: dict[str, object] = {}
 
     def _get(self, key, fn):
@@ -76,6 +80,63 @@ class StepState:
                 raise ValueError("this objective needs masked text: the collator drew none (masking.text_ratio=0?)")
             return self.model.encode_text(self.batch.mlm_input_ids, self.batch.attention_mask)
         return self._get("masked_text", encode)
+
+    @property
+    def fused_masked_text(self) -> torch.Tensor:
+        """The masked caption fused with the image context (B, L, D_text)."""
+        if self._single_pass:
+            return self._joint_masked[0]
+        return self._get("fused_masked_text", lambda: self.model.fuse_text(self.masked_text, self.image_context))
+
+    @property
+    def fused_masked_image(self) -> torch.Tensor:
+        """The masked image fused with the text context (B, 1 + N, D_image), mask tokens at masked patches."""
+        if self._single_pass:
+            return self._joint_masked[1]
+        return self._get("fused_masked_image", lambda: self.model.fuse_image(self.masked_image, self.text_context))
+
+    @property
+    def _single_pass(self) -> bool:
+        """A single-stream model in joint mode fuses both masked modalities in one pass."""
+        return self.joint and hasattr(self.model, "joint")
+
+    @property
+    def _joint_masked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.masked_text
+        return self._get("joint_masked", lambda: self.model.joint(text.hidden, text.attention_mask,
+                                                                  self.masked_image.hidden))
+
+    # --- the EMA teacher (no gradients) ------------------------------------------------------
+    def _teacher(self, key: str, fn):
+        if self.teacher is None:
+            raise ValueError("this objective needs the EMA teacher, but the task has none")
+
+        def run():
+            with torch.no_grad():
+                return fn(self.teacher)
+        return self._get(f"teacher_{key}", run)
+
+    @property
+    def teacher_image(self) -> VisionOutput:
+        return self._teacher("image", lambda t: t.encode_image(self.batch.images))
+
+    @property
+    def teacher_text(self) -> TextOutput:
+        return self._teacher("text", lambda t: t.encode_text(self.batch.input_ids, self.batch.attention_mask))
+
+    @property
+    def teacher_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (image, text) ITC features of the unmasked pair."""
+        return self._teacher("features", lambda t: (t.image_features(self.teacher_image),
+                                                    t.text_features(self.teacher_text)))
+
+    @property
+    def teacher_fused_text(self) -> torch.Tensor:
+        return self._teacher("fused_text", lambda t: t.fuse_text(self.teacher_text, self.teacher_image.hidden))
+
+    @property
+    def teacher_fused_image(self) -> torch.Tensor:
+        return self._teacher("fused_image", lambda t: t.fuse_image(self.teacher_image, self.teacher_text))
 
     @property
     def image_context(self) -> torch.Tensor:

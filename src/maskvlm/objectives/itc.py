@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.distributed import all_gather_no_grad
 from .base import ObjectiveOutput, StepState
 
 
@@ -35,3 +36,48 @@ class ITC(nn.Module):
         loss, acc = itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,
                              all_img, all_txt, all_ids)
         return ObjectiveOutput(loss, {"itc_acc": acc, "temp": temp.detach()})
+
+
+def soft_targets(positives: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """Ground-truth distribution over candidates (uniform over positives), mixed with the teacher's
+    softmax with weight ``alpha`` (momentum distillation)."""
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    if teacher_logits is not None and alpha > 0:
+        targets = alpha * F.softmax(teacher_logits, dim=1) + (1 - alpha) * targets
+    return targets
+
+
+class MomentumITC(nn.Module):
+    """ITC against the EMA teacher's features: the candidates are the teacher features of the
+    global batch plus a queue of earlier teacher features, and the targets are distilled from
+    the teacher's own similarities with weight ``alpha`` (ALBEF)."""
+
+    def __init__(self, queue_size: int, dim: int):
+        super().__init__()
+        from .queue import FeatureQueue
+        self.queue = FeatureQueue(queue_size, dim) if queue_size > 0 else None
+
+    def forward(self, state: StepState) -> ObjectiveOutput:
+        temp = state.model.itc_head.temperature()
+        image_feat, text_feat, ids = state.image_features, state.text_features, state.batch.image_ids
+        with torch.no_grad():
+            t_image, t_text = state.teacher_features
+            all_image, all_text, all_ids = (all_gather_no_grad(t_image), all_gather_no_grad(t_text),
+                                            all_gather_no_grad(ids))
+            n_batch = all_image.shape[0]
+            if self.queue is not None:
+                q_image, q_text, q_ids = self.queue.contents()
+                all_image, all_text = torch.cat([all_image, q_image]), torch.cat([all_text, q_text])
+                all_ids = torch.cat([all_ids, q_ids])
+            positives = (ids[:, None] == all_ids[None, :]).float()
+            targets_i2t = soft_targets(positives, t_image @ all_text.t() / temp, state.alpha)
+            targets_t2i = soft_targets(positives, t_text @ all_image.t() / temp, state.alpha)
+        logits_i2t = image_feat @ all_text.t() / temp
+        logits_t2i = text_feat @ all_image.t() / temp
+        loss_i2t = -(F.log_softmax(logits_i2t, dim=1) * targets_i2t).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(logits_t2i, dim=1) * targets_t2i).sum(dim=1).mean()
+        hit = positives.gather(1, logits_i2t.argmax(dim=1, keepdim=True)).mean().detach()
+        if self.queue is not None and state.model.training:
+            self.queue.enqueue(all_image[:n_batch], all_text[:n_batch], all_ids[:n_batch])
+        return ObjectiveOutput((loss_i2t + loss_t2i) / 2, {"itc_acc": hit, "temp": temp.detach(),
+                                                          "alpha": torch.tensor(state.alpha)})

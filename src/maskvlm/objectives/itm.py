@@ -37,7 +37,7 @@ class ITM(nn.Module):
         text_hidden = torch.cat([text.hidden, text.hidden, text.hidden[neg_text]])
         text_mask = torch.cat([text.attention_mask, text.attention_mask, text.attention_mask[neg_text]])
         image_hidden = torch.cat([image.hidden, image.hidden[neg_image], image.hidden])
-        fused = model.text_cross_encoder(text_hidden, text_mask, image_hidden)
+        fused = model.fuse(text_hidden, text_mask, image_hidden)
         logits = model.itm_logits(fused).float()
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
         labels[:b] = 1

@@ -29,7 +29,7 @@ class MIM(nn.Module):
     def forward(self, state: StepState) -> ObjectiveOutput:
         model, batch = state.model, state.batch
         mask = batch.image_mask
-        fused = model.fuse_image(state.masked_image, state.text_context)
+        fused = state.fused_masked_image
         pred = model.pixel_head(fused[:, 1:][mask]).float()  # only masked patches are decoded
         target = pixel_targets(batch.images, model.config.patch_size, self.norm_pix)[mask]
         return ObjectiveOutput(F.l1_loss(pred, target))

@@ -108,7 +108,7 @@ class FusedClassifier(nn.Module):
             image = self.model.encode_image(images.flatten(0, 1))
             hidden = text.hidden.repeat_interleave(n, dim=0)
             mask = text.attention_mask.repeat_interleave(n, dim=0)
-            fused = self.model.text_cross_encoder(hidden, mask, image.hidden)[:, 0].reshape(b, -1)
+            fused = self.model.fuse(hidden, mask, image.hidden)[:, 0].reshape(b, -1)
         else:
             image = self.model.encode_image(images)
             fused = self.model.fuse_text(text, image.hidden)[:, 0]

@@ -4,31 +4,96 @@ objective whose weight is non-zero on a batch and returns the weighted loss and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
 from ..data.formats import Batch
 from ..models.model import MaskVLM
 from ..objectives import ITC, ITM, MIM, MLM, StepState
+from ..objectives.itc import MomentumITC
+from ..objectives.latent import MRM, FeatureMIM
+from ..objectives.recon import RECON
+from ..objectives.prototypes import PrototypeSpace, ProtoAgreement, ProtoMIM
+from ..masking import text_guided_mask
+from ..train.ema import EMATeacher
 
 
 def build_objectives(config: Config) -> dict[str, nn.Module]:
-    loss = config.loss
-    available = {"itc": ITC, "itm": ITM, "mlm": MLM, "mim": lambda: MIM(norm_pix=loss.norm_pix)}
-    return {name: make() for name, make in available.items() if getattr(loss, name) > 0}
+    loss, mo, m = config.loss, config.momentum, config.model
+    momentum_itc = mo.queue_size > 0 or mo.alpha > 0
+    available = {
+        "itc": lambda: MomentumITC(mo.queue_size, m.embed_dim) if momentum_itc else ITC(),
+        "itm": ITM,
+        "mlm": lambda: MLM(distill=mo.alpha > 0 and mo.distill_mlm),
+        "mim": lambda: MIM(norm_pix=loss.norm_pix),
+        "mrm": lambda: MRM(m.text_width, m.vision_width),
+        "mim_feat": lambda: FeatureMIM(m.vision_width),
+        "recon": lambda: RECON(config.data.mean, config.data.std, loss.recon_region),
+    }
+    objectives = {name: make() for name, make in available.items() if getattr(loss, name) > 0}
+    if loss.proto > 0 or loss.proto_mim > 0:
+        pc = config.prototypes
+        space = PrototypeSpace(pc.num, m.embed_dim, pc.assign, pc.sinkhorn_eps, pc.sinkhorn_iters, pc.teacher_temp,
+                               pc.center_momentum)  # one space shared by both objectives
+        if loss.proto > 0:
+            objectives["proto"] = ProtoAgreement(space, pc.student_temp)
+        if loss.proto_mim > 0:
+            objectives["proto_mim"] = ProtoMIM(space, pc.student_temp, m.vision_width, m.embed_dim)
+    return objectives
+
+
+@torch.no_grad()
+def patch_text_relevance(state: StepState) -> torch.Tensor:
+    """(B, N) cosine between the teacher's patch features (in the ITC space) and its caption feature."""
+    teacher = state.teacher
+    patches = F.normalize(teacher.itc_head.vision_proj(state.teacher_image.hidden[:, 1:]).float(), dim=-1)
+    return torch.einsum("bnd,bd->bn", patches, state.teacher_features[1])
+
+
+def needs_text_mask(config: Config) -> bool:
+    return config.loss.mlm > 0 or config.loss.mrm > 0
+
+
+def needs_image_mask(config: Config) -> bool:
+    lo = config.loss
+    recon_masked = lo.recon > 0 and lo.recon_region == "masked"
+    return lo.mim > 0 or lo.mim_feat > 0 or lo.mrm > 0 or lo.proto_mim > 0 or recon_masked
 
 
 class PretrainTask(nn.Module):
-    def __init__(self, model: MaskVLM, config: Config):
+    """The model, its EMA teacher when the recipe needs one, and the recipe's objectives.
+    ``steps_per_epoch`` sets the default ramp of the momentum-distillation weight."""
+
+    def __init__(self, model: MaskVLM, config: Config, steps_per_epoch: int = 0):
         super().__init__()
         self.model = model
+        mo = config.momentum
+        self.teacher = EMATeacher(model, mo.decay) if config.needs_teacher() else None
         self.objectives = nn.ModuleDict(build_objectives(config))
         self.weights = {name: float(getattr(config.loss, name)) for name in self.objectives}
         self.visible_only = config.masking.visible_only
         self.joint = config.masking.mode == "joint"
+        self.text_guided = config.masking.image_policy == "text_guided"
+        self.guided_temp = config.masking.guided_temp
+        self.max_alpha = mo.alpha
+        self.alpha_warmup = steps_per_epoch if mo.alpha_warmup_steps < 0 else mo.alpha_warmup_steps
+        # optimizer updates done: saved (only where the ramp needs it) so a resume continues the ramp exactly
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long), persistent=self.max_alpha > 0)
+
+    def alpha(self) -> float:
+        """Momentum-distillation weight: ramps linearly from 0 to ``momentum.alpha`` over the warm-up."""
+        if self.max_alpha == 0 or self.alpha_warmup <= 0:
+            return self.max_alpha
+        return self.max_alpha * min(1.0, (int(self.updates) + 1) / self.alpha_warmup)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        state = StepState(self.model, batch, self.visible_only, self.joint)
+        teacher = self.teacher.model if self.teacher is not None else None
+        state = StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha())
+        if self.text_guided and batch.image_mask is not None:
+            # same number of masked patches as the collator drew, now chosen by relevance to the caption
+            ratio = float(batch.image_mask[0].float().mean())
+            batch.image_mask = text_guided_mask(patch_text_relevance(state), ratio, self.guided_temp)
         total = torch.zeros((), device=batch.images.device)
         metrics: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
@@ -38,6 +103,13 @@ class PretrainTask(nn.Module):
             metrics.update(out.metrics)
         metrics["loss"] = total.detach()
         return total, metrics
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Called by the trainer after every optimizer update: moves the EMA teacher."""
+        self.updates += 1
+        if self.teacher is not None:
+            self.teacher.update(self.model)
 
 
 def prepare_data_paths(config: Config, progress: bool = True) -> None:

@@ -60,7 +60,7 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
     with autocast(device, precision):
         for start in range(0, len(image_idx), batch_size):
             ii, tt = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
-            fused = model.text_cross_encoder(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][ii])
+            fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][ii])
             scores.append(model.itm_logits(fused)[:, 1].float())
     return torch.cat(scores) if scores else torch.zeros(0)
 
@@ -111,7 +111,9 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
                        device: Optional[torch.device] = None, precision: str = "fp32",
                        progress: bool = False, num_workers: int = 0) -> dict[str, float]:
     """Zero-shot (or fine-tuned) retrieval metrics: ``itc_*`` from ITC ranking alone, and the
-    main figures after ITM re-ranking of the top-``k`` (``k=0``: ITC only)."""
+    main figures after ITM re-ranking of the top-``k`` (``k=0`` or ``score="itc"``: ITC only)."""
+    if score == "itc":
+        k = 0
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -180,6 +180,9 @@ class Trainer:
                         finite = math.isfinite(grad_norm)
                 if finite:
                     self.optimizer.step()
+                    after_step = getattr(self.task, "after_step", None)
+                    if after_step is not None:  # e.g. EMA teacher update
+                        after_step()
                 else:
                     self.skipped_nonfinite += 1
                     log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)", self.step,
