@@ -50,8 +50,8 @@ class Study:
     configs: list[str] = field(default_factory=lambda: list(CONFIGS))
     fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    pretrain_steps: int = 120
-    finetune_steps: int = 60
+    pretrain_steps: int = 400
+    finetune_steps: int = 150
     batch_size: int = 32
     size_overrides: list[str] = field(default_factory=lambda: list(SMALL))
     extra_overrides: list[str] = field(default_factory=list)
@@ -101,6 +101,11 @@ def run_study(study: Study, progress: bool = False) -> list[dict]:
     study.out.mkdir(parents=True, exist_ok=True)
     results_file = study.out / "results.jsonl"
     done = _done(results_file)
+    other = [k for k, r in done.items() if (r["pretrain_steps"], r["finetune_steps"]) !=
+             (study.pretrain_steps, study.finetune_steps)]
+    if other:
+        raise ValueError(f"{results_file} holds runs with other step counts (e.g. {other[0]}); "
+                         "choose another --out or the same --pretrain-steps / --finetune-steps")
     base = build_config("maskvlm", overrides=study.size_overrides + study.extra_overrides)
     s = base.data.synthetic
     root = ensure_synthetic(s.dir, study.num_train, s.num_val, s.num_test, s.image_size, s.seed, progress=progress)
@@ -172,8 +177,17 @@ def markdown_table(rows: list[dict], metric: str, title: str) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], metric: str, path: Path, title: str) -> Optional[Path]:
-    """R@1 against the data fraction, one line per config (needs matplotlib; None without it)."""
+METRICS = (  # (results key, title)
+    ("zero_shot_r1", "Zero-shot retrieval, ITM re-ranking of the ITC top-k (ITC ranking for itc)"),
+    ("zero_shot_itc_r1", "Zero-shot retrieval, ITC ranking"),
+    ("finetuned_r1", "Fine-tuned retrieval, ITM re-ranking of the ITC top-k"),
+    ("finetuned_itc_r1", "Fine-tuned retrieval, ITC ranking"),
+)
+
+
+def plot(rows: list[dict], path: Path) -> Optional[Path]:
+    """Fine-tuned R@1 (re-ranked, and ITC ranking) against the data fraction, one line per config
+    (needs matplotlib; None without it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -181,37 +195,40 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> Optional[Path
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    configs, fractions, table = summarise(rows, metric)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in configs:
-        xs = [f for f in fractions if table[c][f]]
-        if not xs:
-            continue
-        means = [statistics.mean(table[c][f]) for f in xs]
-        errs = [statistics.stdev(table[c][f]) if len(table[c][f]) > 1 else 0.0 for f in xs]
-        ax.errorbar([100 * x for x in xs], means, yerr=errs, marker="o", capsize=3, label=c)
-    ax.set_xscale("log")
-    ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
-    ax.set_xlabel("pre-training data (fraction of the synthetic training images)")
-    ax.set_ylabel("mean R@1 (TR, IR)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (metric, title) in zip(axes, METRICS[2:]):
+        configs, fractions, table = summarise(rows, metric)
+        for c in configs:
+            xs = [f for f in fractions if table[c][f]]
+            if not xs:
+                continue
+            means = [statistics.mean(table[c][f]) for f in xs]
+            errs = [statistics.stdev(table[c][f]) if len(table[c][f]) > 1 else 0.0 for f in xs]
+            ax.errorbar([100 * x for x in xs], means, yerr=errs, marker="o", capsize=3, label=c)
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+        ax.set_xlabel("pre-training data (fraction of the synthetic training images)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean R@1 (TR, IR), test split")
+    axes[1].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 def report(rows: list[dict], out: Path, command: str = "", machine: str = "") -> str:
-    """Markdown with both tables and the plot written next to it (``out/ablation.png``)."""
-    zs = markdown_table(rows, "zero_shot_r1", "Zero-shot retrieval")
-    ft = markdown_table(rows, "finetuned_r1", "Fine-tuned retrieval")
-    png = plot(rows, "finetuned_r1", out / "ablation.png", "Fine-tuned retrieval R@1 vs pre-training data")
+    """Markdown with the four tables and the plot written next to it (``out/ablation.png``)."""
+    png = plot(rows, out / "ablation.png")
     total = sum(r.get("seconds", 0) for r in rows)
+    steps = sorted({(r["pretrain_steps"], r["finetune_steps"]) for r in rows})
     parts = [f"Command: `{command}`" if command else "", f"Machine: {machine}" if machine else "",
-             f"{len(rows)} runs, {total / 60:.0f} min in all.", zs, ft]
+             f"{len(rows)} runs, {total / 60:.0f} min of run time in all; (pre-training, fine-tuning) steps per "
+             f"run: {', '.join(map(str, steps))}. n/a: the config trains no ITC/ITM head, so it has no "
+             "zero-shot retrieval."]
+    parts += [markdown_table(rows, metric, title) for metric, title in METRICS]
     if png:
         parts.append(f"![fine-tuned R@1 vs data fraction]({png.name})")
     return "\n\n".join(p for p in parts if p) + "\n"

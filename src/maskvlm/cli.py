@@ -166,7 +166,8 @@ def _add_ablate(sub) -> None:
     p.add_argument("--size", choices=("small", "recipe"), default="small",
                    help="small: a 32 px model sized for CPUs (default); recipe: each recipe's own preset")
     p.add_argument("--report", default=None, metavar="FILE.md",
-                   help="also write the tables into this markdown file (between ablation markers)")
+                   help="also write the tables into this markdown file (between ablation markers) "
+                        "and copy the plot next to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
@@ -298,6 +299,10 @@ def _ablate(args) -> int:
     print(text)
     if args.report:
         write_between_markers(Path(args.report), text, "ablation")
+        png = out / "ablation.png"
+        if png.exists() and Path(args.report).parent.resolve() != out.resolve():
+            import shutil
+            shutil.copy(png, Path(args.report).parent / png.name)  # the markdown links it by name
     return 0
 
 
