@@ -44,6 +44,7 @@ class ModelConfig:
     arch: str = "two_stream"  # "two_stream" (ViT + BERT + cross-modality encoders) or "single_stream" (MLIM)
     single_layers: int = 6  # single_stream: layers of the joint transformer (width text_width, text_heads)
     text_init: Optional[str] = None  # a local Hugging Face BERT/RoBERTa folder: text weights + tokenizer
+    image_init: Optional[str] = None  # ViT/DeiT weights: a Hugging Face folder or a timm state-dict file
 
 
 @dataclass
@@ -408,6 +409,9 @@ def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_f
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
     merge_into(cfg, parse_overrides(overrides or []))
+    if cfg.model.text_init or cfg.model.image_init:
+        from .models.init_sizes import apply_init_sizes
+        apply_init_sizes(cfg)
     cfg.validate()
     return cfg
 

@@ -64,26 +64,6 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
     return output_dir, checkpoint, config
 
 
-def apply_text_architecture(config: Config) -> None:
-    """Set the text sizes (width, heads, feed-forward, positions) from ``model.text_init``'s config.json."""
-    from .config import ConfigError
-    from .models.hf_text import read_hf_folder, text_architecture
-
-    m = config.model
-    arch = text_architecture(read_hf_folder(m.text_init)[0])
-    if m.text_layers + m.cross_layers > arch["_layers"]:
-        raise ConfigError(f"model.text_layers + model.cross_layers = {m.text_layers + m.cross_layers}, but "
-                          f"{m.text_init} has {arch['_layers']} layers")
-    changed = []
-    for key in ("text_width", "text_heads", "text_intermediate", "max_position", "type_vocab_size"):
-        if getattr(m, key) != arch[key]:
-            changed.append(f"model.{key}={arch[key]}")
-            setattr(m, key, arch[key])
-    if changed:
-        log.info("from %s/config.json: %s", m.text_init, ", ".join(changed))
-    config.validate()
-
-
 def modality_aware(config: Config):
     mk = config.masking
     return (mk.modality_probs, mk.heavy_ratio, mk.light_ratio) if mk.modality_aware else None
@@ -101,7 +81,6 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)
     elif m.text_init:
         tokenizer = load_tokenizer(m.text_init)  # the text weights come with their vocabulary
-        apply_text_architecture(config)
     elif d.tokenizer:
         tokenizer = load_tokenizer(d.tokenizer)
     else:
@@ -116,6 +95,10 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         from .models.hf_text import init_text_from_hf
         report = init_text_from_hf(model, m.text_init, m.text_layers, m.cross_layers)
         log.info("text initialisation from %s", report.summary())
+    if m.image_init and checkpoint is None:
+        from .models.hf_vision import init_vision
+        report = init_vision(model.visual_encoder, m.image_init, prefix="visual_encoder.")
+        log.info("image initialisation from %s", report.summary())
     steps_per_epoch = len(dataset) // (config.train.batch_size * config.train.grad_accum)
     task = PretrainTask(model, config, steps_per_epoch)
     n_params = sum(p.numel() for p in model.parameters())

@@ -33,13 +33,20 @@ class InitReport:
                 f"ignored {len(self.ignored)} [{short(self.ignored)}]")
 
 
+def read_hf_config(folder: str | Path) -> dict:
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+
+
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, state dict) of a Hugging Face model folder, without unpickling code."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    config = json.loads(config_path.read_text())
+    config = read_hf_config(folder)
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
