@@ -1,4 +1,4 @@
-"""Command-line interface: ``maskvlm pretrain | evaluate | data | recipes``."""
+"""Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | data | recipes | ablate``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     sub.add_parser("recipes", help="list the available recipes")
     _add_ablate(sub)
+    e = sub.add_parser("export", help="write a checkpoint's model as a standalone folder",
+                       description="Write config.yaml, model.safetensors (the model's weights only: no optimizer, "
+                                   "EMA teacher or queues) and tokenizer.json (and a fine-tuned task's head and "
+                                   "classes.json) into --out, loadable with VLM.from_pretrained / "
+                                   "MaskVLM.from_pretrained and usable as --checkpoint.")
+    e.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
+    e.add_argument("--out", required=True, help="folder to write (created; must not hold a model already)")
     return parser
 
 
@@ -279,6 +286,34 @@ def _recipes(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from .finetune import model_folder
+    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, model_weights, read_config
+    from .tasks.downstream import CLASSES_FILE
+
+    source = model_folder(args.checkpoint)
+    out = Path(args.out)
+    if (out / MODEL_FILE).exists():
+        raise FileExistsError(f"{out} already holds {MODEL_FILE}; choose another --out")
+    config = read_config(source)
+    if config.task.name in ("pretrain", "retrieval"):
+        weights = model_weights(source)  # the model only, prefix removed
+    else:  # a fine-tuned classifier: the model and its head, as evaluate expects
+        weights = load_file(str(source / MODEL_FILE))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / MODEL_FILE), metadata={"format": "pt"})
+    for name in (CONFIG_FILE, TOKENIZER_FILE, CLASSES_FILE):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+    size = (out / MODEL_FILE).stat().st_size / 2 ** 20
+    print(f"exported {source} -> {out} ({len(weights)} tensors, {size:.1f} MiB)")
+    return 0
+
+
 def _ablate(args) -> int:
     import platform
 
@@ -333,7 +368,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     setup_logging()
     handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes,
-                "ablate": _ablate}
+                "ablate": _ablate, "export": _export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -1,0 +1,174 @@
+"""Using a trained model: embeddings, similarity, matching scores, fill-in-the-blank and
+masked-image reconstruction, batched, without gradients, under autocast.
+
+    from maskvlm.inference import VLM
+    vlm = VLM.from_pretrained("runs/pre")                 # a run, checkpoint or exported folder
+    img = vlm.encode_images(["a.png", "b.png"])             # (2, E), unit length
+    txt = vlm.encode_texts(["a red circle", "a blue square"])
+    vlm.similarity(img, txt)                                # (2, 2) cosine similarities
+    vlm.itm_score(["a.png"], ["a red circle"])              # match probability of each pair
+    vlm.fill_mask("a.png", "a [MASK] circle left of a blue square")
+    vlm.reconstruct("a.png", "a red circle ...", mask_ratio=0.6)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+from PIL import Image
+
+from .data.formats import open_image
+from .data.transforms import ImageTransform
+from .masking import block_mask, mask_to_indices
+from .models.io import load_state, model_weights, read_config
+from .runtime import autocast, resolve_device
+
+ImageLike = Union[str, Path, Image.Image]
+
+
+class VLM:
+    def __init__(self, model, config, tokenizer, device: str | torch.device = "auto", precision: str = "auto"):
+        self.device = resolve_device(str(device))
+        self.model = model.to(self.device).eval()
+        self.config, self.tokenizer = config, tokenizer
+        # bf16 autocast where it is fast (CPUs with bf16 units, GPUs); "fp32" for exact numbers
+        self.precision = config.train.precision if precision == "auto" else precision
+        m, d = config.model, config.data
+        self.transform = ImageTransform(m.image_size, d.mean, d.std, train=False)
+        self.max_len = d.max_text_len
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "VLM":
+        """Load a run folder (its newest checkpoint), a checkpoint or an exported model folder."""
+        from .data.tokenizer import load_tokenizer
+        from .models.io import TOKENIZER_FILE
+        from .models.model import build_model
+
+        from .finetune import model_folder
+
+        folder = model_folder(path)
+        config = read_config(folder)
+        model = build_model(config)
+        load_state(model, model_weights(folder), str(folder / "model.safetensors"))
+        if not (folder / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no {TOKENIZER_FILE} next to the weights")
+        return cls(model, config, load_tokenizer(folder / TOKENIZER_FILE), device, precision)
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def _image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        out = []
+        for image in images:
+            pil = image if isinstance(image, Image.Image) else open_image(Path(image))
+            out.append(self.transform(pil)[0])
+        return torch.stack(out).to(self.device)
+
+    def _texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer(list(texts), self.max_len)
+        return ids.to(self.device), mask.to(self.device)
+
+    @staticmethod
+    def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+        for start in range(0, len(items), size):
+            yield items[start:start + size]
+
+    # --- embeddings -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised ITC image features, on the CPU in float32."""
+        feats = []
+        for chunk in self._batches(list(images), batch_size):
+            with autocast(self.device, self.precision):
+                feats.append(self.model.image_features(self.model.encode_image(self._image_tensor(chunk))).float())
+        return torch.cat(feats).cpu() if feats else torch.zeros(0, self.config.model.embed_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised ITC text features, on the CPU in float32."""
+        feats = []
+        for chunk in self._batches(list(texts), batch_size):
+            with autocast(self.device, self.precision):
+                feats.append(self.model.text_features(self.model.encode_text(*self._texts(chunk))).float())
+        return torch.cat(feats).cpu() if feats else torch.zeros(0, self.config.model.embed_dim)
+
+    @staticmethod
+    def similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (images x texts) of features from ``encode_images`` / ``encode_texts``."""
+        return image_features @ text_features.t()
+
+    @torch.no_grad()
+    def itm_score(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair."""
+        if len(images) != len(texts):
+            raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
+        scores = []
+        for start in range(0, len(images), batch_size):
+            with autocast(self.device, self.precision):
+                image = self.model.encode_image(self._image_tensor(images[start:start + batch_size]))
+                text = self.model.encode_text(*self._texts(texts[start:start + batch_size]))
+                logits = self.model.itm_logits(self.model.fuse_text(text, image.hidden)).float()
+            scores.append(logits.softmax(dim=-1)[:, 1])
+        return torch.cat(scores).cpu() if scores else torch.zeros(0)
+
+    # --- masked modelling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def fill_mask(self, image: ImageLike, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each ``[MASK]`` in ``text`` (in order), the ``top_k`` (token, probability) predictions
+        of the image-conditioned MLM head."""
+        ids, mask = self._texts([text])
+        positions = (ids[0] == self.tokenizer.mask_id).nonzero().flatten()
+        if len(positions) == 0:
+            mask_token = self.tokenizer.id_to_token(self.tokenizer.mask_id)
+            raise ValueError(f"fill_mask: the text has no {mask_token} token: {text!r}")
+        with autocast(self.device, self.precision):
+            encoded = self.model.encode_image(self._image_tensor([image]))
+            fused = self.model.fuse_text(self.model.encode_text(ids, mask), encoded.hidden)
+            probs = self.model.mlm_head(fused[0, positions]).float().softmax(dim=-1)
+        out = []
+        for row in probs:
+            p, idx = row.topk(top_k)
+            out.append([(self.tokenizer.id_to_token(int(i)), float(v)) for v, i in zip(p, idx)])
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, image: ImageLike, text: str, mask_ratio: float = 0.6, seed: int = 0
+                    ) -> tuple[Image.Image, Image.Image, Image.Image]:
+        """Mask ``mask_ratio`` of the image (2x2-patch blocks, seeded), let the text-conditioned MIM
+        decoder fill it in. Returns (input, masked input, reconstruction) as PIL images; the
+        reconstruction keeps the visible patches and shows predictions in the masked ones."""
+        from .models.vit import patchify, unpatchify
+
+        m = self.config.model
+        grid = (m.image_size // m.patch_size,) * 2
+        pixels = self._image_tensor([image])
+        mask = block_mask(1, grid, mask_ratio, self.config.masking.image_block,
+                          torch.Generator().manual_seed(seed)).to(self.device)
+        ids, attn = self._texts([text])
+        with autocast(self.device, self.precision):
+            text_out = self.model.encode_text(ids, attn)
+            if hasattr(self.model, "reconstruct"):  # single-stream: the deconvolution decoder, in [0, 1]
+                masked = self.model.encode_image(pixels, masked=mask)
+                recon01 = self.model.reconstruct(self.model.fuse_image(masked, text_out)).float()
+                recon = (recon01 - self.transform.mean.to(self.device)) / self.transform.std.to(self.device)
+            else:
+                if self.config.masking.visible_only:
+                    masked = self.model.encode_image(pixels, visible_idx=mask_to_indices(~mask))
+                else:
+                    masked = self.model.encode_image(pixels, masked=mask)
+                pred = self.model.pixel_head(self.model.fuse_image(masked, text_out)[:, 1:]).float()
+                if self.config.loss.norm_pix:  # targets were per-patch normalised: restore the visible scale
+                    target = patchify(pixels.float(), m.patch_size)
+                    mean, std = target.mean(-1, keepdim=True), target.std(-1, keepdim=True)
+                    pred = pred * std + mean
+                recon = unpatchify(pred, m.patch_size, grid)
+        pm = mask.view(1, 1, *grid).float()
+        pm = pm.repeat_interleave(m.patch_size, 2).repeat_interleave(m.patch_size, 3)
+        composed = pixels * (1 - pm) + recon * pm
+        grey = torch.zeros_like(pixels)  # masked regions shown in the dataset mean colour
+        masked_view = pixels * (1 - pm) + grey * pm
+
+        def to_pil(t: torch.Tensor) -> Image.Image:
+            arr = (self.transform.denormalize(t[0].float().cpu()) * 255).round().byte().permute(1, 2, 0).numpy()
+            return Image.fromarray(arr)
+        return to_pil(pixels), to_pil(masked_view), to_pil(composed)

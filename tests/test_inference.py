@@ -1,0 +1,83 @@
+"""The inference API on a micro model: embeddings, similarity, ITM, fill-mask, reconstruction."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maskvlm.inference import VLM
+
+
+@pytest.fixture
+def vlm(model, config, tokenizer):
+    return VLM(model, config, tokenizer, device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def pairs(synthetic_dir):
+    entries = json.loads((synthetic_dir / "test.json").read_text())[:3]
+    return [str(synthetic_dir / e["image"]) for e in entries], [e["caption"][0] for e in entries]
+
+
+def test_embeddings_are_unit_vectors_and_match_the_model(vlm, pairs, model):
+    images, texts = pairs
+    img, txt = vlm.encode_images(images, batch_size=2), vlm.encode_texts(texts, batch_size=2)
+    assert img.shape == txt.shape == (3, model.config.embed_dim)
+    assert torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-5)
+    with torch.no_grad():
+        direct = model.image_features(model.encode_image(vlm._image_tensor(images)))
+    assert torch.allclose(img, direct, atol=1e-5)
+    assert vlm.similarity(img, txt).shape == (3, 3)
+
+
+def test_itm_scores_are_probabilities_of_pairs(vlm, pairs):
+    images, texts = pairs
+    scores = vlm.itm_score(images, texts)
+    assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 1)).all())
+    with pytest.raises(ValueError, match="2 images and 3 texts"):
+        vlm.itm_score(images[:2], texts)
+
+
+def test_fill_mask_ranks_tokens_for_each_mask(vlm, pairs):
+    images, _ = pairs
+    out = vlm.fill_mask(images[0], "a [MASK] circle left of a [MASK] square", top_k=3)
+    assert len(out) == 2 and all(len(row) == 3 for row in out)
+    probs = [p for _, p in out[0]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    with pytest.raises(ValueError, match="no \\[MASK\\] token"):
+        vlm.fill_mask(images[0], "a red circle")
+
+
+def test_reconstruction_keeps_visible_patches(vlm, pairs):
+    images, texts = pairs
+    original, masked, recon = vlm.reconstruct(images[0], texts[0], mask_ratio=0.5, seed=3)
+    assert original.size == masked.size == recon.size == (32, 32)
+    a, b = np.asarray(original).astype(int), np.asarray(recon).astype(int)
+    same = (np.abs(a - b).max(axis=2) <= 1)  # visible patches are copied from the input
+    assert 0.4 < same.mean() < 0.9
+
+
+def test_from_pretrained_reloads_the_same_model(vlm, model, config, tokenizer, pairs, tmp_path):
+    model.save_pretrained(tmp_path / "exported", config, tokenizer)
+    again = VLM.from_pretrained(tmp_path / "exported", device="cpu", precision="fp32")
+    assert torch.allclose(again.encode_texts(pairs[1]), vlm.encode_texts(pairs[1]), atol=1e-6)
+
+
+def test_export_writes_a_standalone_model_folder(synthetic_dir, tmp_path, capsys):
+    from maskvlm.cli import main
+    from maskvlm.pipeline import pretrain
+    from tests.conftest import micro_config
+    pretrain(micro_config("recipe=albef", f"data.train={synthetic_dir / 'train.json'}", "data.test=null",
+                          "momentum.queue_size=16", "loss.mim=0", "momentum.alpha=0.4", "masking.text_ratio=0.15",
+                          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"))
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "out" / "model.safetensors")).keys()
+    assert not any(k.startswith(("teacher", "objectives", "model.")) for k in keys)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "model.safetensors",
+                                                                     "tokenizer.json"]
+    vlm = VLM.from_pretrained(tmp_path / "out", device="cpu")
+    assert vlm.encode_texts(["a red circle"]).shape[0] == 1
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) != 0
+    assert "already holds model.safetensors" in capsys.readouterr().err
