@@ -1,4 +1,4 @@
-"""Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | data | recipes | ablate``."""
+"""Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | index | search | data | recipes | ablate``."""
 
 from __future__ import annotations
 
@@ -149,7 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "MaskVLM.from_pretrained and usable as --checkpoint.")
     e.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     e.add_argument("--out", required=True, help="folder to write (created; must not hold a model already)")
+    _add_search(sub)
     return parser
+
+
+def _add_search(sub) -> None:
+    i = sub.add_parser("index", help="build or extend an on-disk image embedding index",
+                       description="Encode every image under --images (recursively) with the model's ITC image "
+                                   "encoder into --out (float16 memory map + paths). Run again to add new images "
+                                   "only. Unreadable images are skipped and counted.")
+    i.add_argument("--checkpoint", required=True, help="model folder, checkpoint or run folder")
+    i.add_argument("--images", required=True, help="folder of images")
+    i.add_argument("--out", required=True, help="index folder")
+    i.add_argument("--batch-size", type=int, default=256)
+    i.add_argument("--device", default="auto")
+    i.add_argument("--rebuild", action="store_true", help="discard the index and encode everything again")
+    i.add_argument("--no-progress", action="store_true")
+    q = sub.add_parser("search", help="search an image index with a text or an image",
+                       description="Rank the indexed images by ITC similarity to a text (--query) or an image "
+                                   "(--image); --rerank re-scores the top candidates with the ITM head.")
+    q.add_argument("--index", required=True, help="index folder written by `maskvlm index`")
+    group = q.add_mutually_exclusive_group(required=True)
+    group.add_argument("--query", help="text query")
+    group.add_argument("--image", help="image query (a file)")
+    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--rerank", action="store_true", help="ITM re-ranking of the top candidates (text queries)")
+    q.add_argument("--candidates", type=int, default=0, help="candidates re-ranked (default 4 x top-k)")
+    q.add_argument("--checkpoint", default=None, help="model (default: the one the index was built with)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_ablate(sub) -> None:
@@ -286,6 +314,38 @@ def _recipes(args) -> int:
     return 0
 
 
+def _index(args) -> int:
+    from .finetune import model_folder
+    from .inference import VLM
+    from .search import build_index
+
+    folder = model_folder(args.checkpoint)
+    vlm = VLM.from_pretrained(folder, device=args.device)
+    stats = build_index(vlm, folder, Path(args.images), Path(args.out), args.batch_size,
+                        progress=not args.no_progress, rebuild=args.rebuild)
+    print(f"index {args.out}: {stats.total} images ({stats.added} added, {stats.skipped_existing} already there, "
+          f"{stats.unreadable} unreadable skipped) in {stats.seconds:.1f} s")
+    return 0
+
+
+def _search(args) -> int:
+    from .inference import VLM
+    from .search import ImageIndex, search
+
+    index = ImageIndex(Path(args.index))
+    vlm = VLM.from_pretrained(args.checkpoint or index.meta["model"], device=args.device)
+    results = search(vlm, index, text=args.query, image=Path(args.image) if args.image else None,
+                     top_k=args.top_k, rerank=args.rerank, candidates=args.candidates)
+    if args.json:
+        print(json.dumps([{"path": p, "score": s} for p, s in results], indent=1))
+        return 0
+    kind = "ITM probability" if args.rerank else "cosine"
+    for rank, (path, score) in enumerate(results, 1):
+        print(f"{rank:3d}  {score:8.4f}  {path}")
+    print(f"({len(index)} images indexed; score: {kind})", file=sys.stderr)
+    return 0
+
+
 def _export(args) -> int:
     import shutil
 
@@ -368,7 +428,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     setup_logging()
     handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes,
-                "ablate": _ablate, "export": _export}
+                "ablate": _ablate, "export": _export, "index": _index, "search": _search}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

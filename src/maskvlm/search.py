@@ -1,0 +1,181 @@
+"""An on-disk image embedding index and text / image search over it.
+
+Index folder layout:
+  ``meta.json``        model it was built with (path + weight-file fingerprint), embed_dim, count
+  ``paths.txt``        one image path per line (relative to the indexed folder), row order
+  ``embeddings.f16``   float16 matrix (count x embed_dim), L2-normalised ITC image features,
+                       read through ``numpy.memmap`` so a large index is never loaded whole
+
+Building is incremental: images already listed are skipped and new rows are appended. Search is
+exact (chunked matrix products over the memory map) unless ``faiss`` is installed, in which case
+an inner-product flat index is used. ``--rerank`` re-scores the top candidates with the ITM head."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from .inference import VLM
+
+log = logging.getLogger("maskvlm")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+META, PATHS, EMBEDDINGS = "meta.json", "paths.txt", "embeddings.f16"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identifies the weights: size and a hash of the first and last MiB of model.safetensors."""
+    path = Path(model_dir) / "model.safetensors"
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursively), as sorted relative paths."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder}: not a folder")
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@dataclass
+class IndexStats:
+    added: int
+    skipped_existing: int
+    unreadable: int
+    total: int
+    seconds: float
+
+
+def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: int = 256,
+                progress: bool = True, rebuild: bool = False) -> IndexStats:
+    from .data.formats import DataError, open_image
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model_dir)
+    meta_path = out / META
+    existing: list[str] = []
+    if meta_path.exists() and not rebuild:
+        meta = json.loads(meta_path.read_text())
+        if meta["fingerprint"] != fingerprint:
+            raise ValueError(f"{out} was built with another model ({meta['model']}); pass --rebuild to re-index "
+                             "with this one")
+        if Path(meta["images"]).resolve() != images.resolve():
+            raise ValueError(f"{out} indexes {meta['images']}, not {images}; use another --out")
+        existing = (out / PATHS).read_text().splitlines() if meta["count"] else []
+        if len(existing) != meta["count"]:
+            raise ValueError(f"{out}: {PATHS} has {len(existing)} lines but {META} says {meta['count']}; rebuild")
+    else:
+        for name in (PATHS, EMBEDDINGS):
+            (out / name).unlink(missing_ok=True)
+    known = set(existing)
+    todo = [p for p in list_images(images) if p not in known]
+    dim = vlm.config.model.embed_dim
+    added, unreadable = 0, 0
+    with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
+        bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
+        for s in range(0, len(todo), batch_size):
+            chunk, pils = [], []
+            for rel in todo[s:s + batch_size]:
+                try:
+                    pils.append(open_image(images / rel))
+                    chunk.append(rel)
+                except (DataError, OSError) as e:
+                    unreadable += 1
+                    log.warning("skipping unreadable image %s (%s)", rel, e)
+            if pils:
+                feats = vlm.encode_images(pils, batch_size=batch_size).numpy().astype(np.float16)
+                emb.write(feats.tobytes())
+                paths.write("".join(p + "\n" for p in chunk))
+                added += len(chunk)
+            bar.update(len(todo[s:s + batch_size]))
+        bar.close()
+    total = len(existing) + added
+    meta_path.write_text(json.dumps({"model": str(model_dir), "fingerprint": fingerprint, "images": str(images),
+                                     "embed_dim": dim, "count": total, "dtype": "float16"}, indent=2))
+    return IndexStats(added, len(existing), unreadable, total, time.perf_counter() - start)
+
+
+class ImageIndex:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not (self.folder / META).is_file():
+            raise FileNotFoundError(f"{folder}: no {META} (build it with `maskvlm index`)")
+        self.meta = json.loads((self.folder / META).read_text())
+        self.paths = (self.folder / PATHS).read_text().splitlines()
+        n, d = self.meta["count"], self.meta["embed_dim"]
+        if len(self.paths) != n:
+            raise ValueError(f"{folder}: {PATHS} has {len(self.paths)} lines but {META} says {n}")
+        self.embeddings = np.memmap(self.folder / EMBEDDINGS, dtype=np.float16, mode="r", shape=(n, d))
+        self._faiss = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def search(self, query: np.ndarray, top_k: int, chunk: int = 65536, use_faiss: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row indices) of the ``top_k`` rows with the largest inner product with ``query`` (D,)."""
+        k = min(top_k, len(self))
+        if k == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        q = query.astype(np.float32).reshape(1, -1)
+        if use_faiss:
+            try:
+                import faiss
+            except ImportError:
+                faiss = None
+            if faiss is not None:
+                if self._faiss is None:
+                    self._faiss = faiss.IndexFlatIP(q.shape[1])
+                    for s in range(0, len(self), chunk):
+                        self._faiss.add(np.ascontiguousarray(self.embeddings[s:s + chunk], dtype=np.float32))
+                scores, idx = self._faiss.search(q, k)
+                return scores[0], idx[0]
+        best_scores = np.full(0, -np.inf, np.float32)
+        best_idx = np.zeros(0, np.int64)
+        for s in range(0, len(self), chunk):
+            block = np.asarray(self.embeddings[s:s + chunk], dtype=np.float32) @ q[0]
+            take = min(k, len(block))
+            part = np.argpartition(-block, take - 1)[:take]
+            best_scores = np.concatenate([best_scores, block[part]])
+            best_idx = np.concatenate([best_idx, part + s])
+            if len(best_scores) > k:
+                keep = np.argpartition(-best_scores, k - 1)[:k]
+                best_scores, best_idx = best_scores[keep], best_idx[keep]
+        order = np.argsort(-best_scores, kind="stable")
+        return best_scores[order], best_idx[order]
+
+
+def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optional[Path] = None,
+           top_k: int = 10, rerank: bool = False, candidates: int = 0) -> list[tuple[str, float]]:
+    """Ranked (path, score) pairs for a text or image query. With ``rerank`` (text queries), the
+    ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match probability."""
+    if (text is None) == (image is None):
+        raise ValueError("give exactly one query: a text or an image")
+    if text is not None:
+        query = vlm.encode_texts([text])[0].numpy()
+    else:
+        query = vlm.encode_images([image])[0].numpy()
+    pool = max(top_k, candidates or 4 * top_k) if rerank else top_k
+    scores, idx = index.search(query, pool)
+    paths = [index.paths[i] for i in idx]
+    if rerank:
+        if text is None:
+            raise ValueError("--rerank scores image-text pairs with ITM; it needs a text query")
+        root = Path(index.meta["images"])
+        itm = vlm.itm_score([root / p for p in paths], [text] * len(paths)).numpy()
+        order = np.argsort(-itm, kind="stable")[:top_k]
+        return [(paths[i], float(itm[i])) for i in order]
+    return [(p, float(s)) for p, s in zip(paths, scores)]

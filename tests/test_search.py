@@ -1,0 +1,83 @@
+"""The image index: incremental building, unreadable files, exact top-k, text/image queries, CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskvlm.inference import VLM
+from maskvlm.search import ImageIndex, build_index, list_images, search
+
+
+@pytest.fixture
+def exported(model, config, tokenizer, tmp_path):
+    return model.save_pretrained(tmp_path / "model", config, tokenizer)
+
+
+@pytest.fixture
+def image_folder(synthetic_dir, tmp_path):
+    folder = tmp_path / "images"
+    entries = json.loads((synthetic_dir / "test.json").read_text())
+    for i, e in enumerate(entries[:5]):  # some in a sub-folder: indexing is recursive
+        target = (folder / "sub" if i % 2 else folder) / Path(e["image"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic_dir / e["image"], target)
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder, entries
+
+
+def test_index_is_incremental_and_skips_unreadable_images(exported, image_folder, synthetic_dir, tmp_path):
+    folder, entries = image_folder
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    stats = build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
+    assert (stats.added, stats.unreadable, stats.total) == (5, 1, 5)
+    shutil.copy(synthetic_dir / entries[6]["image"], folder / "new.png")
+    again = build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
+    assert (again.added, again.skipped_existing, again.total) == (1, 5, 6)  # only the new image is encoded
+    index = ImageIndex(tmp_path / "index")
+    assert len(index) == 6 and sorted(index.paths) == sorted(p for p in list_images(folder) if p != "broken.png")
+    direct = vlm.encode_images([folder / p for p in index.paths]).numpy()
+    assert np.allclose(np.asarray(index.embeddings, dtype=np.float32), direct, atol=2e-3)  # float16 storage
+
+
+def test_exact_top_k_matches_brute_force(exported, image_folder, tmp_path):
+    folder, entries = image_folder
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    build_index(vlm, exported, folder, tmp_path / "index", progress=False)
+    index = ImageIndex(tmp_path / "index")
+    query = vlm.encode_texts([entries[0]["caption"][0]])[0].numpy()
+    scores, idx = index.search(query, top_k=3, chunk=2, use_faiss=False)  # chunks smaller than k
+    brute = np.asarray(index.embeddings, dtype=np.float32) @ query
+    assert list(idx) == list(np.argsort(-brute, kind="stable")[:3])
+    assert np.allclose(scores, np.sort(brute)[::-1][:3], atol=1e-6)
+    results = search(vlm, index, text=entries[0]["caption"][0], top_k=2, rerank=True)
+    assert len(results) == 2 and all(0 <= s <= 1 for _, s in results)
+    by_image = search(vlm, index, image=folder / index.paths[0], top_k=1)
+    assert by_image[0][0] == index.paths[0]  # an image finds itself
+
+
+def test_an_index_refuses_another_model(exported, image_folder, tmp_path, model, config, tokenizer):
+    import torch
+    folder, _ = image_folder
+    vlm = VLM.from_pretrained(exported, device="cpu")
+    build_index(vlm, exported, folder, tmp_path / "index", progress=False)
+    with torch.no_grad():
+        model.itc_head.temp.add_(1.0)
+        model.visual_encoder.norm.bias.add_(1.0)
+    other = model.save_pretrained(tmp_path / "other", config, tokenizer)
+    with pytest.raises(ValueError, match="--rebuild"):
+        build_index(VLM.from_pretrained(other, device="cpu"), other, folder, tmp_path / "index", progress=False)
+
+
+def test_cli_index_and_search(exported, image_folder, tmp_path, capsys):
+    from maskvlm.cli import main
+    folder, entries = image_folder
+    assert main(["index", "--checkpoint", str(exported), "--images", str(folder), "--out", str(tmp_path / "ix"),
+                 "--no-progress"]) == 0
+    assert "5 images (5 added, 0 already there, 1 unreadable skipped)" in capsys.readouterr().out
+    assert main(["search", "--index", str(tmp_path / "ix"), "--query", entries[0]["caption"][0], "--top-k", "3",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
