@@ -83,3 +83,34 @@ def test_pretraining_from_minilm_trains_and_evaluates(synthetic_dir, tmp_path):
     saved = load_file(str(ckpt / "model.safetensors"))
     assert saved["model.text_encoder.embeddings.word_embeddings.weight"].shape == (30522, 384)
     assert load_tokenizer(ckpt).vocab_size == 30522
+
+
+def test_roberta_folder_with_byte_level_bpe(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer, processors
+    cfg = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=40, type_vocab_size=1,
+                                     layer_norm_eps=1e-12, pad_token_id=1)
+    torch.manual_seed(0)
+    reference = transformers.RobertaModel(cfg, add_pooling_layer=False).eval()
+    folder = tmp_path / "roberta"
+    reference.save_pretrained(folder)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a red circle left of a blue square", "two green triangles"] * 20, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    bpe.save(str(folder / "tokenizer.json"))
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.cls_id, tokenizer.pad_id, tokenizer.sep_id) == (0, 1, 2)
+    build = build_config("maskvlm", overrides=[f"model.text_init={folder}", "model.text_layers=2",
+                                               "model.cross_layers=0", "model.vocab_size=300",
+                                               "model.attention=math"])
+    assert (build.model.text_width, build.model.max_position, build.model.type_vocab_size) == (32, 38, 1)
+    model = build_model(build).eval()
+    init_text_from_hf(model, folder, 2, 0)
+    ids, mask = tokenizer(["a red circle", "two green triangles left"], max_len=16)
+    assert ids[0, 0] == 0 and tokenizer.pad_id in ids[0].tolist()
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask).hidden
+        theirs = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4), (ours[real] - theirs[real]).abs().max()
