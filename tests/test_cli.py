@@ -82,3 +82,13 @@ def test_evaluate_task_on_a_malformed_file_exits_2_naming_it(tmp_path, capsys):
     assert main(["evaluate", "nlvr2", "--checkpoint", str(folder), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"maskvlm evaluate: error: {bad}: line 1 (dev-1-0-0): field 'label'" in err
+
+
+def test_overrides_may_follow_options_that_take_several_values(monkeypatch):
+    """`--seeds 0 1 train.clip_grad=0` must give the override to the config, not to --seeds."""
+    import maskvlm.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_ablate", lambda args: seen.update(seeds=args.seeds, overrides=args.overrides) or 0)
+    assert main(["ablate", "--seeds", "0", "1", "train.clip_grad=0", "--fractions", "0.5", "loss.mim=0"]) == 0
+    assert seen == {"seeds": [0, 1], "overrides": ["train.clip_grad=0", "loss.mim=0"]}

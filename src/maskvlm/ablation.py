@@ -207,6 +207,7 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
             ax.errorbar([100 * x for x in xs], means, yerr=errs, marker="o", capsize=3, label=c)
         ax.set_xscale("log")
         ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("pre-training data (fraction of the synthetic training images)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

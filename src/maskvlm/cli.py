@@ -1,9 +1,11 @@
-"""Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | index | search | data | recipes | ablate``."""
+"""Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | index | search | data | recipes |
+ablate``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -92,14 +94,15 @@ def _add_evaluate(sub) -> None:
                                                        "run folder (its newest checkpoint) or a pretrained folder")
     r.add_argument("--data", default=None, help="retrieval JSON: one entry per image with a caption list "
                                                 "(default: the checkpoint's data.test)")
-    r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to (default: the JSON file's "
-                                                      "folder, or the checkpoint's data.image_root with its data.test)")
+    r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to "
+                   "(default: the JSON file's folder, or the checkpoint's data.image_root with its data.test)")
     r.add_argument("--k", type=int, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
     r.add_argument("--score", choices=("itm", "itm+itc", "itc"), default=None,
                    help="re-ranking score (itc: no re-ranking); default eval.score")
     r.add_argument("--batch-size", type=int, default=None, help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
-    r.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
+    r.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
     r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, title, fmt in (("vqa", "VQA v2 accuracy (official metric) and the eval-server result file",
@@ -375,8 +378,6 @@ def _export(args) -> int:
 
 
 def _ablate(args) -> int:
-    import platform
-
     from .ablation import SMALL, Study, report, run_study
     from .train.logging import setup_logging
 
@@ -387,9 +388,8 @@ def _ablate(args) -> int:
                   size_overrides=list(SMALL) if args.size == "small" else [], extra_overrides=list(args.overrides),
                   num_train=args.num_train)
     rows = run_study(study, progress=not args.no_progress)
-    import torch
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    text = report(rows, out, command="maskvlm " + " ".join(sys.argv[1:]) if sys.argv else "", machine=machine)
+    from .runtime import invocation, machine_description
+    text = report(rows, out, command=invocation(), machine=machine_description())
     (out / "ablation.md").write_text(text)
     print(text)
     if args.report:
@@ -413,13 +413,23 @@ def write_between_markers(path: Path, text: str, name: str) -> None:
     path.write_text(new)
 
 
+OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+OVERRIDE_COMMANDS = ("pretrain", "finetune", "ablate")
+
+
 def main(argv=None) -> int:
     from .config import ConfigError
     from .data.formats import DataError
     from .train.logging import setup_logging
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `key.sub=value` overrides are taken out first, so they may follow options that take several
+    # values (`--seeds 0 1 train.clip_grad=0` would otherwise hand the override to --seeds)
+    overrides = [x for x in argv if OVERRIDE_RE.match(x)] if argv and argv[0] in OVERRIDE_COMMANDS else []
+    args, extra = parser.parse_known_args([x for x in argv if x not in overrides] if overrides else argv)
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     # key=value overrides may come after options (argparse only takes positionals in one run)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
     if stray:

@@ -23,3 +23,33 @@ def autocast(device: torch.device, precision: str):
     if precision != "fp32":
         raise ValueError(f"precision {precision!r}: expected 'bf16' or 'fp32'")
     return contextlib.nullcontext()
+
+
+def machine_description() -> str:
+    """One line naming the CPU (and GPU when there is one), thread count and torch version, for reports."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [cpu, f"{torch.get_num_threads()} threads"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return ", ".join(parts + [f"torch {torch.__version__}"])
+
+
+def invocation() -> str:
+    """The command line this process was started with, as a user would type it again."""
+    import sys
+    from pathlib import Path
+
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    if Path(sys.argv[0]).name == "maskvlm":
+        return " ".join(["maskvlm", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
