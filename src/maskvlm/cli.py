@@ -1,5 +1,5 @@
 """Command-line interface: ``maskvlm pretrain | finetune | evaluate | export | index | search | data | recipes |
-ablate``."""
+ablate | reconstruct | fill-mask | ground | plot``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,8 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
         t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .cli_insight import add_evaluate_parsers
+    add_evaluate_parsers(tasks)
 
 
 def _add_data(sub) -> None:
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     e.add_argument("--out", required=True, help="folder to write (created; must not hold a model already)")
     _add_search(sub)
+    from .cli_insight import add_parsers
+    add_parsers(sub)
     return parser
 
 
@@ -257,6 +261,9 @@ def _finetune(args) -> int:
 def _evaluate(args) -> int:
     if args.task == "retrieval":
         return _evaluate_retrieval(args)
+    if args.task in ("grounding", "cross-modal"):
+        from . import cli_insight
+        return cli_insight.evaluate(args)
     from .finetune import evaluate_task
 
     metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
@@ -439,6 +446,9 @@ def main(argv=None) -> int:
     setup_logging()
     handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes,
                 "ablate": _ablate, "export": _export, "index": _index, "search": _search}
+    from . import cli_insight
+    handlers.update({"reconstruct": cli_insight.reconstruct, "fill-mask": cli_insight.fill_mask,
+                     "ground": cli_insight.ground, "plot": cli_insight.plot})
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

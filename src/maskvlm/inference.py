@@ -21,7 +21,6 @@ from PIL import Image
 
 from .data.formats import open_image
 from .data.transforms import ImageTransform
-from .masking import block_mask, mask_to_indices
 from .models.io import load_state, model_weights, read_config
 from .runtime import autocast, resolve_device
 
@@ -137,36 +136,12 @@ class VLM:
         """Mask ``mask_ratio`` of the image (2x2-patch blocks, seeded), let the text-conditioned MIM
         decoder fill it in. Returns (input, masked input, reconstruction) as PIL images; the
         reconstruction keeps the visible patches and shows predictions in the masked ones."""
-        from .models.vit import patchify, unpatchify
+        from .insight import _masked_view, fill_masked_patches, image_masks
 
-        m = self.config.model
-        grid = (m.image_size // m.patch_size,) * 2
         pixels = self._image_tensor([image])
-        mask = block_mask(1, grid, mask_ratio, self.config.masking.image_block,
-                          torch.Generator().manual_seed(seed)).to(self.device)
-        ids, attn = self._texts([text])
-        with autocast(self.device, self.precision):
-            text_out = self.model.encode_text(ids, attn)
-            if hasattr(self.model, "reconstruct"):  # single-stream: the deconvolution decoder, in [0, 1]
-                masked = self.model.encode_image(pixels, masked=mask)
-                recon01 = self.model.reconstruct(self.model.fuse_image(masked, text_out)).float()
-                recon = (recon01 - self.transform.mean.to(self.device)) / self.transform.std.to(self.device)
-            else:
-                if self.config.masking.visible_only:
-                    masked = self.model.encode_image(pixels, visible_idx=mask_to_indices(~mask))
-                else:
-                    masked = self.model.encode_image(pixels, masked=mask)
-                pred = self.model.pixel_head(self.model.fuse_image(masked, text_out)[:, 1:]).float()
-                if self.config.loss.norm_pix:  # targets were per-patch normalised: restore the visible scale
-                    target = patchify(pixels.float(), m.patch_size)
-                    mean, std = target.mean(-1, keepdim=True), target.std(-1, keepdim=True)
-                    pred = pred * std + mean
-                recon = unpatchify(pred, m.patch_size, grid)
-        pm = mask.view(1, 1, *grid).float()
-        pm = pm.repeat_interleave(m.patch_size, 2).repeat_interleave(m.patch_size, 3)
-        composed = pixels * (1 - pm) + recon * pm
-        grey = torch.zeros_like(pixels)  # masked regions shown in the dataset mean colour
-        masked_view = pixels * (1 - pm) + grey * pm
+        mask = image_masks(self, 1, mask_ratio, seed).to(self.device)
+        composed = fill_masked_patches(self, pixels, mask, [text]).recon
+        masked_view = _masked_view(self, pixels, mask)  # masked regions in the dataset mean colour
 
         def to_pil(t: torch.Tensor) -> Image.Image:
             arr = (self.transform.denormalize(t[0].float().cpu()) * 255).round().byte().permute(1, 2, 0).numpy()

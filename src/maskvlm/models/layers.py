@@ -61,6 +61,9 @@ class Attention(nn.Module):
     "auto" (SDPA, except the explicit math path for bf16 on CPU)."""
 
     impl: str = "auto"
+    # When True, the attention probabilities of the last call are kept in ``probs`` (written-out
+    # attention, gradient retained when autograd is on): the hook Grad-CAM grounding uses.
+    record: bool = False
 
     def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, dropout: float = 0.0):
         super().__init__()
@@ -94,7 +97,15 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         use_math = self.impl == "math" or (self.impl == "auto" and q.device.type == "cpu"
                                            and q.dtype == torch.bfloat16)
-        if use_math:
+        if self.record:
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            self.probs = scores.softmax(dim=-1)
+            if self.probs.requires_grad:
+                self.probs.retain_grad()
+            out = self.probs @ v
+        elif use_math:
             out = math_attention(q, k, v, mask, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -1,0 +1,241 @@
+"""CLI for looking at a model: ``maskvlm reconstruct``, ``fill-mask``, ``ground``, ``plot`` and
+``maskvlm evaluate grounding | cross-modal`` (the functions live in :mod:`maskvlm.insight`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
+
+
+def _common(p, precision: bool = True) -> None:
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    if precision:
+        p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+                       help="fp32 (default, exact numbers) or bf16 autocast")
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser(
+        "reconstruct", help="masked-image reconstructions with a matching and a mismatched caption",
+        description="Mask an image (the recipe's block masking, seeded), let the text-conditioned MIM decoder fill "
+                    "it in with the matching caption and with a mismatched one, and write a PNG grid: original, "
+                    "masked input, reconstruction with the matching caption, with the mismatched caption. Prints "
+                    "the masked-patch L1 error of both. Either one --image with --text, or --data: the first --num "
+                    "images of a retrieval JSON (each mismatched with the caption of the image half the split away).")
+    _common(r)
+    r.add_argument("--image", help="an image file")
+    r.add_argument("--text", help="its caption")
+    r.add_argument("--mismatched-text", default=None, help="a caption of something else (default: an empty caption)")
+    r.add_argument("--data", help="batch mode: a retrieval JSON (one entry per image with captions), e.g. test.json")
+    r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to")
+    r.add_argument("--num", type=int, default=8, help="batch mode: images in the grid")
+    r.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (default: the recipe's)")
+    r.add_argument("--seed", type=int, default=0, help="mask seed")
+    r.add_argument("--out", required=True, help="PNG file to write")
+
+    f = sub.add_parser(
+        "fill-mask", help="top-k tokens for each [MASK] given the image, a masked image and a mismatched image",
+        description="Fill in each [MASK] of --text with the image-conditioned MLM head, three times side by side: "
+                    "with the image, with every patch of the image masked, and with a mismatched image.")
+    _common(f)
+    f.add_argument("--image", required=True)
+    f.add_argument("--text", required=True, help='text with [MASK] tokens, e.g. "a small [MASK] circle"')
+    f.add_argument("--mismatched-image", default=None,
+                   help="another image (default: the next image file in --image's folder)")
+    f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("--out", default=None, help="also write the tables as markdown to this file")
+
+    g = sub.add_parser(
+        "ground", help="Grad-CAM heat map of a phrase over an image",
+        description="Where in the image does a phrase attend: Grad-CAM of the ITM match score on the cross-"
+                    "attention of the text cross-modality encoder, overlaid on the image (written as PNG: the "
+                    "image and the overlay side by side).")
+    _common(g, precision=False)
+    g.add_argument("--image", required=True)
+    g.add_argument("--text", required=True, help='a phrase, e.g. "the red circle"')
+    g.add_argument("--layer", type=int, default=None,
+                   help="cross-attention layer of the text cross-modality encoder (default: the middle one, rounded down)")
+    g.add_argument("--out", required=True, help="PNG file to write")
+
+    p = sub.add_parser("plot", help="training curves of one or more runs",
+                       description="Loss terms, learning rate, throughput and evaluation metrics over steps, "
+                                   "from each run's metrics.jsonl (needs matplotlib).")
+    p.add_argument("--log", nargs="+", required=True, help="run folders (or metrics.jsonl files)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
+
+def add_evaluate_parsers(tasks) -> None:
+    for name, title in (("grounding", "pointing-game accuracy of Grad-CAM heat maps for referring phrases "
+                                      "(needs object boxes: the synthetic scenes have them)"),
+                        ("cross-modal", "MLM accuracy with matching / mismatched / masked image and MIM error "
+                                        "with matching / mismatched / empty text")):
+        t = tasks.add_parser(name, help=title, description=title[0].upper() + title[1:] + ".")
+        _common(t, precision=name == "cross-modal")
+        t.add_argument("--data", default=None, help="retrieval JSON (default: the checkpoint's data.test)")
+        t.add_argument("--image-root", default=None, help="image folder (default: the JSON file's folder)")
+        t.add_argument("--batch-size", type=int, default=32)
+        if name == "grounding":
+            t.add_argument("--layer", type=int, default=None, help="cross-attention layer (default: the middle one, rounded down)")
+        else:
+            t.add_argument("--seed", type=int, default=0, help="mask seed")
+            t.add_argument("--text-ratio", type=float, default=None, help="caption tokens masked (default: recipe's)")
+            t.add_argument("--image-ratio", type=float, default=None, help="patches masked (default: recipe's)")
+        t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+        t.add_argument("--no-progress", action="store_true")
+
+
+def _vlm(args):
+    from .inference import VLM
+    return VLM.from_pretrained(args.checkpoint, device=args.device, precision=getattr(args, "precision", "fp32"))
+
+
+def _write(picture, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    print(f"wrote {out} ({picture.width}x{picture.height})")
+
+
+def _captions(entry: dict) -> list[str]:
+    return entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+
+
+def reconstruct(args) -> int:
+    from .insight import reconstruction_grid
+
+    if bool(args.data) == bool(args.image):
+        raise ValueError("reconstruct: give either --image with --text, or --data (batch mode)")
+    vlm = _vlm(args)
+    ratio = vlm.config.masking.image_ratio if args.mask_ratio is None else args.mask_ratio
+    if not 0 < ratio < 1:
+        raise ValueError(f"--mask-ratio {ratio}: expected a value in (0, 1)")
+    if args.image:
+        if not args.text:
+            raise ValueError("reconstruct: --image needs --text (its caption)")
+        images, texts = [args.image], [args.text]
+        mismatched = [args.mismatched_text if args.mismatched_text is not None else ""]
+    else:
+        entries = json.loads(Path(args.data).read_text())
+        if len(entries) < 2:
+            raise ValueError(f"{args.data}: batch mode needs at least 2 images")
+        root = Path(args.image_root) if args.image_root else Path(args.data).parent
+        shift = len(entries) // 2
+        chosen = list(range(min(args.num, len(entries))))
+        images = [root / entries[i]["image"] for i in chosen]
+        texts = [_captions(entries[i])[0] for i in chosen]
+        mismatched = [_captions(entries[(i + shift) % len(entries)])[0] for i in chosen]
+    result = reconstruction_grid(vlm, images, texts, mismatched, ratio, args.seed)
+    for i, (a, b) in enumerate(zip(result.error_matching, result.error_mismatched)):
+        print(f"{Path(images[i]).name}: masked-patch L1 {a:.4f} with the matching caption, {b:.4f} with "
+              f"{'the mismatched' if mismatched[i] else 'an empty'} caption")
+        print(f"    matching:   {texts[i]!r}\n    mismatched: {mismatched[i]!r}")
+    n = len(images)
+    print(f"mean masked-patch L1 over {n} image{'s' * (n > 1)} ({ratio:.0%} masked): matching "
+          f"{sum(result.error_matching) / n:.4f}, mismatched {sum(result.error_mismatched) / n:.4f}")
+    _write(result.picture, args.out)
+    return 0
+
+
+def _next_image(path: Path) -> Path:
+    from .search import list_images
+
+    names = list_images(path.parent)
+    others = [n for n in names if n != path.name]
+    if not others:
+        raise ValueError(f"--mismatched-image not given and {path.parent} has no other image to use")
+    later = [n for n in others if n > path.name]
+    return path.parent / (later[0] if later else others[0])
+
+
+def fill_mask(args) -> int:
+    from .insight import FILL_CONDITIONS, fill_mask_compare, fill_mask_markdown
+
+    vlm = _vlm(args)
+    other = Path(args.mismatched_image) if args.mismatched_image else _next_image(Path(args.image))
+    rows = fill_mask_compare(vlm, args.image, other, args.text, args.top_k)
+    print(f"text: {args.text}\nimage: {args.image}\nmismatched image: {other}")
+    width = 22
+    for j, row in enumerate(rows):
+        print(f"\n[MASK] {j + 1}")
+        print("rank  " + "".join(f"{c:<{width}}" for c in FILL_CONDITIONS))
+        for r in range(args.top_k):
+            cells = [f"{row[c][r][0]} ({row[c][r][1]:.2f})" if r < len(row[c]) else "" for c in FILL_CONDITIONS]
+            print(f"{r + 1:<6}" + "".join(f"{c:<{width}}" for c in cells))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"image: `{args.image}`, mismatched image: `{other}`\n\n"
+                                  + fill_mask_markdown(args.text, rows))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def ground(args) -> int:
+    from PIL import Image, ImageDraw
+
+    from .insight import _to_pil, grounding_maps, overlay
+
+    vlm = _vlm(args)
+    heat = grounding_maps(vlm, [args.image], [args.text], args.layer)[0]
+    size = 256
+    picture = Image.new("RGB", (2 * size + 6, size + 18), "white")
+    picture.paste(_to_pil(vlm, vlm._image_tensor([args.image])[0], size), (2, 16))
+    picture.paste(overlay(vlm, args.image, heat, size), (size + 4, 16))
+    ImageDraw.Draw(picture).text((4, 2), f'"{args.text}"', fill="black")
+    gh, gw = heat.shape
+    y, x = divmod(int(heat.argmax()), gw)
+    print(f"heat-map maximum at patch row {y}, column {x} of {gh}x{gw}")
+    _write(picture, args.out)
+    return 0
+
+
+def plot(args) -> int:
+    from .insight import plot_curves
+
+    out = plot_curves([Path(p) for p in args.log], Path(args.out))
+    print(f"wrote {out}")
+    return 0
+
+
+def _data_path(args, vlm) -> Path:
+    data = args.data or vlm.config.data.test
+    if not data:
+        raise ValueError("no --data given and the checkpoint's config has no data.test")
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"{data}: no such file (give --data)")
+    return Path(data)
+
+
+def evaluate(args) -> int:
+    from .insight import cross_modal_dependence, pointing_game
+
+    vlm = _vlm(args)
+    data = _data_path(args, vlm)
+    root = Path(args.image_root) if args.image_root else None
+    if args.task == "grounding":
+        m = pointing_game(vlm, data, root, args.layer, args.batch_size, progress=not args.no_progress)
+        print(f"pointing game on {data}: {m['phrases']} referring phrases over {m['images']} images "
+              f"(cross-attention layer {m['layer']})")
+        print(f"  Grad-CAM maximum inside the named object's box: {m['pointing_accuracy']:.1f}%")
+        print(f"  a uniform random point:                         {m['uniform_random_point']:.1f}%")
+        print(f"  the image centre:                               {m['image_centre']:.1f}%")
+        if m["multi_object_phrases"]:
+            print(f"  in the {m['multi_object_phrases']} scenes with several objects: maximum on the named object "
+                  f"{m['multi_object_accuracy']:.1f}%, on another object {m['multi_object_other_object']:.1f}%")
+    else:
+        m = cross_modal_dependence(vlm, data, root, args.text_ratio, args.image_ratio, args.batch_size, args.seed,
+                                   progress=not args.no_progress)
+        print(f"cross-modal dependence on {data} ({m['images']} images, first caption each; "
+              f"{m['text_ratio']:.0%} of caption tokens / {m['image_ratio']:.0%} of patches masked)")
+        print("  MLM accuracy on masked tokens:  " + ", ".join(f"{k} {v:.1f}%" for k, v in m["mlm_accuracy"].items()))
+        print("  MIM L1 error on masked patches: " + ", ".join(f"{k} {v:.4f}" for k, v in m["mim_l1"].items()))
+        print(f"  mismatched minus matching MIM error, paired over images: {m['mim_gain_mean']:+.4f} "
+              f"(standard error {m['mim_gain_stderr']:.4f}); matching lower on {m['mim_matching_lower_share']:.0f}% "
+              "of the images")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(m, indent=2))
+    sys.stdout.flush()
+    return 0
