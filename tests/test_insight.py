@@ -142,9 +142,9 @@ def test_cli_commands_write_pictures(trained, synthetic_dir, entries, tmp_path, 
     assert main(["fill-mask", "--checkpoint", str(trained), "--image", img, "--text", "a [MASK] circle",
                  "--out", str(tmp_path / "fill.md")]) == 0
     assert "mismatched image" in capsys.readouterr().out and (tmp_path / "fill.md").read_text().count("| 5 |") == 1
-    assert main(["ground", "--checkpoint", str(trained), "--image", img, "--text", "the red circle",
+    assert main(["ground", "--checkpoint", str(trained), "--image", img, "--text", "the red circle", "a square",
                  "--out", str(tmp_path / "heat.png")]) == 0
-    assert Image.open(tmp_path / "heat.png").size == (2 * 256 + 6, 256 + 18)
+    assert Image.open(tmp_path / "heat.png").size == (3 * 258 + 2, 256 + 18)
     assert main(["evaluate", "grounding", "--checkpoint", str(trained), "--no-progress",
                  "--out", str(tmp_path / "g.json")]) == 0
     assert "uniform random point" in capsys.readouterr().out

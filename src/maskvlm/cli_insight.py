@@ -53,10 +53,11 @@ def add_parsers(sub) -> None:
         "ground", help="Grad-CAM heat map of a phrase over an image",
         description="Where in the image does a phrase attend: Grad-CAM of the ITM match score on the cross-"
                     "attention of the text cross-modality encoder, overlaid on the image (written as PNG: the "
-                    "image and the overlay side by side).")
+                    "image, then one overlay per phrase).")
     _common(g, precision=False)
     g.add_argument("--image", required=True)
-    g.add_argument("--text", required=True, help='a phrase, e.g. "the red circle"')
+    g.add_argument("--text", required=True, nargs="+",
+                   help='one or more phrases, e.g. "the red circle" "the blue square" (one overlay each)')
     g.add_argument("--layer", type=int, default=None,
                    help="cross-attention layer of the text cross-modality encoder (default: the middle one, rounded down)")
     g.add_argument("--out", required=True, help="PNG file to write")
@@ -178,15 +179,18 @@ def ground(args) -> int:
     from .insight import _to_pil, grounding_maps, overlay
 
     vlm = _vlm(args)
-    heat = grounding_maps(vlm, [args.image], [args.text], args.layer)[0]
-    size = 256
-    picture = Image.new("RGB", (2 * size + 6, size + 18), "white")
-    picture.paste(_to_pil(vlm, vlm._image_tensor([args.image])[0], size), (2, 16))
-    picture.paste(overlay(vlm, args.image, heat, size), (size + 4, 16))
-    ImageDraw.Draw(picture).text((4, 2), f'"{args.text}"', fill="black")
-    gh, gw = heat.shape
-    y, x = divmod(int(heat.argmax()), gw)
-    print(f"heat-map maximum at patch row {y}, column {x} of {gh}x{gw}")
+    maps = grounding_maps(vlm, [args.image] * len(args.text), args.text, args.layer)
+    size, pad = 256, 2
+    picture = Image.new("RGB", ((1 + len(maps)) * (size + pad) + pad, size + 18), "white")
+    draw = ImageDraw.Draw(picture)
+    picture.paste(_to_pil(vlm, vlm._image_tensor([args.image])[0], size), (pad, 16))
+    draw.text((pad + 2, 2), Path(args.image).name, fill="black")
+    for i, (phrase, heat) in enumerate(zip(args.text, maps), 1):
+        picture.paste(overlay(vlm, args.image, heat, size), (pad + i * (size + pad), 16))
+        draw.text((pad + i * (size + pad) + 2, 2), f'"{phrase}"', fill="black")
+        gh, gw = heat.shape
+        y, x = divmod(int(heat.argmax()), gw)
+        print(f"{phrase!r}: heat-map maximum at patch row {y}, column {x} of {gh}x{gw}")
     _write(picture, args.out)
     return 0
 

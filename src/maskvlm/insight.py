@@ -276,11 +276,10 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 def overlay(vlm: VLM, image: ImageLike, heat: torch.Tensor, size: int = 256) -> Image.Image:
     """The image with the heat map (gh, gw) blended over it (blue = low, red = high)."""
-    import matplotlib
-
     base = _to_pil(vlm, vlm._image_tensor([image])[0], size).convert("RGB")
-    h = upsample(heat[None], size)[0].numpy()
-    colours = (matplotlib.colormaps["jet"](h)[..., :3] * 255).astype(np.uint8)
+    h = upsample(heat[None], size)[0].numpy()[..., None]
+    # the "jet" colour scale, piecewise linear: blue -> cyan -> yellow -> red
+    colours = (np.clip(1.5 - np.abs(4 * h - np.array([3.0, 2.0, 1.0])), 0, 1) * 255).astype(np.uint8)
     return Image.blend(base, Image.fromarray(colours), 0.45)
 
 
@@ -454,7 +453,8 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
                     xs, ys = zip(*pts)
                     label = name if kind == "train" else f"{name} ({split})"
                     ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, ms=3, label=label)
-        ax.set_title(key, fontsize=10)
+        splits = sorted({r.get("split", "train") for _, rows in runs for r in rows if key in r} - {"train"})
+        ax.set_title(key if kind == "train" else f"{key} ({', '.join(splits)})", fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         if key.endswith("loss"):
