@@ -18,7 +18,7 @@ from tests.conftest import micro_config
 def trained(synthetic_dir, tmp_path_factory):
     """A micro model pre-trained for a few dozen steps (a checkpoint folder on disk)."""
     out = tmp_path_factory.mktemp("insight-run")
-    cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", f"data.val=null",
+    cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null",
                        f"data.test={synthetic_dir / 'test.json'}", "train.max_steps=30", "eval.every_steps=0",
                        f"train.output_dir={out}", "data.vocab_size=200", "train.precision=fp32")
     pretrain(cfg)

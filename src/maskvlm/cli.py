@@ -136,6 +136,18 @@ def _add_data(sub) -> None:
     s.add_argument("--num-test", type=int, default=200, help="test images")
     s.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed")
+    c = tools.add_parser("corrupt", help="a copy of a dataset with a share of broken samples (for testing)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Write a copy of an annotation JSON in which --rate of the entries are broken "
+                                     "(missing, empty, truncated, non-image and oversized image files; empty, blank "
+                                     "and non-string captions) and as many have unusual but valid images (grey, "
+                                     "RGBA, palette, CMYK, 16-bit, EXIF-rotated, tiny). Unchanged entries point at "
+                                     "the original images.")
+    c.add_argument("--data", default="data/synthetic/train.json", help="annotation JSON to copy")
+    c.add_argument("--image-root", default=None, help="its image root (default: its folder)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--rate", type=float, default=0.005, help="share of entries broken")
+    c.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +321,13 @@ def _evaluate_retrieval(args) -> int:
 
 
 def _data(args) -> int:
+    if args.tool == "corrupt":
+        from .data.corrupt import corrupt_dataset
+        summary = corrupt_dataset(Path(args.data), Path(args.out), args.rate, args.seed,
+                                  Path(args.image_root) if args.image_root else None)
+        print(f"wrote {Path(args.out) / Path(args.data).name}: {summary['broken']} of {summary['entries']} entries "
+              f"broken, {summary['converted']} with unusual images; kinds: {summary['kinds']}")
+        return 0
     from .data.synthetic import generate
     out = generate(args.out, args.num_train, args.num_val, args.num_test, args.image_size, args.seed)
     print(f"wrote {out}/train.json, val.json, test.json and images/")
@@ -428,6 +447,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.formats import DataError
     from .train.logging import setup_logging
+    from .train.loop import NonFiniteTraining
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -451,7 +471,7 @@ def main(argv=None) -> int:
                      "ground": cli_insight.ground, "plot": cli_insight.plot})
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteTraining) as e:
         print(f"maskvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

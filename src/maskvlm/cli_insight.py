@@ -59,7 +59,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--text", required=True, nargs="+",
                    help='one or more phrases, e.g. "the red circle" "the blue square" (one overlay each)')
     g.add_argument("--layer", type=int, default=None,
-                   help="cross-attention layer of the text cross-modality encoder (default: the middle one, rounded down)")
+                   help="cross-attention layer of the text cross-modality encoder "
+                        "(default: the middle one, rounded down)")
     g.add_argument("--out", required=True, help="PNG file to write")
 
     p = sub.add_parser("plot", help="training curves of one or more runs",
@@ -80,7 +81,8 @@ def add_evaluate_parsers(tasks) -> None:
         t.add_argument("--image-root", default=None, help="image folder (default: the JSON file's folder)")
         t.add_argument("--batch-size", type=int, default=32)
         if name == "grounding":
-            t.add_argument("--layer", type=int, default=None, help="cross-attention layer (default: the middle one, rounded down)")
+            t.add_argument("--layer", type=int, default=None,
+                           help="cross-attention layer (default: the middle one, rounded down)")
         else:
             t.add_argument("--seed", type=int, default=0, help="mask seed")
             t.add_argument("--text-ratio", type=float, default=None, help="caption tokens masked (default: recipe's)")

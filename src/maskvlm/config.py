@@ -123,6 +123,11 @@ class DataConfig:
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     num_workers: int = 1
+    # bad samples (unreadable image, empty caption, ...) are replaced by another sample and counted;
+    # the run stops when more than this share of the samples tried so far was bad
+    max_skip_rate: float = 0.01
+    skip_check_after: int = 2000  # samples tried before the rate is checked (a few early bad files are noise)
+    max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's default
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -139,6 +144,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     clip_grad: float = 1.0  # 0: no clipping
+    # a step with a non-finite loss or gradient is skipped and counted; this many in a row write a
+    # checkpoint of the last good state and stop the run
+    max_nonfinite_in_row: int = 20
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     log_every: int = 10
@@ -260,6 +268,11 @@ class Config:
             raise ConfigError(f"data.max_text_len={self.data.max_text_len} exceeds model.max_position={m.max_position}")
         if sum(w > 0 for w in dataclasses.asdict(self.loss).values() if isinstance(w, float)) == 0:
             raise ConfigError("loss: every objective weight is 0; nothing to train")
+        if not 0.0 <= self.data.max_skip_rate <= 1.0:
+            raise ConfigError(f"data.max_skip_rate={self.data.max_skip_rate}: expected a share in [0, 1]")
+        if self.data.skip_check_after < 1 or self.data.max_image_pixels < 1 or self.train.max_nonfinite_in_row < 1:
+            raise ConfigError("data.skip_check_after, data.max_image_pixels and train.max_nonfinite_in_row must be "
+                              "positive integers")
         lo, hi = self.data.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale={self.data.crop_scale}: expected 0 < min <= max <= 1")

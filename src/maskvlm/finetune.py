@@ -135,7 +135,7 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     if name == "retrieval":
         module = PretrainTask(model, config)
         dataset = PairDataset(d.train, d.image_root, _train_transform(config), seed=config.train.seed,
-                              swap_on_flip=True)
+                              swap_on_flip=True, max_pixels=d.max_image_pixels)
         collator = PretrainCollator(tokenizer, d.max_text_len)
         evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val else None
         extra, spec, classes = {}, None, None

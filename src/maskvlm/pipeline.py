@@ -75,7 +75,8 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
 
     d, m = config.data, config.model
     transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
-    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed, two_views=config.loss.proto > 0)
+    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed, two_views=config.loss.proto > 0,
+                          max_pixels=d.max_image_pixels)
 
     if checkpoint is not None:
         tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)

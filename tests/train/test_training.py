@@ -113,7 +113,8 @@ def test_gradient_accumulation_consumes_micro_batches(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_path, signame):
     import os
     import signal
     import subprocess
@@ -130,7 +131,8 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole process group
+    # SIGINT like Ctrl-C in a terminal, SIGTERM like a scheduler's preemption: the whole process group
+    os.killpg(proc.pid, getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "--resume auto" in err

@@ -28,8 +28,10 @@ def sample_seed(*parts: int) -> int:
     return zlib.crc32(json.dumps(parts).encode()) * 2654435761 % (2 ** 63 - 1)
 
 
-def load_annotations(path: str | Path) -> list[dict]:
-    """Read and check an annotation JSON file: a list of objects with ``image`` and ``caption``."""
+def load_annotations(path: str | Path, strict: bool = True) -> list[dict]:
+    """Read and check an annotation JSON file: a list of objects with ``image`` and ``caption``.
+    With ``strict=False`` captions are not checked here (training data: a bad caption is skipped
+    and counted when the sample is drawn)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
@@ -48,6 +50,8 @@ def load_annotations(path: str | Path) -> list[dict]:
         if not isinstance(entry.get("image"), str):
             raise DataError(f"{path}: entry {i} has no string field 'image'")
         caption = entry.get("caption")
+        if not strict:
+            continue
         ok = isinstance(caption, str) or (isinstance(caption, list) and caption
                                           and all(isinstance(c, str) for c in caption))
         if not ok:
@@ -117,14 +121,69 @@ def resolve_image_root(annotation_path: str | Path, image_root: Optional[str]) -
     return Path(image_root) if image_root else Path(annotation_path).parent
 
 
-def open_image(path: Path) -> Image.Image:
+class BadSample(DataError):
+    """One sample cannot be used; ``reason`` is one of :data:`SKIP_REASONS` (counted when skipped)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+SKIP_REASONS = ("missing file", "empty file", "not an image", "corrupt image", "image too large", "bad caption")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: EXIF orientation applied, 16-bit and float images scaled by their
+    range, transparency composited onto white, grey / palette / CMYK converted."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.round().astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(path: Path, max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode an image as RGB (see :func:`to_rgb`). Raises :class:`BadSample` naming the file and why:
+    missing, empty, not an image, truncated/corrupt, or more than ``max_pixels`` pixels."""
+    import warnings
+
+    path = Path(path)
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        if path.stat().st_size == 0:
+            raise BadSample("empty file", f"image file is empty (0 bytes): {path}")
     except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+        raise BadSample("missing file", f"image file not found: {path}") from None
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if limit and im.width * im.height > limit:
+                    raise BadSample("image too large", f"{path}: {im.width}x{im.height} pixels is more than the "
+                                    f"limit of {limit} (data.max_image_pixels); refused as a possible "
+                                    "decompression bomb")
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("image too large", f"{path}: refused as a possible decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadSample("not an image", f"{path}: not a readable image file (unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadSample):
+            raise
+        raise BadSample("corrupt image", f"cannot read image {path}: {e}") from None
 
 
 class PairDataset(Dataset):
@@ -133,12 +192,15 @@ class PairDataset(Dataset):
     (or a plain index), so augmentation depends only on the seed, epoch and index."""
 
     def __init__(self, annotation_path: str | Path, image_root: Optional[str], transform: ImageTransform,
-                 seed: int = 0, swap_on_flip: bool = True, two_views: bool = False):
+                 seed: int = 0, swap_on_flip: bool = True, two_views: bool = False,
+                 max_pixels: Optional[int] = None):
         self.two_views = two_views  # also return a second, independently augmented view as "image2"
         self.annotation_path = Path(annotation_path)
-        self.entries = load_annotations(annotation_path)
+        self.entries = load_annotations(annotation_path, strict=False)
         self.root = resolve_image_root(annotation_path, image_root)
         self.transform = transform
+        self.max_pixels = max_pixels  # images above this are refused (data.max_image_pixels)
+        self.max_tries = 32  # consecutive bad samples before giving up
         self.seed = seed
         self.swap_on_flip = swap_on_flip
         ids: dict[Any, int] = {}
@@ -148,27 +210,75 @@ class PairDataset(Dataset):
         return len(self.entries)
 
     def captions(self) -> list[str]:
+        """Every usable caption (for training a tokenizer)."""
         out = []
         for e in self.entries:
-            out += [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+            out += valid_captions(e.get("caption"))
         return out
 
     def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict:
+        """The sample at ``key``; a bad one (unreadable image, no usable caption) is replaced by
+        another index drawn from the sample's seed, so batch shapes stay fixed and resuming sees
+        the same replacement. The sample's ``skipped`` dict counts the replaced ones by reason."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        skipped: dict[str, int] = {}
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, -2))
+        for _ in range(self.max_tries):
+            try:
+                sample = self._load(epoch, index)
+                sample["skipped"] = skipped
+                return sample
+            except BadSample as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                _warn_bad_sample(e)
+                last = e
+                index = int(torch.randint(len(self.entries), (), generator=gen))
+        raise DataError(f"{self.annotation_path}: {self.max_tries} bad samples in a row ({skipped}), the last: "
+                        f"{last}. Is the image root right? Set it with --image-root / data.image_root")
+
+    def _load(self, epoch: int, index: int) -> dict:
         entry = self.entries[index]
+        captions = valid_captions(entry.get("caption"))
+        if not captions:
+            raise BadSample("bad caption", f"{self.annotation_path}: entry {index} has no usable caption "
+                            f"(got {entry.get('caption')!r}; expected a non-empty string or list of strings)")
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
-        pil = open_image(self.root / entry["image"])
+        pil = open_image(self.root / entry["image"], self.max_pixels)
         image, flipped = self.transform(pil, gen)
         caption = entry["caption"]
         if isinstance(caption, list):
             caption = caption[int(torch.randint(len(caption), (), generator=gen))]
+            if caption not in captions:  # a bad item of the list: take a good one, still seeded
+                caption = captions[int(torch.randint(len(captions), (), generator=gen))]
         if flipped and self.swap_on_flip:
             caption = swap_left_right(caption)
         sample = dict(image=image, caption=caption, image_id=self.image_ids[index], index=index, seed=seed)
         if self.two_views:
             sample["image2"] = self.transform(pil, gen)[0]
         return sample
+
+
+def valid_captions(caption: Any) -> list[str]:
+    """The usable captions of an entry: non-blank strings (a string or a list of them)."""
+    items = caption if isinstance(caption, list) else [caption]
+    return [c for c in items if isinstance(c, str) and c.strip()]
+
+
+_WARNED: dict[str, int] = {}
+WARN_PER_REASON = 5
+
+
+def _warn_bad_sample(e: BadSample) -> None:
+    """Log the first few bad samples of each reason (per process); all are counted."""
+    import logging
+
+    n = _WARNED.get(e.reason, 0)
+    _WARNED[e.reason] = n + 1
+    if n < WARN_PER_REASON:
+        logging.getLogger("maskvlm").warning("skipping a bad sample (%s): %s%s", e.reason, e,
+                                             " (further ones of this kind are counted, not logged)"
+                                             if n == WARN_PER_REASON - 1 else "")
 
 
 class EpochSampler(Sampler):
@@ -206,6 +316,7 @@ class Batch:
     image_mask: Optional[torch.Tensor] = None  # (B, N) bool, True = masked patch
     images2: Optional[torch.Tensor] = None  # (B, 3, H, W) a second augmented view (two-view objectives)
     mask_modes: Optional[torch.Tensor] = None  # (B,) modality-aware masking mode of each sample
+    skipped: Optional[dict] = None  # bad samples replaced while building this batch, by reason
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: (fn(v) if isinstance(v, torch.Tensor) else v)
@@ -240,6 +351,14 @@ class TaskBatch:
         return self.images.shape[0]
 
 
+def merge_counts(counts) -> dict:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in (c or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 class PretrainCollator:
     """Stacks images, tokenises captions, and draws the text and image masks for the batch."""
 
@@ -258,7 +377,8 @@ class PretrainCollator:
         images = torch.stack([s["image"] for s in samples])
         ids, attn = self.tokenizer([s["caption"] for s in samples], self.max_len)
         batch = Batch(images=images, input_ids=ids, attention_mask=attn,
-                      image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long))
+                      image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+                      skipped=merge_counts(s.get("skipped") for s in samples))
         if "image2" in samples[0]:
             batch.images2 = torch.stack([s["image2"] for s in samples])
         gen = torch.Generator().manual_seed(sample_seed(*[s["seed"] for s in samples]))

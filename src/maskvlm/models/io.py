@@ -31,7 +31,14 @@ def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True):
     """Load ``state`` into ``module``; tied names absent from ``state`` are not reported missing.
-    With ``strict``, any other missing or unexpected key is an error that lists them."""
+    With ``strict``, any other missing or unexpected key is an error that lists them; a tensor of
+    another shape is always an error naming the tensors and both shapes."""
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"{source} does not match this architecture: {len(wrong)} tensors have another shape: "
+                         f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}")
     result = module.load_state_dict(state, strict=False)
     tied = set(module.state_dict()) - set(unique_state_dict(module))
     missing = [k for k in result.missing_keys if k not in tied]

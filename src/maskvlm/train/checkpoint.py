@@ -5,6 +5,7 @@ crash mid-write never damages the previous checkpoint; loaded without unpickling
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -49,10 +50,11 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing (or our own retry)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         write_model_folder(tmp, task, config, tokenizer)
+        _fault_delay()
         torch.save(trainer_state, tmp / STATE_FILE)
         for name, content in (extra_files or {}).items():  # e.g. a task's class names
             with open(tmp / name, "w") as f:
@@ -63,13 +65,44 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+        _fsync_dir(root)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = list_checkpoints(output_dir)
+            raise OSError(e.errno, f"no space left on the device while writing the checkpoint for step {step} in "
+                          f"{root}; the partial copy was removed and the previous checkpoint "
+                          f"({previous[-1] if previous else 'none'}) is intact. Free space, then continue with "
+                          "--resume auto") from None
         raise
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fault_delay() -> None:
+    """Fault injection for the reliability tests: MASKVLM_FAULT_SAVE_DELAY=<seconds> pauses every
+    checkpoint write half-way (weights written, trainer state not yet), so a test can kill the
+    process in the middle of a write. Unset in normal use."""
+    delay = os.environ.get("MASKVLM_FAULT_SAVE_DELAY")
+    if delay:
+        import time
+        time.sleep(float(delay))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -104,7 +137,10 @@ def resolve_resume(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
+    """The trainer state, read with ``weights_only=True``: tensors, numbers, strings and containers
+    only. A file that would run code when unpickled is refused, never executed."""
     try:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{checkpoint / STATE_FILE}: cannot be loaded safely ({e})") from None
+        raise ValueError(f"{checkpoint / STATE_FILE}: refused: it cannot be loaded safely (only tensors, numbers, "
+                         f"strings and containers are accepted, nothing that runs code when unpickled): {e}") from None

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.formats import EpochSampler
+from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -94,6 +94,9 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.skipped_nonfinite = 0
+        self.nonfinite_in_row = 0
+        self.skipped_samples: dict[str, int] = {}  # bad training samples replaced, by reason
+        self.samples_used = 0
         self.last_checkpoint: Optional[Path] = None
         self.interrupted = False
 
@@ -101,6 +104,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "skipped_nonfinite": self.skipped_nonfinite,
+                "skipped_samples": dict(self.skipped_samples), "samples_used": self.samples_used,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state()}
 
@@ -120,6 +124,8 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self.skipped_samples = dict(state.get("skipped_samples", {}))
+        self.samples_used = state.get("samples_used", 0)
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
@@ -141,6 +147,26 @@ class Trainer:
                 yield batch
             self.epoch += 1
             self.batch_in_epoch = 0
+
+    # --- faults -------------------------------------------------------------------------------
+    def skip_report(self) -> str:
+        total = sum(self.skipped_samples.values())
+        tried = total + self.samples_used
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_samples.items(), key=lambda kv: -kv[1]))
+        return f"{total} of {tried} samples skipped ({100.0 * total / max(tried, 1):.2f}%): {reasons or 'none'}"
+
+    def _check_skips(self, batch) -> None:
+        for k, v in (getattr(batch, "skipped", None) or {}).items():
+            self.skipped_samples[k] = self.skipped_samples.get(k, 0) + v
+        self.samples_used += len(batch)
+        d = self.config.data
+        total = sum(self.skipped_samples.values())
+        tried = total + self.samples_used
+        if tried >= d.skip_check_after and total > d.max_skip_rate * tried:
+            raise TooManyBadSamples(
+                f"too many bad training samples: {self.skip_report()}, more than data.max_skip_rate="
+                f"{d.max_skip_rate} (checked after data.skip_check_after={d.skip_check_after} samples). Fix or "
+                f"remove the files (the log names the first ones of each kind), or raise data.max_skip_rate")
 
     # --- loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -164,6 +190,12 @@ class Trainer:
                 finite = True
                 for _ in range(t.grad_accum):
                     batch = next(batches).to(self.device, non_blocking=True)
+                    try:
+                        self._check_skips(batch)
+                    except TooManyBadSamples:
+                        if main and self.step > 0:
+                            self.save()  # keep the progress made so far
+                        raise
                     with autocast(self.device, t.precision):
                         loss, metrics = self.task(batch)
                     if not torch.isfinite(loss):
@@ -179,16 +211,26 @@ class Trainer:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad))
                         finite = math.isfinite(grad_norm)
                 if finite:
+                    self.nonfinite_in_row = 0
                     self.optimizer.step()
                     after_step = getattr(self.task, "after_step", None)
                     if after_step is not None:  # e.g. EMA teacher update
                         after_step()
                 else:
                     self.skipped_nonfinite += 1
-                    log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)", self.step,
-                                self.skipped_nonfinite)
+                    self.nonfinite_in_row += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss or gradient; update skipped (%d so far, %d in a row)",
+                                self.step, self.skipped_nonfinite, self.nonfinite_in_row)
                 self.scheduler.step()
                 self.step += 1
+                if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                    # the weights are those of the last good step: every update since was skipped
+                    path = self.save() if main else None
+                    raise NonFiniteTraining(
+                        f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (up to step "
+                        f"{self.step}); stopped. The last good state is saved in {path}. Lower train.lr, "
+                        "use train.precision=fp32 or check the data, then continue with --resume auto")
                 for k, v in step_metrics.items():
                     window[k] += v
                 window_steps += 1
@@ -199,13 +241,15 @@ class Trainer:
                     # the base rate (groups may carry layer-wise / head multipliers)
                     base_lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
                     last.update(lr=base_lr, samples_per_s=window_samples / max(elapsed, 1e-9),
-                                epoch=self.epoch, skipped_nonfinite=self.skipped_nonfinite)
+                                epoch=self.epoch, skipped_nonfinite=self.skipped_nonfinite,
+                                skipped_samples=sum(self.skipped_samples.values()))
                     if t.clip_grad > 0:
                         last["grad_norm"] = grad_norm
                     if logger:
                         logger.log(self.step, "train", last)
                     bar.set_postfix({k: f"{last[k]:.3f}" for k in last if k.endswith("_loss")} |
-                                    {"samples/s": f"{last['samples_per_s']:.0f}"})
+                                    {"samples/s": f"{last['samples_per_s']:.0f}"} |
+                                    ({"skipped": int(last["skipped_samples"])} if last["skipped_samples"] else {}))
                     window.clear()
                     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
                 is_last = self.step == t.max_steps
@@ -222,4 +266,14 @@ class Trainer:
                     log.warning("stopped at step %d of %d; continue with: maskvlm %s --output-dir %s "
                                 "--resume auto", self.step, t.max_steps, self.command, self.output_dir)
                     break
+        if self.skipped_samples:
+            log.warning("bad training samples were replaced by others: %s", self.skip_report())
         return last
+
+
+class TooManyBadSamples(DataError):
+    """The share of bad training samples passed data.max_skip_rate."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """train.max_nonfinite_in_row steps in a row had a non-finite loss or gradient."""

@@ -1,0 +1,222 @@
+"""Faults never lose work or give silent wrong results: bad files and captions are skipped and
+counted (or converted), the skip rate is enforced, non-finite steps are skipped and a run of
+them stops with a checkpoint, checkpoints survive SIGKILL mid-write and a full disk, malicious
+pickles are refused, and mismatched checkpoints name the tensors."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from maskvlm.data.corrupt import CONVERT_KINDS, SKIP_KINDS, _write_kind, corrupt_dataset
+from maskvlm.data.formats import BadSample, PairDataset, PretrainCollator, open_image
+from maskvlm.data.transforms import ImageTransform
+from maskvlm.models.io import load_state
+from maskvlm.pipeline import pretrain
+from maskvlm.train.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
+from maskvlm.train.loop import NonFiniteTraining, TooManyBadSamples
+from tests.conftest import MICRO, micro_config
+
+REASON = {"missing file": "missing file", "empty file": "empty file", "truncated image": "corrupt image",
+          "not an image": "not an image", "decompression bomb": "image too large"}
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory):
+    """A non-square RGB image with a distinct top-left corner (to see rotations)."""
+    folder = tmp_path_factory.mktemp("src")
+    arr = np.zeros((24, 40, 3), dtype=np.uint8)
+    arr[..., 2] = 200
+    arr[:6, :6] = (255, 0, 0)
+    Image.fromarray(arr).save(folder / "a.png")
+    return folder / "a.png"
+
+
+@pytest.mark.parametrize("kind", [k for k in SKIP_KINDS if not k.endswith("caption")])
+def test_broken_image_files_raise_bad_sample_with_the_reason(kind, source_image, tmp_path):
+    name = _write_kind(kind, source_image, tmp_path / "x.png")
+    with pytest.raises(BadSample) as err:
+        open_image(tmp_path / name)
+    assert err.value.reason == REASON[kind] and str(tmp_path / name) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", CONVERT_KINDS)
+def test_unusual_images_are_converted_not_skipped(kind, source_image, tmp_path):
+    name = _write_kind(kind, source_image, tmp_path / "x.png")
+    im = open_image(tmp_path / name)
+    assert im.mode == "RGB"
+    if kind == "tiny":
+        assert im.size == (4, 4)
+        return
+    assert im.size == (40, 24)  # EXIF orientation applied: back to the original shape
+    arr = np.asarray(im).astype(int)
+    if kind == "exif rotated":
+        assert arr[:6, :6, 0].mean() > 200 and arr[:6, :6, 2].mean() < 60  # red corner back at the top left
+    if kind == "16-bit":
+        assert arr.max() == 255 and arr.min() == 0  # scaled by its range, not clipped
+    if kind == "rgba":
+        assert arr[10, 20, 0] > 100  # half-transparent blue over white, not over black
+
+
+def test_oversized_image_refused_by_the_configured_limit(source_image):
+    with pytest.raises(BadSample, match="data.max_image_pixels"):
+        open_image(source_image, max_pixels=100)
+
+
+@pytest.fixture(scope="module")
+def corrupted(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("corrupt")
+    summary = corrupt_dataset(synthetic_dir / "train.json", out, rate=0.2, seed=0)
+    return out, summary
+
+
+def test_corrupted_copy_counts_and_kinds(corrupted, synthetic_dir):
+    out, summary = corrupted
+    entries = json.loads((out / "train.json").read_text())
+    assert summary["broken"] == round(0.2 * len(entries)) == summary["converted"]
+    assert set(summary["kinds"]) == set(SKIP_KINDS) | set(CONVERT_KINDS)
+    assert sum(1 for e in entries if e["image"].startswith("broken/")) == sum(
+        v for k, v in summary["kinds"].items() if not k.endswith("caption"))
+
+
+def test_bad_samples_are_replaced_deterministically_and_counted(corrupted, tokenizer):
+    out, summary = corrupted
+    ds = PairDataset(out / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3, train=True), seed=3)
+    samples = [ds[(0, i)] for i in range(len(ds))]
+    skipped = sum(sum(s["skipped"].values()) for s in samples)
+    assert skipped >= summary["broken"]  # every broken entry was met at least once (replacements may hit more)
+    assert all(s["image"].shape == (3, 32, 32) and s["caption"].strip() for s in samples)
+    again = [ds[(0, i)] for i in range(len(ds))]
+    assert all(a["index"] == b["index"] and torch.equal(a["image"], b["image"]) for a, b in zip(samples, again))
+    batch = PretrainCollator(tokenizer, 24)(samples[:16])
+    assert sum(batch.skipped.values()) == sum(sum(s["skipped"].values()) for s in samples[:16])
+    assert set(batch.skipped) <= {"missing file", "empty file", "not an image", "corrupt image", "image too large",
+                                  "bad caption"}
+
+
+def _run_config(synthetic_dir, out, *extra):
+    return micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null", "data.test=null",
+                        f"train.output_dir={out}", "train.precision=fp32", *extra)
+
+
+def test_skip_rate_limit_stops_with_a_checkpoint_and_counts_are_saved(corrupted, synthetic_dir, tmp_path):
+    out, _ = corrupted
+    cfg = _run_config(synthetic_dir, tmp_path / "stop", f"data.train={out / 'train.json'}",
+                      "data.skip_check_after=40", "data.max_skip_rate=0.02", "train.max_steps=20")
+    with pytest.raises(TooManyBadSamples, match="too many bad training samples: .* data.max_skip_rate=0.02"):
+        pretrain(cfg)
+    assert list_checkpoints(tmp_path / "stop")  # progress kept
+    cfg = _run_config(synthetic_dir, tmp_path / "ok", f"data.train={out / 'train.json'}", "data.max_skip_rate=0.5",
+                      "train.max_steps=6")
+    pretrain(cfg)
+    state = load_trainer_state(list_checkpoints(tmp_path / "ok")[-1])
+    assert sum(state["skipped_samples"].values()) > 0 and state["samples_used"] == 6 * 8
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_samples"] == sum(state["skipped_samples"].values())
+
+
+def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):
+    from maskvlm.tasks.pretrain import PretrainTask
+
+    real = PretrainTask.forward
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss, metrics = real(self, batch)
+        return (loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 5 else loss), metrics
+    monkeypatch.setattr(PretrainTask, "forward", flaky)
+    cfg = _run_config(synthetic_dir, tmp_path / "nan", "train.max_steps=20", "train.max_nonfinite_in_row=4",
+                      "train.save_every=0")
+    with pytest.raises(NonFiniteTraining, match="4 steps in a row .* last good state is saved"):
+        pretrain(cfg)
+    ckpt = list_checkpoints(tmp_path / "nan")[-1]
+    state = load_trainer_state(ckpt)
+    assert state["skipped_nonfinite"] == 2 + 4 and state["step"] == 8
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    _Evil.marker = marker
+    (tmp_path / "ckpt").mkdir()
+    with open(tmp_path / "ckpt" / "trainer_state.pt", "wb") as f:
+        pickle.dump({"step": evil}, f, protocol=2)
+    with pytest.raises(ValueError, match="refused: it cannot be loaded safely"):
+        load_trainer_state(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_architecture_names_the_tensors(model, tmp_path):
+    state = {k: v for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("weight") and state[k].dim() == 2)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    with pytest.raises(ValueError, match=f"tensors have another shape: {key}"):
+        load_state(model, state, "other.safetensors")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(model, config, tmp_path, monkeypatch):
+    import errno
+
+    save_checkpoint(tmp_path, 1, model, config, None, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="no space left .*step-00000001\\) is intact"):
+        save_checkpoint(tmp_path, 2, model, config, None, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def _cli_run(out, synthetic_dir, env=None):
+    args = [sys.executable, "-c", "import sys; from maskvlm.cli import main; sys.exit(main())", "pretrain",
+            "--output-dir", str(out), "--resume", "auto", *MICRO, f"data.train={synthetic_dir / 'train.json'}",
+            "data.val=null", "data.test=null", "train.precision=fp32", "train.max_steps=8", "train.save_every=2",
+            "train.keep_last=2", "data.vocab_size=200"]
+    return subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(synthetic_dir, tmp_path):
+    full = _cli_run(tmp_path / "full", synthetic_dir)
+    assert full.wait(timeout=300) == 0, full.stdout.read().decode()[-2000:]
+    # the second run pauses in every checkpoint write; kill it inside the write of step 4
+    proc = _cli_run(tmp_path / "killed", synthetic_dir, {"MASKVLM_FAULT_SAVE_DELAY": "30"})
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        tmp = list(ckpts.glob(".tmp-step-00000004-*")) if ckpts.exists() else []
+        if tmp and (tmp[0] / "model.safetensors").exists():
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the run never reached the write of step 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000002"]
+    resumed = _cli_run(tmp_path / "killed", synthetic_dir)
+    output = resumed.stdout.read().decode()
+    assert resumed.wait(timeout=300) == 0, output[-2000:]
+    assert "resumed from" in output and "step-00000002" in output
+    a = load_file(str(list_checkpoints(tmp_path / "full")[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "killed")[-1] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(ckpts.glob(".tmp-*"))  # the partial write was cleaned up
