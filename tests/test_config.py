@@ -11,6 +11,8 @@ def test_defaults_recipe_and_presets():
     m = base.model
     assert (m.image_size, m.patch_size, m.vision_width, m.vision_layers) == (224, 16, 768, 12)
     assert (m.text_layers, m.cross_layers, m.image_cross_layers) == (6, 6, 3)
+    small = build_config(preset="small").model
+    assert (small.image_size, small.patch_size, small.vision_width, small.vision_layers) == (128, 16, 384, 6)
     assert "maskvlm" in list_recipes()
 
 

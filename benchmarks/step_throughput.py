@@ -1,0 +1,240 @@
+"""Pre-training step throughput, side by side in one run: maskvlm's default recipe against
+Hugging Face ``transformers`` ``FlavaForPreTraining`` (MLM + MIM + MMM + ITM + ITC) at matched
+sizes, plus the machine's matrix-product peak in the same dtype.
+
+    python benchmarks/step_throughput.py --preset tiny                 # CPU: fp32 and bf16
+    python benchmarks/step_throughput.py --preset small --dtypes bf16
+    python benchmarks/step_throughput.py --preset base --device cuda  # on a GPU
+
+Each (library, dtype) runs in its own subprocess, so peak memory is its own: RSS on CPU, the
+allocator peak on GPU. A step is forward + backward + AdamW on one batch of random images and
+captions of the preset's sizes. Warm-up steps are excluded. The median and the spread (min-max)
+of the timed repeats are reported, with samples/s, the ratio maskvlm / FLAVA, model FLOPs per
+sample (``torch.utils.flop_counter.FlopCounterMode``, forward + backward), achieved FLOP/s and
+model FLOP utilisation = achieved / peak.
+
+Size matching: FLAVA's image encoder gets the preset's ViT (width, depth, heads, MLP width,
+image and patch size), its text encoder the text layers, and its multimodal encoder the
+cross-modality text layers. FLAVA has no counterpart of maskvlm's image cross-modality encoder
+(the MIM decoder), so maskvlm carries those extra layers. FLAVA's MIM predicts codebook tokens,
+8,192 classes. Its labels are given directly (random), so the DALL-E codebook's own forward is
+not timed, which is in FLAVA's favour. The FLOP counts say how much work each step does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+VOCAB = 1000
+TEXT_LEN = 32
+
+
+def _sizes(preset: str):
+    from maskvlm.config import build_config
+    return build_config("maskvlm", preset, overrides=[f"model.vocab_size={VOCAB}"])
+
+
+def _autocast(device: torch.device, dtype: str):
+    import contextlib
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _maskvlm_step(cfg, device, batch_size):
+    from maskvlm.data.formats import Batch
+    from maskvlm.masking import bert_mask, block_mask
+    from maskvlm.models.model import build_model
+    from maskvlm.tasks.pretrain import PretrainTask
+
+    m = cfg.model
+    g = torch.Generator().manual_seed(0)
+    task = PretrainTask(build_model(cfg), cfg).to(device)
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    grid = (m.image_size // m.patch_size,) * 2
+    ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    attn = torch.ones_like(ids)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = maskable[:, -1] = False
+    mlm_ids, labels = bert_mask(ids, maskable, cfg.masking.text_ratio, 4, torch.arange(5, VOCAB), g)
+    batch = Batch(images=torch.randn(batch_size, 3, m.image_size, m.image_size, generator=g), input_ids=ids,
+                  attention_mask=attn, image_ids=torch.arange(batch_size), mlm_input_ids=mlm_ids, mlm_labels=labels,
+                  image_mask=block_mask(batch_size, grid, cfg.masking.image_ratio, cfg.masking.image_block, g))
+    batch = batch.to(device)
+
+    def step(dtype):
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss, _ = task(batch)
+        loss.backward()
+        opt.step()
+    return task, step
+
+
+def _flava_step(cfg, device, batch_size):
+    from transformers import FlavaConfig, FlavaForPreTraining
+
+    m = cfg.model
+    image = dict(hidden_size=m.vision_width, num_hidden_layers=m.vision_layers, num_attention_heads=m.vision_heads,
+                 intermediate_size=int(m.vision_width * m.vision_mlp_ratio), image_size=m.image_size,
+                 patch_size=m.patch_size)
+    text = dict(hidden_size=m.text_width, num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
+                intermediate_size=m.text_intermediate, vocab_size=VOCAB, max_position_embeddings=max(64, TEXT_LEN))
+    multimodal = dict(hidden_size=m.text_width, num_hidden_layers=m.cross_layers, num_attention_heads=m.text_heads,
+                      intermediate_size=m.text_intermediate)
+    config = FlavaConfig(image_config=image, text_config=text, multimodal_config=multimodal,
+                         hidden_size=m.text_width, projection_dim=m.embed_dim, init_codebook=False)
+    model = FlavaForPreTraining(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    n_patches = (m.image_size // m.patch_size) ** 2
+    ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)
+    pick = torch.rand(batch_size, TEXT_LEN, generator=g) < cfg.masking.text_ratio
+    masked_pos = torch.rand(batch_size, n_patches, generator=g) < cfg.masking.image_ratio
+    vocab_mim = config.image_codebook_config.vocab_size
+    inputs = dict(input_ids=ids, input_ids_masked=ids.masked_fill(pick, 4), attention_mask=torch.ones_like(ids),
+                  pixel_values=torch.randn(batch_size, 3, m.image_size, m.image_size, generator=g),
+                  bool_masked_pos=masked_pos,
+                  mlm_labels=ids.masked_fill(~pick, -100),
+                  mim_labels=torch.randint(0, vocab_mim, (batch_size, n_patches), generator=g).masked_fill(
+                      ~masked_pos, -100),
+                  itm_labels=torch.randint(0, 2, (batch_size,), generator=g), return_loss=True)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def step(dtype):
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            out = model(**inputs)
+        out.loss.backward()
+        opt.step()
+    return model, step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int, warmup: int, repeats: int) -> dict:
+    import resource
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    cfg = _sizes(preset)
+    b = batch_size or cfg.train.batch_size
+    module, step = (_maskvlm_step if lib == "maskvlm" else _flava_step)(cfg, device, b)
+    params = sum(p.numel() for p in module.parameters())
+    with FlopCounterMode(display=False) as counter:
+        step(dtype)
+    flops = counter.get_total_flops()
+    for _ in range(warmup):
+        step(dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        step(dtype)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
+            "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
+
+
+def matmul_peak(dtype: str, device: torch.device, n: int = 4096, repeats: int = 8) -> float:
+    """FLOP/s of an n x n matrix product in ``dtype`` (the best of ``repeats``). Measured before and
+    after each dtype's runs and the higher one kept: on shared or throttling machines one
+    measurement can come out low."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for i in range(repeats + 2):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tiny, small (CPU) or base (GPU)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the preset's train.batch_size")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--libs", nargs="+", default=["maskvlm", "flava"], choices=["maskvlm", "flava"])
+    p.add_argument("--worker", nargs=2, metavar=("LIB", "DTYPE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], args.preset, args.worker[1], args.device,
+                                            args.batch_size, args.warmup, args.repeats)))
+        return 0
+    from maskvlm.runtime import invocation, machine_description
+
+    device = torch.device(args.device)
+    rows = []
+    for dtype in args.dtypes:
+        peak = matmul_peak(dtype, device)
+        block = []
+        for lib in args.libs:
+            cmd = [sys.executable, __file__, "--worker", lib, dtype, "--preset", args.preset, "--device", args.device,
+                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            print(f"running {lib} {dtype} ...", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{lib} {dtype} failed")
+            block.append(json.loads(line[0][7:]))
+        peak = max(peak, matmul_peak(dtype, device))
+        for r in block:
+            med = statistics.median(r["times"])
+            r.update(peak=peak, median_s=med, samples_per_s=r["batch"] / med,
+                     flops_per_sample=r["flops_per_step"] / r["batch"], achieved=r["flops_per_step"] / med)
+            r["mfu"] = r["achieved"] / peak
+            rows.append(r)
+    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
+             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset}, batch {rows[0]['batch']}, "
+             f"{args.warmup} warm-up steps, {args.repeats} timed steps (median, min-max)", "",
+             "| library | dtype | params | step s (median, min-max) | samples/s | GFLOP/sample (fwd+bwd) | "
+             "achieved GFLOP/s | matmul peak GFLOP/s | MFU | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['lib']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['median_s']:.3f} "
+                     f"({min(r['times']):.3f}-{max(r['times']):.3f}) | {r['samples_per_s']:.1f} | "
+                     f"{r['flops_per_sample'] / 1e9:.2f} | {r['achieved'] / 1e9:.1f} | {r['peak'] / 1e9:.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_bytes'] / 2 ** 20:.0f} MiB ({r['memory']}) |")
+    lines.append("")
+    for dtype in args.dtypes:
+        by = {r["lib"]: r for r in rows if r["dtype"] == dtype}
+        if len(by) == 2:
+            a, f = by["maskvlm"], by["flava"]
+            lines.append(f"- {dtype}: maskvlm / FLAVA samples/s = {a['samples_per_s'] / f['samples_per_s']:.2f}x; "
+                         f"achieved FLOP/s = {a['achieved'] / f['achieved']:.2f}x; FLOPs per sample = "
+                         f"{a['flops_per_sample'] / f['flops_per_sample']:.2f}x; peak memory = "
+                         f"{a['peak_bytes'] / f['peak_bytes']:.2f}x")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
