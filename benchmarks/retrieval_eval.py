@@ -1,0 +1,93 @@
+"""Wall time of zero-shot retrieval evaluation (encode, ITC ranking, ITM re-ranking of each query's
+top-k in both directions) as the number of images N and k grow.
+
+    python benchmarks/retrieval_eval.py                          # N = 1000, 5000; k = 16, 128, 256
+    python benchmarks/retrieval_eval.py --sizes 1000 --ks 16 --full-rerank
+
+Synthetic test splits of N images x 5 captions are generated once under --work. The model is the
+preset's architecture with random weights: the time does not depend on the weights. Encoding and
+ITC ranking are timed over the whole split. ITM re-ranking costs (N + 5N) x k pair forwards, which
+is hours on a small CPU at N = 5,000 and k = 256. So by default it is timed on the first --queries
+queries of each direction, and the per-query time is multiplied out; each row says which.
+``--full-rerank`` times every query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--sizes", nargs="+", type=int, default=[1000, 5000], help="images (5 captions each)")
+    p.add_argument("--ks", nargs="+", type=int, default=[16, 128, 256])
+    p.add_argument("--queries", type=int, default=100, help="queries per direction timed for re-ranking")
+    p.add_argument("--full-rerank", action="store_true", help="time re-ranking of every query")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default="runs/retrieval-bench")
+    args = p.parse_args()
+
+    from maskvlm.config import build_config
+    from maskvlm.data.formats import RetrievalDataset
+    from maskvlm.data.synthetic import ensure_synthetic
+    from maskvlm.data.tokenizer import train_wordpiece
+    from maskvlm.models.model import build_model
+    from maskvlm.runtime import invocation, machine_description
+    from maskvlm.tasks.pretrain import eval_transform
+    from maskvlm.tasks.retrieval import _rerank, encode_split, itm_scores, recall_metrics
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
+             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset}, {args.precision}, batch {args.batch_size}", "",
+             "| images | captions | encode s | ITC rank + recall s | k | ITM re-rank s (both directions) | "
+             "re-rank pairs/s | total s | how |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in args.sizes:
+        cfg = build_config("maskvlm", args.preset)
+        root = ensure_synthetic(Path(args.work) / f"n{n}", 1, 1, n, cfg.model.image_size, 11, progress=True)
+        dataset = RetrievalDataset(root / "test.json", None, eval_transform(cfg))
+        tokenizer = train_wordpiece(dataset.texts, cfg.data.vocab_size)
+        cfg.model.vocab_size = tokenizer.vocab_size
+        model = build_model(cfg).to(device).eval()
+        with torch.no_grad():
+            t = time.perf_counter()
+            enc = encode_split(model, dataset, tokenizer, cfg.data.max_text_len, args.batch_size, device,
+                               args.precision)
+            t_enc = time.perf_counter() - t
+            t = time.perf_counter()
+            sim = (enc["image_feat"] @ enc["text_feat"].t()).float().cpu()
+            recall_metrics(sim, sim.t(), dataset.img2txt, dataset.txt2img)
+            t_itc = time.perf_counter() - t
+
+            def pairs(a, b):
+                return itm_scores(model, enc, a, b, args.batch_size, device, args.precision).cpu()
+            for k in args.ks:
+                q_i = len(dataset) if args.full_rerank else min(args.queries, len(dataset))
+                q_t = len(dataset.texts) if args.full_rerank else min(args.queries, len(dataset.texts))
+                t = time.perf_counter()
+                _rerank(sim[:q_i], k, pairs, False)
+                t_i = time.perf_counter() - t
+                t = time.perf_counter()
+                _rerank(sim.t().contiguous()[:q_t], k, lambda txt, img: pairs(img, txt), False)
+                t_t = time.perf_counter() - t
+                total_rerank = t_i / q_i * len(dataset) + t_t / q_t * len(dataset.texts)
+                rate = (q_i + q_t) * min(k, sim.shape[1]) / (t_i + t_t)
+                how = ("measured" if q_i == len(dataset) and q_t == len(dataset.texts)
+                       else f"re-rank from {q_i} + {q_t} queries, multiplied out")
+                lines.append(f"| {len(dataset)} | {len(dataset.texts)} | {t_enc:.1f} | {t_itc:.2f} | {k} | "
+                             f"{total_rerank:.0f} | {rate:.0f} | {t_enc + t_itc + total_rerank:.0f} | {how} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
