@@ -1,0 +1,121 @@
+"""Data pipeline throughput: decoded + augmented + tokenised + masked samples/s per DataLoader
+worker from JPEG files (256 px and 512 px sources), next to the trainer's consumption rate (a
+timed bf16 pre-training step) at the tiny and base presets. This tells how many workers keep a
+device busy.
+
+    python benchmarks/data_throughput.py
+    python benchmarks/data_throughput.py --presets tiny --workers 1 2 --samples 2000
+
+Each source image is a random scene saved as a quality-90 JPEG. Webdataset shards are not
+measured yet: that input arrives with the scale-out work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_jpegs(folder: Path, n: int, side: int) -> Path:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    ann = folder / "train.json"
+    if ann.exists() and len(json.loads(ann.read_text())) == n:
+        return ann
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        arr = (rng.random((side // 8, side // 8, 3)) * 255).astype("uint8")
+        im = Image.fromarray(arr).resize((side, side), Image.BICUBIC)
+        d = ImageDraw.Draw(im)
+        for _ in range(3):
+            x, y, r = rng.integers(0, side, 2).tolist() + [int(rng.integers(side // 16, side // 4))]
+            d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.integers(0, 255, 3).tolist()))
+        im.save(folder / "img" / f"{i:06d}.jpg", quality=90)
+        entries.append({"image": f"img/{i:06d}.jpg", "caption": f"a scene with three shapes number {i} on the left",
+                        "image_id": i})
+    ann.write_text(json.dumps(entries))
+    return ann
+
+
+def loader_rate(cfg, ann: Path, workers: int, samples: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from maskvlm.data.formats import EpochSampler, PairDataset, PretrainCollator
+    from maskvlm.data.tokenizer import train_wordpiece
+    from maskvlm.data.transforms import ImageTransform
+
+    m, d = cfg.model, cfg.data
+    ds = PairDataset(ann, None, ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale,
+                                               hflip=d.hflip))
+    tok = train_wordpiece(ds.captions(), 500)
+    grid = (m.image_size // m.patch_size,) * 2
+    collate = PretrainCollator(tok, d.max_text_len, cfg.masking.text_ratio, cfg.masking.image_ratio, grid,
+                               cfg.masking.image_block)
+    bs = 32
+    loader = DataLoader(ds, batch_size=bs, sampler=EpochSampler(len(ds), 0), collate_fn=collate, drop_last=True,
+                        num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    for _ in range(max(1, 2 * workers)):  # warm-up: workers started, first batches out
+        next(it)
+    t, n = time.perf_counter(), 0
+    for batch in it:
+        n += len(batch)
+        if n >= samples:
+            break
+    return n / (time.perf_counter() - t)
+
+
+def consumption_rate(cfg, batch: int, steps: int = 2) -> float:
+    """Samples/s of bf16 pre-training steps at this preset on the CPU (random inputs)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from step_throughput import _maskvlm_step
+    _, step = _maskvlm_step(cfg, torch.device("cpu"), batch)
+    step("bf16")
+    t = time.perf_counter()
+    for _ in range(steps):
+        step("bf16")
+    return batch * steps / (time.perf_counter() - t)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    p.add_argument("--sources", nargs="+", type=int, default=[256, 512], help="JPEG side in pixels")
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--samples", type=int, default=1000, help="samples timed per setting")
+    p.add_argument("--work", default="runs/data-bench")
+    args = p.parse_args()
+
+    from maskvlm.config import build_config
+    from maskvlm.runtime import invocation, machine_description
+
+    lines = [f"Machine: {machine_description()}", f"Command: `{invocation()}`",
+             f"Date: {time.strftime('%Y-%m-%d')}", "",
+             "| preset (image px) | source JPEG | workers | samples/s | per worker | trainer consumes (CPU bf16) | "
+             "workers needed on this CPU |", "|---|---|---|---|---|---|---|"]
+    for preset in args.presets:
+        cfg = build_config("maskvlm", preset, overrides=["model.vocab_size=1000"])  # step_throughput.VOCAB
+        consume = consumption_rate(cfg, 64 if preset == "tiny" else 4)
+        for side in args.sources:
+            ann = make_jpegs(Path(args.work) / f"jpeg{side}", max(args.samples + 256, 1200), side)
+            for w in args.workers:
+                rate = loader_rate(cfg, ann, w, args.samples)
+                need = math.ceil(consume / (rate / w))
+                lines.append(f"| {preset} ({cfg.model.image_size}) | {side} px | {w} | {rate:.0f} | {rate / w:.0f} | "
+                             f"{consume:.1f} samples/s | {need} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
