@@ -148,6 +148,18 @@ def _add_data(sub) -> None:
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--rate", type=float, default=0.005, help="share of entries broken")
     c.add_argument("--seed", type=int, default=0)
+    w = tools.add_parser("shard", help="write an annotation JSON as webdataset tar shards",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Write {key}.jpg|png|webp, {key}.txt and {key}.json per caption into tar "
+                                     "shards of --shard-size samples (the img2dataset layout).")
+    w.add_argument("--data", default="data/synthetic/train.json", help="annotation JSON")
+    w.add_argument("--image-root", default=None, help="its image root (default: its folder)")
+    w.add_argument("--out", required=True, help="output folder")
+    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    n = tools.add_parser("inspect", help="count the samples of tar shards and show a few",
+                         description="SHARDS: a path, a glob or a brace pattern such as 'shards/{00000..00009}.tar'.")
+    n.add_argument("shards")
+    n.add_argument("--show", type=int, default=3, help="samples to show")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +333,15 @@ def _evaluate_retrieval(args) -> int:
 
 
 def _data(args) -> int:
+    if args.tool == "shard":
+        from .data.shards import write_shards
+        summary = write_shards(Path(args.data), args.image_root, Path(args.out), args.shard_size)
+        print(f"wrote {summary['samples']} samples in {summary['shards']} shards: {summary['pattern']}")
+        return 0
+    if args.tool == "inspect":
+        from .data.shards import expand_pattern, inspect_shards
+        print(inspect_shards(expand_pattern(args.shards), args.show))
+        return 0
     if args.tool == "corrupt":
         from .data.corrupt import corrupt_dataset
         summary = corrupt_dataset(Path(args.data), Path(args.out), args.rate, args.seed,
