@@ -147,6 +147,9 @@ class TrainConfig:
     # a step with a non-finite loss or gradient is skipped and counted; this many in a row write a
     # checkpoint of the last good state and stop the run
     max_nonfinite_in_row: int = 20
+    # under torchrun: let DDP look for parameters a step did not use (needed by some recipes; costs a
+    # graph traversal per step; turn off for the default recipe to save it)
+    ddp_find_unused: bool = True
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     log_every: int = 10

@@ -18,7 +18,7 @@ from .models.model import build_model
 from .tasks.pretrain import PretrainTask, make_retrieval_eval, needs_image_mask, needs_text_mask, prepare_data_paths
 from .tasks.retrieval import format_table
 from .train.checkpoint import list_checkpoints, resolve_resume
-from .train.distributed import is_main
+from .train.distributed import barrier, broadcast_object, init_from_env, is_main
 from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
@@ -38,6 +38,7 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     by accident) and only ``overrides`` (``key=value`` strings, e.g. ``train.max_steps=900``) are
     applied on top; ``config`` then only supplies ``train.output_dir``."""
     setup_logging()
+    init_from_env()
     output_dir, checkpoint, config = resolve_run(config, resume, overrides)
     if not is_main():
         return _pretrain(config, checkpoint, output_dir, evaluate_test)
@@ -56,7 +57,7 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
         merge_into(config, parse_overrides(overrides or []))
         config.validate()
         output_dir = output_dir or checkpoint.parent.parent
-    output_dir = output_dir or default_output_dir(config)
+    output_dir = Path(broadcast_object(str(output_dir or default_output_dir(config))))  # one folder for all ranks
     config.train.output_dir = str(output_dir)
     if checkpoint is None and list_checkpoints(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
@@ -70,7 +71,12 @@ def modality_aware(config: Config):
 
 
 def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
-    prepare_data_paths(config, progress=config.train.progress)
+    # the synthetic data is generated once, by rank 0; the others wait and then find it complete
+    if is_main():
+        prepare_data_paths(config, progress=config.train.progress)
+    barrier()
+    if not is_main():
+        prepare_data_paths(config, progress=False)
 
 
     d, m = config.data, config.model

@@ -63,3 +63,64 @@ def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tm
     assert torch.allclose(got["loss"], loss.detach(), atol=1e-6)
     for mine, theirs in zip(_params(img_proj, txt_proj, temp), got["grads"]):
         assert torch.allclose(mine.grad, theirs, atol=1e-5), (mine.grad - theirs).abs().max()
+
+
+def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_dir, tmp_path):
+    import socket
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-00000004"]  # written once, by rank 0
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    saved = load_file(str(ckpts[0] / "model.safetensors"))
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    assert all(torch.equal(saved[k], ranks[0][k]) for k in saved if k in ranks[0])
+
+
+def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str):
+    """Each rank trains, then writes its own final weights so the test can compare them."""
+    import os
+
+    from safetensors.torch import save_file
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import maskvlm.pipeline as pipeline
+    from maskvlm.models.io import unique_state_dict
+    from tests.conftest import micro_config
+
+    captured = {}
+    real_trainer = pipeline.Trainer
+
+    class Recording(real_trainer):
+        def fit(self):
+            out = super().fit()
+            captured["state"] = {k: v.detach().clone().contiguous() for k, v in unique_state_dict(self.task).items()}
+            return out
+    pipeline.Trainer = Recording
+    cfg = micro_config(f"data.train={synthetic_dir}/train.json", "data.val=null", "data.test=null",
+                       f"train.output_dir={out}/run", "train.precision=fp32", "train.max_steps=4",
+                       "train.save_every=0", "data.vocab_size=200")
+    try:
+        pipeline.pretrain(cfg)
+        save_file(captured["state"], f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_epoch_sampler_splits_an_epoch_across_ranks_exactly_once():
+    from maskvlm.data.formats import EpochSampler
+
+    for size, world in ((10, 2), (11, 2), (12, 3)):
+        parts = [list(EpochSampler(size, seed=5, epoch=1, rank=r, world=world)) for r in range(world)]
+        seen = [i for part in parts for _, i in part]
+        assert len(seen) == len(set(seen)) == size // world * world  # no duplicates, at most world - 1 left out
+        assert all(len(p) == size // world for p in parts)
+        resumed = list(EpochSampler(size, seed=5, epoch=1, rank=1, world=world, start=2))
+        assert resumed == parts[1][2:]

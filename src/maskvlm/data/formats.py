@@ -284,24 +284,32 @@ def _warn_bad_sample(e: BadSample) -> None:
 class EpochSampler(Sampler):
     """Seeded permutation per epoch yielding ``(epoch, index)`` keys; can start mid-epoch.
 
-    The order depends only on (seed, epoch), so resuming at ``start`` batches into an epoch sees
-    exactly the samples an uninterrupted run would have seen next."""
+    The order depends only on (seed, epoch), so resuming at ``start`` samples into an epoch sees
+    exactly the samples an uninterrupted run would have seen next. With ``world`` > 1 each rank
+    takes every ``world``-th index of the permutation (from ``rank``), cut to equal length: no
+    sample twice in an epoch, at most ``world - 1`` left out."""
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+        self.rank, self.world = rank, world
 
     def order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.size))
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        return torch.randperm(self.size, generator=gen).tolist()
+            full = list(range(self.size))
+        else:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            full = torch.randperm(self.size, generator=gen).tolist()
+        if self.world == 1:
+            return full
+        return full[self.rank::self.world][: self.size // self.world]
 
     def __iter__(self):
         for i in self.order()[self.start:]:
             yield (self.epoch, i)
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.size // self.world - self.start
 
 
 @dataclass

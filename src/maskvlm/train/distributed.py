@@ -38,3 +38,35 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def init_from_env(timeout_minutes: float = 30.0) -> bool:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1 in the environment): NCCL on
+    GPUs, gloo on CPUs, with a timeout so a dead rank ends the job instead of hanging it. Returns
+    whether this process is distributed."""
+    import os
+    from datetime import timedelta
+
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return True
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. a run folder name that contains a timestamp)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

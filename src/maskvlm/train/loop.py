@@ -26,7 +26,7 @@ from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import is_main
+from .distributed import is_main, rank, world_size
 from .logging import MetricsLogger, log
 from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
 
@@ -86,10 +86,17 @@ class Trainer:
         self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale)
         self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
-        self.batches_per_epoch = len(dataset) // t.batch_size
+        self.batches_per_epoch = len(dataset) // (t.batch_size * world_size())
         if self.batches_per_epoch == 0:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than train.batch_size="
-                             f"{t.batch_size}")
+                             f"{t.batch_size} x {world_size()} processes")
+        # under torchrun: DDP averages gradients over ranks (the task itself stays unwrapped for saving)
+        self.forward_module = task
+        if world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_module = DistributedDataParallel(task, device_ids=ids,
+                                                          find_unused_parameters=t.ddp_find_unused)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
@@ -135,7 +142,8 @@ class Trainer:
         """Micro-batches forever, epoch after epoch, starting at the saved data position."""
         t = self.config.train
         while True:
-            sampler = EpochSampler(len(self.dataset), t.seed, self.epoch, start=self.batch_in_epoch * t.batch_size)
+            sampler = EpochSampler(len(self.dataset), t.seed, self.epoch, start=self.batch_in_epoch * t.batch_size,
+                                   rank=rank(), world=world_size())
             loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=self.collator,
                                 drop_last=True, num_workers=self.config.data.num_workers,
                                 pin_memory=self.device.type == "cuda",
@@ -197,7 +205,7 @@ class Trainer:
                             self.save()  # keep the progress made so far
                         raise
                     with autocast(self.device, t.precision):
-                        loss, metrics = self.task(batch)
+                        loss, metrics = self.forward_module(batch)
                     if not torch.isfinite(loss):
                         finite = False
                         break
