@@ -65,8 +65,8 @@ def corrupt_dataset(src_json: Path, out_dir: Path, rate: float, seed: int = 0, i
                     converted_rate: float | None = None) -> dict:
     """Copy ``src_json`` into ``out_dir`` (unchanged entries keep pointing at the original images);
     break ``rate`` of the entries in the skip kinds (cycled) and give ``converted_rate`` (default:
-    the same) unusual but valid images. Each changed entry gets its own image file, so exactly those entries are affected. Returns
-    the counts written to ``out_dir/corruption.json``."""
+    the same) unusual but valid images. Each changed entry gets its own image file, so exactly
+    those entries are affected. Returns the counts written to ``out_dir/corruption.json``."""
     if not 0 <= rate < 1:
         raise ValueError(f"--rate {rate}: expected a share in [0, 1)")
     src_json = Path(src_json)
