@@ -37,9 +37,9 @@ VOCAB = 1000
 TEXT_LEN = 32
 
 
-def _sizes(preset: str):
+def _sizes(preset: str, overrides=()):
     from maskvlm.config import build_config
-    return build_config("maskvlm", preset, overrides=[f"model.vocab_size={VOCAB}"])
+    return build_config("maskvlm", preset, overrides=[f"model.vocab_size={VOCAB}", *overrides])
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -58,6 +58,9 @@ def _maskvlm_step(cfg, device, batch_size):
     m = cfg.model
     g = torch.Generator().manual_seed(0)
     task = PretrainTask(build_model(cfg), cfg).to(device)
+    if cfg.train.activation_checkpointing:
+        from maskvlm.models.layers import set_activation_checkpointing
+        set_activation_checkpointing(task, True)
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
     grid = (m.image_size // m.patch_size,) * 2
     ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)
@@ -124,14 +127,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int, warmup: int, repeats: int) -> dict:
+def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int, warmup: int, repeats: int,
+           overrides=()) -> dict:
     import resource
 
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     device = torch.device(device_name)
-    cfg = _sizes(preset)
+    cfg = _sizes(preset, overrides)
     b = batch_size or cfg.train.batch_size
     module, step = (_maskvlm_step if lib == "maskvlm" else _flava_step)(cfg, device, b)
     params = sum(p.numel() for p in module.parameters())
@@ -182,11 +186,13 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--libs", nargs="+", default=["maskvlm", "flava"], choices=["maskvlm", "flava"])
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="maskvlm config override for its runs, e.g. train.activation_checkpointing=true")
     p.add_argument("--worker", nargs=2, metavar=("LIB", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.preset, args.worker[1], args.device,
-                                            args.batch_size, args.warmup, args.repeats)))
+                                            args.batch_size, args.warmup, args.repeats, args.override)))
         return 0
     from maskvlm.runtime import invocation, machine_description
 
@@ -197,7 +203,8 @@ def main() -> int:
         block = []
         for lib in args.libs:
             cmd = [sys.executable, __file__, "--worker", lib, dtype, "--preset", args.preset, "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                   *[f"--override={o}" for o in args.override]]
             print(f"running {lib} {dtype} ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -150,6 +150,7 @@ class TrainConfig:
     # under torchrun: let DDP look for parameters a step did not use (needed by some recipes; costs a
     # graph traversal per step; turn off for the default recipe to save it)
     ddp_find_unused: bool = True
+    activation_checkpointing: bool = False  # recompute each encoder block in backward: less memory, ~1/3 more compute
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     log_every: int = 10

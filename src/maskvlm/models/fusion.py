@@ -9,11 +9,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import PreNormBlock, init_weights
+from .layers import PreNormBlock, init_weights, run_blocks
 from .vit import interpolate_pos_embed
 
 
 class ImageCrossEncoder(nn.Module):
+    checkpointing = False  # per-block activation checkpointing (train.activation_checkpointing)
+
     def __init__(self, width: int, layers: int, heads: int, text_width: int, num_patches: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
@@ -39,6 +41,5 @@ class ImageCrossEncoder(nn.Module):
             full.scatter_(1, visible_idx.unsqueeze(-1).expand(-1, -1, d), patches)
             patches = full
         x = torch.cat([cls, patches], dim=1) + interpolate_pos_embed(self.pos_embed, grid).to(patches.dtype)
-        for block in self.blocks:
-            x = block(x, context=text_hidden, context_mask=text_mask)
+        x = run_blocks(self, self.blocks, x, context=text_hidden, context_mask=text_mask)
         return self.norm(x)

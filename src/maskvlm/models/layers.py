@@ -41,6 +41,27 @@ def key_padding_to_attn_mask(key_mask: Optional[torch.Tensor]) -> Optional[torch
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
+def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Apply ``blocks`` in order. With ``owner.checkpointing`` set (``train.activation_checkpointing``)
+    and autograd on, each block keeps only its input and recomputes its activations in backward:
+    less memory for one more forward pass per block."""
+    from torch.utils.checkpoint import checkpoint
+
+    ckpt = getattr(owner, "checkpointing", False) and torch.is_grad_enabled()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, **kwargs) if ckpt else block(x, **kwargs)
+    return x
+
+
+def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
+    """Switch per-block activation checkpointing in every encoder stack of ``module``; returns how
+    many stacks were switched."""
+    stacks = [m for m in module.modules() if hasattr(m, "checkpointing")]
+    for m in stacks:
+        m.checkpointing = on
+    return len(stacks)
+
+
 def math_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v written out. On CPU in bf16 its backward is 2-4x faster than the
     SDPA kernels for short sequences (benchmarks/RESULTS.md); SDPA is used everywhere else."""

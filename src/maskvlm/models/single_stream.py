@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .heads import ITCHead, ITMHead, MLMHead
-from .layers import ATTENTION_IMPLS, Attention, PreNormBlock, init_weights
+from .layers import ATTENTION_IMPLS, Attention, PreNormBlock, init_weights, run_blocks
 from .text import BertEmbeddings, TextOutput
 from .vit import VisionOutput
 
@@ -88,6 +88,8 @@ class DeconvDecoder(nn.Module):
 
 
 class SingleStreamVLM(nn.Module):
+    checkpointing = False  # per-block activation checkpointing (train.activation_checkpointing)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
@@ -147,8 +149,7 @@ class SingleStreamVLM(nn.Module):
 
     # --- the joint transformer ------------------------------------------------------------------
     def _transform(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, key_mask=key_mask)
+        x = run_blocks(self, self.blocks, x, key_mask=key_mask)
         return self.norm(x)
 
     def joint(self, text_hidden: torch.Tensor, text_mask: torch.Tensor,

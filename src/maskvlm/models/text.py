@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import BertLayer, init_weights
+from .layers import BertLayer, init_weights, run_blocks
 
 
 @dataclass
@@ -42,6 +42,8 @@ class BertEmbeddings(nn.Module):
 
 class TextEncoder(nn.Module):
     """Unimodal text encoder: embeddings followed by ``layers`` BERT layers."""
+    checkpointing = False  # per-block activation checkpointing (train.activation_checkpointing)
+
 
     def __init__(self, vocab_size: int, width: int, layers: int, heads: int, intermediate: int,
                  max_position: int, type_vocab_size: int = 2, dropout: float = 0.0, attn_dropout: float = 0.0):
@@ -54,13 +56,14 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         mask = attention_mask.bool()
         x = self.embeddings(input_ids)
-        for layer in self.layer:
-            x = layer(x, key_mask=mask)
+        x = run_blocks(self, self.layer, x, key_mask=mask)
         return TextOutput(hidden=x, attention_mask=mask)
 
 
 class TextCrossEncoder(nn.Module):
     """Text cross-modality encoder: BERT layers with cross-attention to image tokens."""
+    checkpointing = False  # per-block activation checkpointing (train.activation_checkpointing)
+
 
     def __init__(self, width: int, layers: int, heads: int, intermediate: int, image_width: int,
                  dropout: float = 0.0, attn_dropout: float = 0.0):
@@ -72,6 +75,4 @@ class TextCrossEncoder(nn.Module):
     def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
                 image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = text_hidden
-        for layer in self.layer:
-            x = layer(x, key_mask=text_mask, context=image_hidden, context_mask=image_mask)
-        return x
+        return run_blocks(self, self.layer, x, key_mask=text_mask, context=image_hidden, context_mask=image_mask)

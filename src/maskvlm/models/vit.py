@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PreNormBlock, init_weights
+from .layers import PreNormBlock, init_weights, run_blocks
 
 
 @dataclass
@@ -43,6 +43,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class VisionTransformer(nn.Module):
+    checkpointing = False  # per-block activation checkpointing (train.activation_checkpointing)
+
     def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, layers: int = 12,
                  heads: int = 12, mlp_ratio: float = 4.0, use_mask_token: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -82,8 +84,7 @@ class VisionTransformer(nn.Module):
             x = gather_tokens(x, visible_idx)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x, key_mask=key_mask)
+        x = run_blocks(self, self.blocks, x, key_mask=key_mask)
         return VisionOutput(hidden=self.norm(x), visible_idx=visible_idx, grid=grid)
 
 

@@ -80,6 +80,9 @@ class Trainer:
         t, job = config.train, config.task
         self.device = resolve_device(t.device)
         self.task.to(self.device)
+        if t.activation_checkpointing:
+            from ..models.layers import set_activation_checkpointing
+            log.info("activation checkpointing on in %d encoder stacks", set_activation_checkpointing(task, True))
         lr_scale = None
         if job.name != "pretrain" and (job.layer_decay != 1 or job.head_lr_mult != 1):
             lr_scale = layerwise_lr_scale(config.model, job.layer_decay, job.head_lr_mult)
