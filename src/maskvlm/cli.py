@@ -32,6 +32,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--preset", default=None, help="model size preset (tiny, base) or YAML path; default: the recipe's")
     p.add_argument("--config", default=None, help="a YAML file of settings applied over the recipe")
     p.add_argument("--data", default=None, help="training annotation JSON (ALBEF layout); sets data.train")
+    p.add_argument("--shards", default=None, help="train from webdataset tar shards instead: a path, glob or "
+                                                  "brace pattern; sources separated by '::'; sets data.shards")
     p.add_argument("--val-data", default=None, help="validation retrieval JSON for periodic evaluation; data.val")
     p.add_argument("--test-data", default=None, help="test retrieval JSON evaluated at the end; sets data.test")
     p.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to (default: "
@@ -242,7 +244,7 @@ def _pretrain(args) -> int:
     from .config import build_config
     from .pipeline import pretrain
 
-    overrides = _flag_overrides(args, _RUN_FLAGS) + list(args.overrides)
+    overrides = _flag_overrides(args, _RUN_FLAGS + (("shards", "data.shards"),)) + list(args.overrides)
     config = build_config(args.recipe, args.preset, args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -339,8 +341,9 @@ def _data(args) -> int:
         print(f"wrote {summary['samples']} samples in {summary['shards']} shards: {summary['pattern']}")
         return 0
     if args.tool == "inspect":
-        from .data.shards import expand_pattern, inspect_shards
-        print(inspect_shards(expand_pattern(args.shards), args.show))
+        from .data.shards import inspect_shards
+        from .data.stream import expand_shards
+        print(inspect_shards(expand_shards(args.shards), args.show))
         return 0
     if args.tool == "corrupt":
         from .data.corrupt import corrupt_dataset

@@ -128,6 +128,13 @@ class DataConfig:
     max_skip_rate: float = 0.01
     skip_check_after: int = 2000  # samples tried before the rate is checked (a few early bad files are noise)
     max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's default
+    # webdataset tar shards instead of data.train: a path, glob or brace pattern ("shards/{00000..00099}.tar");
+    # several sources separated by "::", mixed by data.shard_weights (see docs/data.md)
+    shards: Optional[str] = None
+    shard_weights: Optional[list] = None  # one weight per source (default: equal)
+    shuffle_buffer: int = 1000  # samples held per dataloader worker for shuffling across shards
+    resampled: bool = False  # draw shards with replacement (an endless stream) instead of passes
+    samples_per_epoch: Optional[int] = None  # None: every sample of every source once
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -245,6 +252,8 @@ class Config:
             raise ConfigError("momentum.queue_size must be >= 0 and prototypes.num >= 2")
         if self.masking.guided_temp <= 0:
             raise ConfigError(f"masking.guided_temp={self.masking.guided_temp}: expected a positive value")
+        if self.data.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={self.data.shuffle_buffer}: expected at least 1")
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
         _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
@@ -357,7 +366,10 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected the form key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw  # e.g. a brace pattern such as {00000..00009}.tar is not YAML: keep the text
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

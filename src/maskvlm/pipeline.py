@@ -81,8 +81,15 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
 
     d, m = config.data, config.model
     transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
-    dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed, two_views=config.loss.proto > 0,
-                          max_pixels=d.max_image_pixels)
+    if d.shards:
+        from .data.stream import open_stream
+        dataset = open_stream(d.shards.split("::"), d.shard_weights, transform, seed=config.train.seed,
+                              shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+                              samples_per_epoch=d.samples_per_epoch, two_views=config.loss.proto > 0,
+                              max_pixels=d.max_image_pixels)
+    else:
+        dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed,
+                              two_views=config.loss.proto > 0, max_pixels=d.max_image_pixels)
 
     if checkpoint is not None:
         tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)

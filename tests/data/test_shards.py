@@ -7,18 +7,19 @@ import pytest
 
 from maskvlm.cli import main
 from maskvlm.data.formats import DataError
-from maskvlm.data.shards import expand_pattern, inspect_shards, iter_shard, write_shards
+from maskvlm.data.shards import inspect_shards, write_shards
+from maskvlm.data.stream import expand_shards, shard_samples
 
 
 def test_shards_hold_every_caption_once_with_its_image(synthetic_dir, tmp_path):
     entries = json.loads((synthetic_dir / "train.json").read_text())
     summary = write_shards(synthetic_dir / "train.json", None, tmp_path, shard_size=64, progress=False)
     assert summary["samples"] == len(entries) and summary["shards"] == -(-len(entries) // 64)
-    paths = expand_pattern(summary["pattern"])
-    samples = [s for p in paths for s in iter_shard(p)]
+    paths = expand_shards(summary["pattern"])
+    samples = [s for p in paths for s in shard_samples(p)]
     assert len(samples) == len(entries) and len({s["__key__"] for s in samples}) == len(entries)
     for s, e in zip(samples, entries):
-        assert set(s) == {"__key__", "png", "txt", "json"}
+        assert set(s) == {"__key__", "__url__", "png", "txt", "json"}
         assert s["txt"].decode() == e["caption"] and s["png"] == (synthetic_dir / e["image"]).read_bytes()
         assert json.loads(s["json"])["image_id"] == e["image_id"]
     assert not list(tmp_path.glob(".*.tmp"))
@@ -30,7 +31,7 @@ def test_caption_lists_give_one_sample_per_caption(synthetic_dir, tmp_path):
     test = json.loads((synthetic_dir / "test.json").read_text())  # one entry per image, 5 captions
     summary = write_shards(synthetic_dir / "test.json", None, tmp_path, shard_size=1000, progress=False)
     assert summary["samples"] == sum(len(e["caption"]) for e in test)
-    keys = [s["__key__"] for s in iter_shard(tmp_path / "00000.tar")]
+    keys = [s["__key__"] for s in shard_samples(tmp_path / "00000.tar")]
     assert keys[:2] == ["000000000_0", "000000000_1"]
 
 
@@ -42,9 +43,9 @@ def test_missing_image_and_truncated_shard_are_clear_errors(synthetic_dir, tmp_p
     data = (tmp_path / "ok" / "00000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(DataError, match="cut.tar: unreadable or truncated tar shard after"):
-        list(iter_shard(tmp_path / "cut.tar"))
+        list(shard_samples(tmp_path / "cut.tar"))
     with pytest.raises(FileNotFoundError, match="shard not found"):
-        expand_pattern(str(tmp_path / "ok" / "{00000..00003}.tar"))
+        expand_shards(str(tmp_path / "ok" / "{00000..00003}.tar"))
 
 
 def test_cli_shard_and_inspect(synthetic_dir, tmp_path, capsys):

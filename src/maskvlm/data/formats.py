@@ -5,6 +5,7 @@ that tokenises captions and applies the masking policies."""
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -154,22 +155,25 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: Path, max_pixels: Optional[int] = None) -> Image.Image:
+def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[bytes] = None) -> Image.Image:
     """Decode an image as RGB (see :func:`to_rgb`). Raises :class:`BadSample` naming the file and why:
-    missing, empty, not an image, truncated/corrupt, or more than ``max_pixels`` pixels."""
+    missing, empty, not an image, truncated/corrupt, or more than ``max_pixels`` pixels. With ``data``
+    the bytes are decoded (e.g. a member of a tar shard) and ``path`` only names them in messages."""
+    import io
     import warnings
 
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise BadSample("empty file", f"image file is empty (0 bytes): {path}")
     except FileNotFoundError:
         raise BadSample("missing file", f"image file not found: {path}") from None
+    source = io.BytesIO(data) if data is not None else path
     limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if limit and im.width * im.height > limit:
                     raise BadSample("image too large", f"{path}: {im.width}x{im.height} pixels is more than the "
                                     f"limit of {limit} (data.max_image_pixels); refused as a possible "
@@ -245,18 +249,31 @@ class PairDataset(Dataset):
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
         pil = open_image(self.root / entry["image"], self.max_pixels)
-        image, flipped = self.transform(pil, gen)
-        caption = entry["caption"]
-        if isinstance(caption, list):
-            caption = caption[int(torch.randint(len(caption), (), generator=gen))]
-            if caption not in captions:  # a bad item of the list: take a good one, still seeded
-                caption = captions[int(torch.randint(len(captions), (), generator=gen))]
-        if flipped and self.swap_on_flip:
-            caption = swap_left_right(caption)
-        sample = dict(image=image, caption=caption, image_id=self.image_ids[index], index=index, seed=seed)
-        if self.two_views:
-            sample["image2"] = self.transform(pil, gen)[0]
+
+        def pick(gen: torch.Generator) -> str:
+            caption = entry["caption"]
+            if isinstance(caption, list):
+                caption = caption[int(torch.randint(len(caption), (), generator=gen))]
+                if caption not in captions:  # a bad item of the list: take a good one, still seeded
+                    caption = captions[int(torch.randint(len(captions), (), generator=gen))]
+            return caption
+        sample = augment_pair(pil, pick, self.transform, gen, self.swap_on_flip, self.two_views)
+        sample.update(image_id=self.image_ids[index], index=index, seed=seed)
         return sample
+
+
+def augment_pair(pil: Image.Image, pick_caption, transform: ImageTransform, gen: torch.Generator,
+                 swap_on_flip: bool = True, two_views: bool = False) -> dict:
+    """The training view of one pair, all randomness from ``gen`` in a fixed order: crop/flip, then
+    the caption (``pick_caption(gen)``), mirrored when the image was flipped, then the second view."""
+    image, flipped = transform(pil, gen)
+    caption = pick_caption(gen)
+    if flipped and swap_on_flip:
+        caption = swap_left_right(caption)
+    sample = dict(image=image, caption=caption)
+    if two_views:
+        sample["image2"] = transform(pil, gen)[0]
+    return sample
 
 
 def valid_captions(caption: Any) -> list[str]:
@@ -271,8 +288,6 @@ WARN_PER_REASON = 5
 
 def _warn_bad_sample(e: BadSample) -> None:
     """Log the first few bad samples of each reason (per process); all are counted."""
-    import logging
-
     n = _WARNED.get(e.reason, 0)
     _WARNED[e.reason] = n + 1
     if n < WARN_PER_REASON:

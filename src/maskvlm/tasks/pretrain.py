@@ -114,11 +114,11 @@ class PretrainTask(nn.Module):
 
 def prepare_data_paths(config: Config, progress: bool = True) -> None:
     """Fill data.train/val/test with the built-in synthetic scenes (generated if missing)
-    when no training annotation file is given."""
+    when no training annotation file or shards are given."""
     from ..data.synthetic import ensure_synthetic
 
     d = config.data
-    if d.train is not None:
+    if d.train is not None or d.shards:  # shards: val/test only where given
         return
     s = d.synthetic
     root = ensure_synthetic(s.dir, s.num_train, s.num_val, s.num_test, s.image_size, s.seed, progress=progress)

@@ -23,12 +23,31 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's tensor, concatenated. Backward: each rank's loss depends on every part,
+    so the gradient of this rank's part is the sum over ranks of the gradient on that part."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0; gradients flow back to each rank's part."""
+    """Concatenate ``tensor`` from every rank along dim 0 (equal shapes); gradients flow back to
+    each rank's part."""
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()
@@ -65,6 +84,17 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. a stop request that reached only
+    some processes), so all ranks leave the loop at the same step."""
+    if world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from ..config import Config
@@ -26,7 +26,7 @@ from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import is_main, rank, world_size
+from .distributed import any_rank, is_main, rank, world_size
 from .logging import MetricsLogger, log
 from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
 
@@ -89,6 +89,10 @@ class Trainer:
         self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale)
         self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
+        self.streaming = isinstance(dataset, IterableDataset)  # webdataset shards (data/stream.py)
+        if self.streaming:
+            dataset.configure(t.batch_size, rank(), world_size(), config.data.num_workers)
+            log.info("training data: %s", dataset.describe())
         self.batches_per_epoch = len(dataset) // (t.batch_size * world_size())
         if self.batches_per_epoch == 0:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than train.batch_size="
@@ -116,7 +120,13 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "skipped_nonfinite": self.skipped_nonfinite,
                 "skipped_samples": dict(self.skipped_samples), "samples_used": self.samples_used,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "data_layout": self._data_layout()}
+
+    def _data_layout(self) -> dict:
+        """What the data position means: a streamed epoch is split by processes and workers."""
+        if self.streaming:
+            return self.dataset.layout()
+        return {"world": world_size(), "batch_size": self.config.train.batch_size}
 
     def save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.step, self.task, self.config, self.tokenizer,
@@ -137,6 +147,12 @@ class Trainer:
         self.skipped_samples = dict(state.get("skipped_samples", {}))
         self.samples_used = state.get("samples_used", 0)
         set_rng_state(state["rng"])
+        saved = state.get("data_layout")
+        if saved is not None and saved != self._data_layout() and self.batch_in_epoch:
+            # the position within an epoch cannot be mapped onto another split: start the next epoch
+            log.warning("the run was saved with data layout %s and resumes with %s: the rest of epoch %d is "
+                        "skipped so that no sample is repeated", saved, self._data_layout(), self.epoch)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
 
@@ -145,6 +161,19 @@ class Trainer:
         """Micro-batches forever, epoch after epoch, starting at the saved data position."""
         t = self.config.train
         while True:
+            if self.streaming:
+                self.dataset.set_position(self.epoch, self.batch_in_epoch)
+                loader = DataLoader(self.dataset, batch_size=t.batch_size, collate_fn=self.collator, drop_last=True,
+                                    num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
+                                    worker_init_fn=_worker_init, generator=torch.Generator())
+                for batch in loader:
+                    self.batch_in_epoch += 1
+                    yield batch
+                    if self.batch_in_epoch >= self.batches_per_epoch:
+                        break
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                continue
             sampler = EpochSampler(len(self.dataset), t.seed, self.epoch, start=self.batch_in_epoch * t.batch_size,
                                    rank=rank(), world=world_size())
             loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=self.collator,
@@ -269,7 +298,7 @@ class Trainer:
                     val = self.evaluate()
                     logger.log(self.step, "val", val)
                     log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
-                if stop.is_set():
+                if any_rank(stop.is_set()):  # every rank stops at the same step (no collective left waiting)
                     self.interrupted = True
                 if main and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
                     self.save()
