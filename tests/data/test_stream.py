@@ -49,7 +49,8 @@ def _make_shards(folder, counts, prefix="s"):
         members = []
         for j in range(n):
             key = f"{prefix}{i:03d}_{j:03d}"
-            members += [(f"{key}.png", _png((i * 20 % 255, j * 9 % 255, 90))), (f"{key}.txt", f"shape {i} {j}".encode())]
+            members += [(f"{key}.png", _png((i * 20 % 255, j * 9 % 255, 90))),
+                        (f"{key}.txt", f"shape {i} {j}".encode())]
         _write_tar(folder / f"{i:05d}.tar", members)
     return str(folder / f"{{00000..{len(counts) - 1:05d}}}.tar")
 
