@@ -66,6 +66,8 @@ class MaskingConfig:
 class LossConfig:
     itc: float = 1.0
     itm: float = 1.0
+    # under torchrun: ITM hard negatives mined from the whole gathered batch ("global") or this rank's ("local")
+    itm_negatives: str = "global"
     mlm: float = 1.0
     mim: float = 1.0
     norm_pix: bool = False  # per-patch normalised pixel targets for MIM
@@ -219,6 +221,7 @@ class Config:
         _check_choice("prototypes.assign", self.prototypes.assign, ("sinkhorn", "centering"))
         _check_choice("model.arch", self.model.arch, ("two_stream", "single_stream"))
         _check_choice("loss.recon_region", self.loss.recon_region, ("masked", "all"))
+        _check_choice("loss.itm_negatives", self.loss.itm_negatives, ("global", "local"))
         mk = self.masking
         if mk.modality_aware:
             probs = mk.modality_probs

@@ -124,3 +124,65 @@ def test_epoch_sampler_splits_an_epoch_across_ranks_exactly_once():
         assert all(len(p) == size // world for p in parts)
         resumed = list(EpochSampler(size, seed=5, epoch=1, rank=1, world=world, start=2))
         assert resumed == parts[1][2:]
+
+
+def _itm_loss_and_grads(model, batch, neg, global_negatives):
+    """ITM with the hard negatives fixed to ``neg`` (indices into the candidates) instead of sampled."""
+    import maskvlm.objectives.itm as itm_module
+    from maskvlm.objectives.base import StepState
+
+    real = itm_module.sample_hard_negatives
+    itm_module.sample_hard_negatives = lambda sim, ids, *a: (neg, neg, torch.ones(len(ids), dtype=torch.bool))
+    try:
+        loss = itm_module.ITM(global_negatives)(StepState(model, batch)).loss
+    finally:
+        itm_module.sample_hard_negatives = real
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _itm_worker(rank: int, init_file: str, data_file: str, out_file: str):
+    from maskvlm.data.formats import Batch
+    from maskvlm.models.model import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        data = torch.load(data_file, weights_only=False)
+        torch.manual_seed(0)
+        model = build_model(data["config"])
+        half = len(data["image_ids"]) // WORLD
+        part = slice(rank * half, (rank + 1) * half)
+        mask = data["attention_mask"][part]
+        length = int(mask.sum(1).max())  # each rank pads its captions to its own longest, as the collator does
+        batch = Batch(images=data["images"][part], input_ids=data["input_ids"][part, :length],
+                      attention_mask=mask[:, :length], image_ids=data["image_ids"][part])
+        neg = (torch.arange(half) + rank * half + half) % (2 * half)  # always a pair from the other rank
+        loss, grads = _itm_loss_and_grads(model, batch, neg, global_negatives=True)
+        for g in grads.values():  # what DDP does
+            dist.all_reduce(g)
+            g /= WORLD
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / WORLD, "grads": grads}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computation(config, batch, tmp_path):
+    from maskvlm.models.model import build_model
+
+    config.model.hidden_dropout = 0.0
+    b = len(batch)
+    batch.image_ids = torch.arange(b)  # every pair its own image: all negatives valid
+    torch.save({"config": config, "images": batch.images, "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask, "image_ids": batch.image_ids}, tmp_path / "data.pt")
+    mp.spawn(_itm_worker, args=(str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "out.pt")),
+             nprocs=WORLD, join=True)
+    torch.manual_seed(0)
+    model = build_model(config)
+    loss, grads = _itm_loss_and_grads(model, batch, (torch.arange(b) + b // 2) % b, global_negatives=False)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(got["loss"], loss, atol=1e-5), (got["loss"], loss)
+    assert got["grads"].keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(got["grads"][name], g, atol=1e-5), (name, (got["grads"][name] - g).abs().max())

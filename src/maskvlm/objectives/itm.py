@@ -1,6 +1,7 @@
 """Image-text matching: a binary head on the fused CLS for positive pairs and hard negatives.
 For each text one negative image and for each image one negative text are drawn with
-probability softmax(ITC similarity), never from the same image id."""
+probability softmax(ITC similarity), never from the same image id. Under torchrun the
+candidates are the whole gathered batch (every rank's encodings, gradients flowing back)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.distributed import all_gather_no_grad, all_gather_with_grad, global_max, world_size
 from .base import ObjectiveOutput, StepState, accuracy
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: torch.Tensor, image_ids: torch.Tensor,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sim_i2t (B, B) local image-to-text similarity. Returns (negative text for each image,
-    negative image for each text, valid (B,) bool: both negatives exist for that row)."""
-    allowed = image_ids[:, None] != image_ids[None, :]  # symmetric
+def sample_hard_negatives(sim_i2t: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator | None = None,
+                          sim_t2i: torch.Tensor | None = None, candidate_ids: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sim_i2t (B, G): local images against the candidate texts; sim_t2i (B, G): local texts against
+    the candidate images (default: the local batch, sim_i2t transposed). Returns (negative text for
+    each image, negative image for each text, valid (B,) bool: both negatives exist for that row),
+    as indices into the candidates."""
+    if sim_t2i is None:
+        sim_t2i = sim_i2t.t()
+    candidate_ids = image_ids if candidate_ids is None else candidate_ids
+    allowed = image_ids[:, None] != candidate_ids[None, :]
     valid = allowed.any(dim=1)
     weights_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(~allowed, 0)
-    weights_t2i = F.softmax(sim_i2t.t().float(), dim=1).masked_fill(~allowed, 0)
+    weights_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(~allowed, 0)
     # Rows with no allowed candidate draw uniformly and are then dropped from the loss.
     fallback = (~valid)[:, None].float()
     neg_text = torch.multinomial(weights_i2t + fallback, 1, generator=generator).squeeze(1)
@@ -28,15 +36,32 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, image_ids: torch.Tensor,
 
 
 class ITM(nn.Module):
+    def __init__(self, global_negatives: bool = True):
+        super().__init__()
+        self.global_negatives = global_negatives
+
     def forward(self, state: StepState) -> ObjectiveOutput:
         model, batch = state.model, state.batch
         image, text = state.image, state.text
-        sim = state.image_features @ state.text_features.t() / model.itc_head.temperature()
-        neg_text, neg_image, valid = sample_hard_negatives(sim.detach(), batch.image_ids)
+        temp = model.itc_head.temperature()
+        text_hidden, text_mask = text.hidden, text.attention_mask
+        if self.global_negatives and world_size() > 1:
+            all_img, all_txt, all_ids = state.gathered_features()
+            neg_text, neg_image, valid = sample_hard_negatives(
+                (state.image_features @ all_txt.t() / temp).detach(), batch.image_ids, None,
+                (state.text_features @ all_img.t() / temp).detach(), all_ids)
+            # captions of different ranks differ in padded length: pad to the longest first
+            text_hidden, text_mask = pad_tokens(text_hidden, text_mask, global_max(text_hidden.shape[1]))
+            text_pool, mask_pool = all_gather_with_grad(text_hidden), all_gather_no_grad(text_mask)
+            image_pool = all_gather_with_grad(image.hidden)
+        else:
+            sim = state.image_features @ state.text_features.t() / temp
+            neg_text, neg_image, valid = sample_hard_negatives(sim.detach(), batch.image_ids)
+            text_pool, mask_pool, image_pool = text_hidden, text_mask, image.hidden
         b = len(batch)
-        text_hidden = torch.cat([text.hidden, text.hidden, text.hidden[neg_text]])
-        text_mask = torch.cat([text.attention_mask, text.attention_mask, text.attention_mask[neg_text]])
-        image_hidden = torch.cat([image.hidden, image.hidden[neg_image], image.hidden])
+        text_hidden = torch.cat([text_hidden, text_hidden, text_pool[neg_text]])
+        text_mask = torch.cat([text_mask, text_mask, mask_pool[neg_text]])
+        image_hidden = torch.cat([image.hidden, image_pool[neg_image], image.hidden])
         fused = model.fuse(text_hidden, text_mask, image_hidden)
         logits = model.itm_logits(fused).float()
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
@@ -45,3 +70,11 @@ class ITM(nn.Module):
         loss = F.cross_entropy(logits[keep], labels[keep])
         return ObjectiveOutput(loss, {"itm_acc": accuracy(logits[keep], labels[keep])},
                                {"neg_text": neg_text, "neg_image": neg_image, "valid": valid})
+
+
+def pad_tokens(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (B, L, D) token states and their (B, L) mask to ``length`` tokens (masked-out zeros)."""
+    extra = length - hidden.shape[1]
+    if extra <= 0:
+        return hidden, mask
+    return F.pad(hidden, (0, 0, 0, extra)), F.pad(mask, (0, extra))

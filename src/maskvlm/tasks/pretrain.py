@@ -24,7 +24,7 @@ def build_objectives(config: Config) -> dict[str, nn.Module]:
     momentum_itc = mo.queue_size > 0 or mo.alpha > 0
     available = {
         "itc": lambda: MomentumITC(mo.queue_size, m.embed_dim) if momentum_itc else ITC(),
-        "itm": ITM,
+        "itm": lambda: ITM(global_negatives=loss.itm_negatives == "global"),
         "mlm": lambda: MLM(distill=mo.alpha > 0 and mo.distill_mlm),
         "mim": lambda: MIM(norm_pix=loss.norm_pix),
         "mrm": lambda: MRM(m.text_width, m.vision_width),

@@ -86,15 +86,20 @@ def broadcast_object(obj):
     return box[0]
 
 
+def global_max(value: int) -> int:
+    """The largest ``value`` over all ranks."""
+    if world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (e.g. a stop request that reached only
     some processes), so all ranks leave the loop at the same step."""
-    if world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(global_max(int(flag)))
 
 
 def barrier() -> None:
