@@ -160,6 +160,10 @@ class TrainConfig:
     # graph traversal per step; turn off for the default recipe to save it)
     ddp_find_unused: bool = True
     activation_checkpointing: bool = False  # recompute each encoder block in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile each encoder stack (the first steps are slow while it compiles)
+    compile_backend: str = "inductor"  # or e.g. "aot_eager" (no code generation; for checking)
+    compile_mode: Optional[str] = None  # None, "max-autotune", "reduce-overhead", ...
+    fused_adamw: bool = True  # one fused kernel for the AdamW update where the device supports it
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     log_every: int = 10

@@ -53,12 +53,27 @@ def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, **kwargs) -> torch.Ten
     return x
 
 
+def encoder_stacks(module: nn.Module) -> list[nn.Module]:
+    """The encoder stacks (ViT, text, cross-modality encoders) inside ``module``."""
+    return [m for m in module.modules() if hasattr(m, "checkpointing")]
+
+
 def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
     """Switch per-block activation checkpointing in every encoder stack of ``module``; returns how
     many stacks were switched."""
-    stacks = [m for m in module.modules() if hasattr(m, "checkpointing")]
+    stacks = encoder_stacks(module)
     for m in stacks:
         m.checkpointing = on
+    return len(stacks)
+
+
+def compile_encoders(module: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> int:
+    """``torch.compile`` each encoder stack in place (``nn.Module.compile``: parameter names and
+    checkpoints are unchanged); returns how many. Heads and losses stay eager: they are small and
+    their shapes vary more."""
+    stacks = encoder_stacks(module)
+    for m in stacks:
+        m.compile(backend=backend, mode=mode)
     return len(stacks)
 
 

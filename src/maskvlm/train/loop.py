@@ -83,10 +83,14 @@ class Trainer:
         if t.activation_checkpointing:
             from ..models.layers import set_activation_checkpointing
             log.info("activation checkpointing on in %d encoder stacks", set_activation_checkpointing(task, True))
+        if t.compile:
+            from ..models.layers import compile_encoders
+            log.info("torch.compile (%s) of %d encoder stacks", t.compile_backend,
+                     compile_encoders(task, t.compile_backend, t.compile_mode))
         lr_scale = None
         if job.name != "pretrain" and (job.layer_decay != 1 or job.head_lr_mult != 1):
             lr_scale = layerwise_lr_scale(config.model, job.layer_decay, job.head_lr_mult)
-        self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale)
+        self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale, t.fused_adamw)
         self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
         self.streaming = isinstance(dataset, IterableDataset)  # webdataset shards (data/stream.py)

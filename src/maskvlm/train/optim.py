@@ -66,10 +66,21 @@ def layerwise_lr_scale(model_config, layer_decay: float, head_lr_mult: float) ->
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
-                    lr_scale: Optional[Callable[[str], float]] = None) -> torch.optim.Optimizer:
+                    lr_scale: Optional[Callable[[str], float]] = None, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW; ``fused`` uses the single-kernel update where every parameter's device has one (CUDA,
+    and CPU since torch 2.4), else the multi-tensor (foreach) update."""
     groups = param_groups(module, weight_decay, lr, lr_scale)
-    use_fused = all(p.is_cuda for g in groups for p in g["params"])
+    devices = {p.device.type for g in groups for p in g["params"]}
+    use_fused = fused and devices <= {"cuda", "cpu"} and (devices == {"cuda"} or _fused_on_cpu())
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=use_fused or None)
+
+
+def _fused_on_cpu() -> bool:
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)
+        return True
+    except RuntimeError:
+        return False
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, lr: float, min_lr: float):
