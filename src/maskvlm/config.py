@@ -163,6 +163,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each encoder stack (the first steps are slow while it compiles)
     compile_backend: str = "inductor"  # or e.g. "aot_eager" (no code generation; for checking)
     compile_mode: Optional[str] = None  # None, "max-autotune", "reduce-overhead", ...
+    # under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2) instead of DDP
+    fsdp: bool = False
     fused_adamw: bool = True  # one fused kernel for the AdamW update where the device supports it
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"

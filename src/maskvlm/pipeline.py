@@ -38,7 +38,8 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     by accident) and only ``overrides`` (``key=value`` strings, e.g. ``train.max_steps=900``) are
     applied on top; ``config`` then only supplies ``train.output_dir``."""
     setup_logging()
-    init_from_env()
+    if init_from_env() and not is_main():
+        logging.getLogger("maskvlm").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     output_dir, checkpoint, config = resolve_run(config, resume, overrides)
     if not is_main():
         return _pretrain(config, checkpoint, output_dir, evaluate_test)
@@ -139,8 +140,11 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     result = {"train": train_metrics, "train_seconds": time.perf_counter() - start, "step": trainer.step,
               "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
-    if evaluate_test and d.test and aligned and is_main() and not trainer.interrupted:
-        test = make_retrieval_eval(model, tokenizer, config, d.test, progress=config.train.progress)()
+    if evaluate_test and d.test and aligned and (is_main() or trainer.fsdp) and not trainer.interrupted:
+        test = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, d.test,
+                                                          progress=config.train.progress and is_main()))
+        if not is_main():
+            return result
         result["test"] = test
         print(format_table(test, f"zero-shot retrieval on {d.test}"))
         with open(output_dir / "results.json", "w") as f:

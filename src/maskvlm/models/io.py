@@ -5,6 +5,7 @@ file holds the whole task (keys ``model.*`` plus objective state such as teacher
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -50,13 +51,16 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, s
     return missing, unexpected
 
 
-def write_model_folder(directory: Path, module: nn.Module, config, tokenizer=None) -> Path:
-    """Write config, weights (and tokenizer) of ``module`` into ``directory`` (created)."""
+def write_model_folder(directory: Path, module: nn.Module, config, tokenizer=None,
+                       state: Optional[dict] = None) -> Path:
+    """Write config, weights (and tokenizer) of ``module`` into ``directory`` (created); ``state``:
+    the weights to write instead of ``module``'s own (e.g. gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / CONFIG_FILE, "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    save_file(unique_state_dict(module), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    save_file(unique_state_dict(module) if state is None else state, str(directory / MODEL_FILE),
+              metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_FILE)
     return directory

@@ -44,7 +44,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokenizer, trainer_state: dict,
-                    keep_last: int = 2, extra_files: Optional[dict] = None) -> Path:
+                    keep_last: int = 2, extra_files: Optional[dict] = None, model_state: Optional[dict] = None) -> Path:
     """Write ``output_dir/checkpoints/step-XXXXXXXX`` atomically and prune all but the newest ``keep_last``."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing (or our own retry)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        write_model_folder(tmp, task, config, tokenizer)
+        write_model_folder(tmp, task, config, tokenizer, model_state)
         _fault_delay()
         torch.save(trainer_state, tmp / STATE_FILE)
         for name, content in (extra_files or {}).items():  # e.g. a task's class names

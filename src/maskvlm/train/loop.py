@@ -87,6 +87,14 @@ class Trainer:
             from ..models.layers import compile_encoders
             log.info("torch.compile (%s) of %d encoder stacks", t.compile_backend,
                      compile_encoders(task, t.compile_backend, t.compile_mode))
+        self.fsdp = None  # FSDPTask when train.fsdp under torchrun
+        if t.fsdp and world_size() > 1:
+            from .fsdp import FSDPTask
+            self.fsdp = FSDPTask(task, self.device)
+            log.info("FSDP: parameters, gradients and optimizer state sharded over %d processes (%d block units)",
+                     world_size(), self.fsdp.units)
+        elif t.fsdp:
+            log.info("train.fsdp: a single process has nothing to shard; training unsharded")
         lr_scale = None
         if job.name != "pretrain" and (job.layer_decay != 1 or job.head_lr_mult != 1):
             lr_scale = layerwise_lr_scale(config.model, job.layer_decay, job.head_lr_mult)
@@ -103,7 +111,7 @@ class Trainer:
                              f"{t.batch_size} x {world_size()} processes")
         # under torchrun: DDP averages gradients over ranks (the task itself stays unwrapped for saving)
         self.forward_module = task
-        if world_size() > 1:
+        if world_size() > 1 and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_module = DistributedDataParallel(task, device_ids=ids,
@@ -132,18 +140,29 @@ class Trainer:
             return self.dataset.layout()
         return {"world": world_size(), "batch_size": self.config.train.batch_size}
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint (rank 0). With FSDP every rank must call it: the shards are gathered."""
+        state, model_state = self.state_dict(), None
+        if self.fsdp is not None:
+            model_state = self.fsdp.model_state()
+            state["optimizer"] = self.fsdp.optimizer_state(self.optimizer)
+        if not is_main():
+            return None
         path = save_checkpoint(self.output_dir, self.step, self.task, self.config, self.tokenizer,
-                               self.state_dict(), self.config.train.keep_last, self.extra_files)
+                               state, self.config.train.keep_last, self.extra_files, model_state)
         self.last_checkpoint = path
         log.info("checkpoint written: %s", path)
         return path
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` stopped: weights, optimizer, schedule, data position, RNG."""
-        load_state(self.task, load_file(str(checkpoint / MODEL_FILE)), str(checkpoint / MODEL_FILE))
+        weights = load_file(str(checkpoint / MODEL_FILE))
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:
+            self.fsdp.load(weights, state["optimizer"], self.optimizer)
+        else:
+            load_state(self.task, weights, str(checkpoint / MODEL_FILE))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -159,6 +178,13 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
+
+    def run_evaluation(self, evaluate: Callable[[], dict]) -> dict:
+        """Run ``evaluate`` (model methods, no grad). With FSDP every rank runs it, parameters gathered."""
+        if self.fsdp is None:
+            return evaluate()
+        with self.fsdp.gathered():
+            return evaluate()
 
     # --- data ---------------------------------------------------------------------------------
     def _batches(self):
@@ -216,6 +242,7 @@ class Trainer:
     def fit(self) -> dict:
         t = self.config.train
         main = is_main()
+        saves = main or self.fsdp is not None  # ranks that take part in writing a checkpoint
         logger = MetricsLogger(self.output_dir, t.tensorboard) if main else None
         self.task.train()
         window: dict[str, float] = defaultdict(float)
@@ -237,7 +264,7 @@ class Trainer:
                     try:
                         self._check_skips(batch)
                     except TooManyBadSamples:
-                        if main and self.step > 0:
+                        if saves and self.step > 0:
                             self.save()  # keep the progress made so far
                         raise
                     with autocast(self.device, t.precision):
@@ -250,9 +277,12 @@ class Trainer:
                         step_metrics[k] += float(v) / t.grad_accum
                     window_samples += len(batch)
                 grad_norm = float("nan")
+                if self.fsdp is not None:
+                    self.fsdp.reduce_replicated()
                 if finite:
                     if t.clip_grad > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad))
+                        norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad)
+                        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP
                         finite = math.isfinite(grad_norm)
                 if finite:
                     self.nonfinite_in_row = 0
@@ -270,7 +300,7 @@ class Trainer:
                 self.step += 1
                 if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                     # the weights are those of the last good step: every update since was skipped
-                    path = self.save() if main else None
+                    path = self.save() if saves else None
                     raise NonFiniteTraining(
                         f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (up to step "
                         f"{self.step}); stopped. The last good state is saved in {path}. Lower train.lr, "
@@ -298,13 +328,14 @@ class Trainer:
                     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
                 is_last = self.step == t.max_steps
                 if self.evaluate and self.config.eval.every_steps and self.step % self.config.eval.every_steps == 0 \
-                        and not is_last and main:
-                    val = self.evaluate()
-                    logger.log(self.step, "val", val)
-                    log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
+                        and not is_last and saves:
+                    val = self.run_evaluation(self.evaluate)
+                    if main:
+                        logger.log(self.step, "val", val)
+                        log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
                 if any_rank(stop.is_set()):  # every rank stops at the same step (no collective left waiting)
                     self.interrupted = True
-                if main and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
+                if saves and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
                     self.save()
                 if self.interrupted:
                     log.warning("stopped at step %d of %d; continue with: maskvlm %s --output-dir %s "

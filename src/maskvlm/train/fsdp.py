@@ -1,0 +1,97 @@
+"""Fully sharded data parallel training (``train.fsdp``, FSDP2 ``fully_shard``) under torchrun.
+
+Every block of every encoder stack is its own shard unit and the task (embeddings, heads, norms)
+is the root unit, so a rank holds 1/world of the parameters, gradients and AdamW state and gathers
+one block at a time. Checkpoints are the same files as unsharded training: the full state dict is
+gathered (a collective on every rank) and rank 0 writes it; on resume every rank reads the full
+files and keeps its shards. Evaluation runs on every rank (forward passes are collectives) with
+the root unit gathered; only rank 0 logs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..models.io import unique_state_dict
+from ..models.layers import encoder_stacks
+
+
+class FSDPTask:
+    """Shards ``task`` in place and converts its state to and from the unsharded checkpoint format."""
+
+    def __init__(self, task: nn.Module, device: torch.device):
+        from torch.distributed.fsdp import fully_shard
+
+        if getattr(task, "teacher", None) is not None:
+            from ..config import ConfigError
+            raise ConfigError("train.fsdp is not supported yet for recipes with an EMA teacher (albef, mamo, "
+                              "semmim); train them with DDP (train.fsdp=false)")
+        # names of tied tensors (e.g. the MLM decoder and the word embeddings): saved once, loaded into both
+        ptr_to_name = {}
+        self.tied: dict[str, str] = {}
+        for name, t in task.state_dict(keep_vars=True).items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if t.numel() and key in ptr_to_name:
+                self.tied[name] = ptr_to_name[key]
+            else:
+                ptr_to_name[key] = name
+        self.saved_names = list(unique_state_dict(task))
+        self.units = 0
+        for stack in encoder_stacks(task):
+            for child in stack.children():
+                if isinstance(child, nn.ModuleList):
+                    for block in child:
+                        fully_shard(block)
+                        self.units += 1
+        # 0-d parameters (the ITC temperature) cannot be sharded: they stay replicated, and their
+        # gradients are averaged by reduce_replicated() before the optimizer step
+        self.replicated = [p for p in task.parameters() if p.ndim == 0]
+        fully_shard(task, ignored_params=set(self.replicated))
+        self.task = task
+
+    def reduce_replicated(self) -> None:
+        """Average the gradients of the replicated (unsharded) parameters over the ranks."""
+        import torch.distributed as dist
+        for p in self.replicated:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, **kw)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 ({} elsewhere); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        full = get_model_state_dict(self.task, options=self._options(cpu_offload=True))
+        return {k: full[k].contiguous() for k in self.saved_names if k in full}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Full AdamW state keyed by parameter name, on rank 0 ({} elsewhere); a collective."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(self.task, optimizer, options=self._options(cpu_offload=True))
+
+    def load(self, state: dict[str, torch.Tensor], optimizer_state: dict | None = None,
+             optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every rank passes the full state read from the checkpoint and keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        state = dict(state)
+        for name, source in self.tied.items():
+            state.setdefault(name, state[source])
+        set_model_state_dict(self.task, state, options=self._options())
+        if optimizer is not None and optimizer_state is not None:
+            set_optimizer_state_dict(self.task, optimizer, optimizer_state, options=self._options())
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The root unit's parameters gathered (for evaluation code that calls model methods
+        outside ``task.forward``); the blocks gather themselves as they run."""
+        self.task.unshard()
+        try:
+            yield
+        finally:
+            self.task.reshard()
