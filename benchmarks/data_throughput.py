@@ -6,8 +6,9 @@ device busy.
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --presets tiny --workers 1 2 --samples 2000
 
-Each source image is a random scene saved as a quality-90 JPEG. Webdataset shards are not
-measured yet: that input arrives with the scale-out work.
+Each source image is a random scene saved as a quality-90 JPEG, read either as files (annotation
+JSON) or from webdataset tar shards of the same JPEGs (``maskvlm data shard``, 250 per shard,
+read by the training stream with a 1,000-sample shuffle buffer).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_throughput import _maskvlm_step  # this folder is on sys.path when the script runs
 
 
 def make_jpegs(folder: Path, n: int, side: int) -> Path:
@@ -46,23 +48,43 @@ def make_jpegs(folder: Path, n: int, side: int) -> Path:
     return ann
 
 
-def loader_rate(cfg, ann: Path, workers: int, samples: int) -> float:
+def make_shards(ann: Path) -> str:
+    """The JPEGs of ``ann`` as tar shards of 250 samples next to it (written once)."""
+    from maskvlm.data.shards import write_shards
+
+    out = ann.parent / "shards"
+    summary = out / "shards.json"
+    if not summary.exists():
+        write_shards(ann, None, out, shard_size=250, progress=False)
+    return json.loads(summary.read_text())["pattern"]
+
+
+def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None = None) -> float:
+    """Samples/s out of the DataLoader: from the JPEG files of ``ann``, or from ``shards``."""
     from torch.utils.data import DataLoader
 
     from maskvlm.data.formats import EpochSampler, PairDataset, PretrainCollator
+    from maskvlm.data.stream import open_stream
     from maskvlm.data.tokenizer import train_wordpiece
     from maskvlm.data.transforms import ImageTransform
 
     m, d = cfg.model, cfg.data
-    ds = PairDataset(ann, None, ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale,
-                                               hflip=d.hflip))
-    tok = train_wordpiece(ds.captions(), 500)
+    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    files = PairDataset(ann, None, transform)
+    tok = train_wordpiece(files.captions(), 500)
     grid = (m.image_size // m.patch_size,) * 2
     collate = PretrainCollator(tok, d.max_text_len, cfg.masking.text_ratio, cfg.masking.image_ratio, grid,
                                cfg.masking.image_block)
     bs = 32
-    loader = DataLoader(ds, batch_size=bs, sampler=EpochSampler(len(ds), 0), collate_fn=collate, drop_last=True,
-                        num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None)
+    if shards:
+        ds = open_stream(shards, None, transform, shuffle_buffer=1000)
+        ds.configure(bs, num_workers=workers)
+        extra = {}
+    else:
+        ds = files
+        extra = {"sampler": EpochSampler(len(ds), 0)}
+    loader = DataLoader(ds, batch_size=bs, collate_fn=collate, drop_last=True, num_workers=workers,
+                        persistent_workers=False, prefetch_factor=4 if workers else None, **extra)
     it = iter(loader)
     for _ in range(max(1, 2 * workers)):  # warm-up: workers started, first batches out
         next(it)
@@ -76,8 +98,6 @@ def loader_rate(cfg, ann: Path, workers: int, samples: int) -> float:
 
 def consumption_rate(cfg, batch: int, steps: int = 2) -> float:
     """Samples/s of bf16 pre-training steps at this preset on the CPU (random inputs)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from step_throughput import _maskvlm_step
     _, step = _maskvlm_step(cfg, torch.device("cpu"), batch)
     step("bf16")
     t = time.perf_counter()
@@ -100,19 +120,21 @@ def main() -> int:
 
     lines = [f"Machine: {machine_description()}", f"Command: `{invocation()}`",
              f"Date: {time.strftime('%Y-%m-%d')}", "",
-             "| preset (image px) | source JPEG | workers | samples/s | per worker | trainer consumes (CPU bf16) | "
-             "workers needed on this CPU |", "|---|---|---|---|---|---|---|"]
+             "| preset (image px) | source JPEG | input | workers | samples/s | per worker | trainer consumes "
+             "(CPU bf16) | workers needed on this CPU |", "|---|---|---|---|---|---|---|---|"]
     for preset in args.presets:
         cfg = build_config("maskvlm", preset, overrides=["model.vocab_size=1000"])  # step_throughput.VOCAB
         consume = consumption_rate(cfg, 64 if preset == "tiny" else 4)
         for side in args.sources:
             ann = make_jpegs(Path(args.work) / f"jpeg{side}", max(args.samples + 256, 1200), side)
-            for w in args.workers:
-                rate = loader_rate(cfg, ann, w, args.samples)
-                need = math.ceil(consume / (rate / w))
-                lines.append(f"| {preset} ({cfg.model.image_size}) | {side} px | {w} | {rate:.0f} | {rate / w:.0f} | "
-                             f"{consume:.1f} samples/s | {need} |")
-                print(lines[-1], file=sys.stderr, flush=True)
+            shards = make_shards(ann)
+            for source, pattern in (("files", None), ("shards", shards)):
+                for w in args.workers:
+                    rate = loader_rate(cfg, ann, w, args.samples, pattern)
+                    need = math.ceil(consume / (rate / max(w, 1)))
+                    lines.append(f"| {preset} ({cfg.model.image_size}) | {side} px | {source} | {w} | {rate:.0f} | "
+                                 f"{rate / max(w, 1):.0f} | {consume:.1f} samples/s | {need} |")
+                    print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
 

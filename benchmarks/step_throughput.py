@@ -57,11 +57,15 @@ def _maskvlm_step(cfg, device, batch_size):
 
     m = cfg.model
     g = torch.Generator().manual_seed(0)
+    from maskvlm.models.layers import compile_encoders, set_activation_checkpointing
+    from maskvlm.train.optim import build_optimizer
+
+    t = cfg.train
     task = PretrainTask(build_model(cfg), cfg).to(device)
-    if cfg.train.activation_checkpointing:
-        from maskvlm.models.layers import set_activation_checkpointing
-        set_activation_checkpointing(task, True)
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    set_activation_checkpointing(task, t.activation_checkpointing)
+    if t.compile:
+        compile_encoders(task, t.compile_backend, t.compile_mode)
+    opt = build_optimizer(task, 1e-4, t.weight_decay, t.betas, fused=t.fused_adamw)  # as the trainer builds it
     grid = (m.image_size // m.patch_size,) * 2
     ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)
     ids[:, 0], ids[:, -1] = 2, 3

@@ -156,6 +156,22 @@ def test_bad_samples_are_replaced_and_counted(tmp_path):
     assert skipped == {"not an image": 1, "bad caption": 1}
 
 
+def test_a_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
+    pattern = _make_shards(tmp_path, [6, 6])
+    stream = open_stream(pattern, None, TRANSFORM, shuffle_buffer=1)  # counts taken before the damage
+    with tarfile.open(tmp_path / "00001.tar") as tar:
+        member = tar.getmembers()[6]  # the fourth sample's image
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: member.offset_data + member.size // 2])  # cut inside it
+    stream.configure(4)
+    samples = list(stream)
+    assert len(samples) == 12  # the epoch is still complete: stood-in samples fill it
+    skipped = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    assert skipped == {"truncated shard": 1}
+
+
 def test_resampled_mixing_follows_the_weights_and_the_declared_epoch(tmp_path):
     a = _make_shards(tmp_path / "a", [10] * 3, prefix="a")
     b = _make_shards(tmp_path / "b", [10] * 3, prefix="b")

@@ -130,7 +130,8 @@ class BadSample(DataError):
         self.reason = reason
 
 
-SKIP_REASONS = ("missing file", "empty file", "not an image", "corrupt image", "image too large", "bad caption")
+SKIP_REASONS = ("missing file", "empty file", "not an image", "corrupt image", "image too large", "bad caption",
+                "truncated shard")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

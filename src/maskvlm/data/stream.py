@@ -117,6 +117,15 @@ def shard_samples(path: Path, headers_only: bool = False) -> Iterator[dict]:
         raise DataError(f"{path}: unreadable or truncated tar shard after {count} samples ({e})") from None
 
 
+def _shard_or_error(path: Path, mode: dict) -> Iterator[dict]:
+    """A shard's samples in a training stream: a damaged shard ends with one error item (counted
+    as a bad sample) instead of stopping the run."""
+    try:
+        yield from shard_samples(path, mode["headers_only"])
+    except DataError as e:
+        yield {"__key__": "", "__url__": str(path), "__error__": str(e)}
+
+
 def materialise(sample: dict) -> dict:
     """Replace the :class:`_Ref` placeholders of a header-only sample by the member bytes."""
     refs = {k: v for k, v in sample.items() if isinstance(v, _Ref)}
@@ -291,7 +300,7 @@ class ShardStream(IterableDataset):
         if self.resampled:
             rng = random.Random(sample_seed(self.seed, epoch, slot, index, 7))
             while True:
-                yield from shard_samples(src.paths[rng.randrange(len(src.paths))], mode["headers_only"])
+                yield from _shard_or_error(src.paths[rng.randrange(len(src.paths))], mode)
         targets = self._targets(src, workers)
         passes = 1 if self.batch_size is None else None
         p = 0
@@ -299,7 +308,7 @@ class ShardStream(IterableDataset):
             order = list(range(len(src.paths)))
             random.Random(sample_seed(self.seed, epoch, p, index, 3)).shuffle(order)
             for shard in deal_shards(order, src.counts, targets)[slot]:
-                yield from shard_samples(src.paths[shard], mode["headers_only"])
+                yield from _shard_or_error(src.paths[shard], mode)
             yield _PASS_END
             p += 1
 
@@ -341,6 +350,8 @@ class ShardStream(IterableDataset):
             yield buffer.pop()
 
     def _decode(self, item: dict) -> tuple:
+        if "__error__" in item:
+            raise BadSample("truncated shard", item["__error__"] + "; the rest of the shard is skipped")
         name = f"{item['__url__']}:{item['__key__']}"
         ext = next((e for e in IMAGE_EXTS if e in item), None)
         if ext is None:

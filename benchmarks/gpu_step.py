@@ -1,0 +1,102 @@
+"""Pre-training step throughput on one GPU with each memory/speed switch on and off: samples/s,
+allocator peak memory and model FLOP utilisation (MFU) of the ``base`` preset at 224 px in bf16.
+
+    python benchmarks/gpu_step.py                                    # base, 224 px, cuda, bf16
+    python benchmarks/gpu_step.py --batch-size 96 --repeats 20
+    python benchmarks/gpu_step.py --preset tiny --device cpu --repeats 3   # a quick check without a GPU
+
+Each variant runs in its own subprocess (its own peak memory) through the same step as
+``step_throughput.py``: forward + backward + AdamW on random images and captions. The variants:
+
+- default: the trainer's defaults (visible-patch-only masked pass, fused AdamW, bf16 autocast)
+- each switch flipped alone: ``train.compile=true``, ``train.activation_checkpointing=true``,
+  ``train.fused_adamw=false``, ``masking.visible_only=false``, and fp32 instead of bf16
+- all speed switches together: compile + fused + visible-only
+
+MFU = model FLOPs per step (``FlopCounterMode``, forward + backward) / step time / the measured
+peak of a large matrix product in the same dtype on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from step_throughput import matmul_peak  # this folder is on sys.path when the script runs
+
+VARIANTS = [  # (name, dtype, overrides)
+    ("default", "bf16", []),
+    ("+ torch.compile", "bf16", ["train.compile=true"]),
+    ("+ activation checkpointing", "bf16", ["train.activation_checkpointing=true"]),
+    ("- fused AdamW", "bf16", ["train.fused_adamw=false"]),
+    ("- visible-only masked pass", "bf16", ["masking.visible_only=false"]),
+    ("fp32 (no autocast)", "fp32", []),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--only", nargs="+", default=None, help="variant names to run (default: all)")
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu --preset tiny to check "
+                         "the script")
+    from maskvlm.runtime import invocation, machine_description
+
+    device = torch.device(args.device)
+    peaks = {dt: matmul_peak(dt, device) for dt in ("bf16", "fp32")}
+    rows = []
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_throughput.py")
+    for name, dtype, overrides in VARIANTS:
+        if args.only and name not in args.only:
+            continue
+        overrides = [f"model.image_size={args.image_size}", *overrides]
+        cmd = [sys.executable, here, "--worker", "maskvlm", dtype, "--preset", args.preset, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+               *[f"--override={o}" for o in overrides]]
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            print(out.stderr[-3000:], file=sys.stderr)
+            rows.append({"name": name, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]})
+            continue
+        r = json.loads(line[0][7:])
+        med = statistics.median(r["times"])
+        r.update(name=name, median_s=med, samples_per_s=r["batch"] / med, mfu=r["flops_per_step"] / med / peaks[dtype])
+        rows.append(r)
+    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
+             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset} at {args.image_size} px, batch "
+             f"{args.batch_size}, {args.warmup} warm-up steps, {args.repeats} timed (median, min-max); matmul peak "
+             f"bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s", "",
+             "| variant | dtype | step s (median, min-max) | samples/s | vs default | GFLOP/sample | MFU | "
+             "peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in rows if r["name"] == "default" and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | | failed: {r['error']} | | | | | |")
+            continue
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+        spread = f"{min(r['times']):.3f}-{max(r['times']):.3f}"
+        lines.append(f"| {r['name']} | {r['dtype']} | {r['median_s']:.3f} ({spread}) | {r['samples_per_s']:.1f} | "
+                     f"{ratio} | {r['flops_per_step'] / r['batch'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['peak_bytes'] / 2 ** 30:.2f} GiB ({r['memory']}) |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
