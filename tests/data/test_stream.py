@@ -220,3 +220,7 @@ def test_streamed_pretraining_resumes_to_the_same_weights(synthetic_dir, tmp_pat
     b = load_file(str(list_checkpoints(tmp_path / "resumed")[-1] / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_trainer_state(full[-1])["epoch"] == 1
+    # another worker count cannot continue the split: the rest of the epoch is skipped, not repeated
+    pretrain(config(tmp_path / "other"), resume=str(full[0]), overrides=["data.num_workers=1"])
+    assert "the rest of epoch 0 is skipped" in (tmp_path / "other" / "train.log").read_text()
+    assert load_trainer_state(list_checkpoints(tmp_path / "other")[-1])["epoch"] == 1

@@ -290,9 +290,11 @@ class ShardStream(IterableDataset):
             off += abs(sum(src.counts[i] for i in share) - self.quota(slot % workers, workers))
         if off == 0:
             return head + ": every sample exactly once per epoch"
-        return head + (f": the shards do not split into whole batches for {self.world * workers} readers, so "
-                       f"about {off} samples per epoch are left out or repeated (equal shards, a multiple of "
-                       "processes x workers in number, and batches that divide them make it exact)")
+        readers = self.world * workers
+        return head + (f": the shards do not split into whole batches over {readers} reader"
+                       f"{'s' * (readers > 1)} (processes x workers), so about {off} samples per epoch are left "
+                       "out or repeated (equal shards, a multiple of processes x workers in number, and batches "
+                       "that divide them make it exact)")
 
     # --- iteration --------------------------------------------------------------------------------
     def _source_items(self, index: int, epoch: int, slot: int, workers: int, mode: dict) -> Iterator[dict]:

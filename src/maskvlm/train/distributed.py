@@ -59,12 +59,15 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def init_from_env(timeout_minutes: float = 30.0) -> bool:
+def init_from_env(timeout_minutes: float | None = None) -> bool:
     """Join the process group ``torchrun`` describes (WORLD_SIZE > 1 in the environment): NCCL on
-    GPUs, gloo on CPUs, with a timeout so a dead rank ends the job instead of hanging it. Returns
-    whether this process is distributed."""
+    GPUs, gloo on CPUs, with a timeout so a dead rank ends the job instead of hanging it
+    (``MASKVLM_DIST_TIMEOUT_MIN``, default 30 minutes). Returns whether this process is distributed."""
     import os
     from datetime import timedelta
+
+    if timeout_minutes is None:
+        timeout_minutes = float(os.environ.get("MASKVLM_DIST_TIMEOUT_MIN", "30"))
 
     if is_distributed():
         return True
