@@ -116,10 +116,9 @@ def main() -> int:
     args = p.parse_args()
 
     from maskvlm.config import build_config
-    from maskvlm.runtime import invocation, machine_description
+    from maskvlm.runtime import report_header
 
-    lines = [f"Machine: {machine_description()}", f"Command: `{invocation()}`",
-             f"Date: {time.strftime('%Y-%m-%d')}", "",
+    lines = [*report_header(), "",
              "| preset (image px) | source JPEG | input | workers | samples/s | per worker | trainer consumes "
              "(CPU bf16) | workers needed on this CPU |", "|---|---|---|---|---|---|---|---|"]
     for preset in args.presets:

@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from step_throughput import matmul_peak  # this folder is on sys.path when the script runs
@@ -53,7 +52,7 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu --preset tiny to check "
                          "the script")
-    from maskvlm.runtime import invocation, machine_description
+    from maskvlm.runtime import report_header
 
     device = torch.device(args.device)
     peaks = {dt: matmul_peak(dt, device) for dt in ("bf16", "fp32")}
@@ -77,10 +76,9 @@ def main() -> int:
         med = statistics.median(r["times"])
         r.update(name=name, median_s=med, samples_per_s=r["batch"] / med, mfu=r["flops_per_step"] / med / peaks[dtype])
         rows.append(r)
-    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
-             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset} at {args.image_size} px, batch "
-             f"{args.batch_size}, {args.warmup} warm-up steps, {args.repeats} timed (median, min-max); matmul peak "
-             f"bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s", "",
+    lines = [*report_header(args.device, f"preset {args.preset} at {args.image_size} px, batch {args.batch_size}, "
+                            f"{args.warmup} warm-up steps, {args.repeats} timed (median, min-max); matmul peak bf16 "
+                            f"{peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s"), "",
              "| variant | dtype | step s (median, min-max) | samples/s | vs default | GFLOP/sample | MFU | "
              "peak memory |",
              "|---|---|---|---|---|---|---|---|"]

@@ -40,14 +40,13 @@ def main() -> int:
     from maskvlm.data.synthetic import ensure_synthetic
     from maskvlm.data.tokenizer import train_wordpiece
     from maskvlm.models.model import build_model
-    from maskvlm.runtime import invocation, machine_description
+    from maskvlm.runtime import report_header
     from maskvlm.tasks.pretrain import eval_transform
     from maskvlm.tasks.retrieval import _rerank, encode_split, itm_scores, recall_metrics
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
-             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset}, {args.precision}, batch {args.batch_size}", "",
+    lines = [*report_header(args.device, f"preset {args.preset}, {args.precision}, batch {args.batch_size}"), "",
              "| images | captions | encode s | ITC rank + recall s | k | ITM re-rank s (both directions) | "
              "re-rank pairs/s | total s | how |", "|---|---|---|---|---|---|---|---|---|"]
     for n in args.sizes:

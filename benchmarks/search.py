@@ -19,7 +19,7 @@ from pathlib import Path
 
 from maskvlm.finetune import model_folder
 from maskvlm.inference import VLM
-from maskvlm.runtime import invocation, machine_description
+from maskvlm.runtime import report_header
 from maskvlm.search import ImageIndex, build_index, search
 
 
@@ -78,7 +78,7 @@ def main() -> int:
     folder = model_folder(args.checkpoint)
     vlm = VLM.from_pretrained(folder)
     work = Path(args.work)
-    lines = [f"Machine: {machine_description()}", f"Command: `{invocation()}`", ""]
+    lines = [*report_header(), ""]
     for rerank in (False, True):
         r = own_image_rate(vlm, folder, Path(args.annotations), work / "index-own", args.top_k, rerank)
         lines.append(f"- {'ITM re-ranked' if rerank else 'ITC'} search, {r['queries']} caption queries over "

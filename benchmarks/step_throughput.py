@@ -198,7 +198,7 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(args.worker[0], args.preset, args.worker[1], args.device,
                                             args.batch_size, args.warmup, args.repeats, args.override)))
         return 0
-    from maskvlm.runtime import invocation, machine_description
+    from maskvlm.runtime import report_header
 
     device = torch.device(args.device)
     rows = []
@@ -223,9 +223,8 @@ def main() -> int:
                      flops_per_sample=r["flops_per_step"] / r["batch"], achieved=r["flops_per_step"] / med)
             r["mfu"] = r["achieved"] / peak
             rows.append(r)
-    lines = [f"Machine: {machine_description()}; device {args.device}", f"Command: `{invocation()}`",
-             f"Date: {time.strftime('%Y-%m-%d')}; preset {args.preset}, batch {rows[0]['batch']}, "
-             f"{args.warmup} warm-up steps, {args.repeats} timed steps (median, min-max)", "",
+    lines = [*report_header(args.device, f"preset {args.preset}, batch {rows[0]['batch']}, {args.warmup} warm-up "
+                            f"steps, {args.repeats} timed steps (median, min-max)"), "",
              "| library | dtype | params | step s (median, min-max) | samples/s | GFLOP/sample (fwd+bwd) | "
              "achieved GFLOP/s | matmul peak GFLOP/s | MFU | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]

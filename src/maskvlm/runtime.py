@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+from typing import Optional
+
 import torch
 
 
@@ -44,12 +46,22 @@ def machine_description() -> str:
 
 
 def invocation() -> str:
-    """The command line this process was started with, as a user would type it again."""
+    """The command line this process was started with, as a user would type it again (quoted)."""
+    import shlex
     import sys
     from pathlib import Path
 
     if not sys.argv or not sys.argv[0]:
         return ""
     if Path(sys.argv[0]).name == "maskvlm":
-        return " ".join(["maskvlm", *sys.argv[1:]])
-    return " ".join(["python", *sys.argv])
+        return shlex.join(["maskvlm", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
+
+
+def report_header(device: Optional[str] = None, details: str = "") -> list[str]:
+    """The lines that open every benchmark report: machine, command, date (and ``details``)."""
+    import time
+
+    machine = machine_description() + (f"; device {device}" if device else "")
+    date = time.strftime("%Y-%m-%d") + (f"; {details}" if details else "")
+    return [f"Machine: {machine}", f"Command: `{invocation()}`", f"Date: {date}"]

@@ -32,6 +32,24 @@ class InitReport:
         return (f"{self.source}: loaded {len(self.loaded)} tensors; new {len(self.new)} [{short(self.new)}]; "
                 f"ignored {len(self.ignored)} [{short(self.ignored)}]")
 
+    @torch.no_grad()
+    def copy_weights(self, mapped: dict, ours: dict, adjust, origin: str, hint: str, prefix: str = "") -> None:
+        """Copy the ``mapped`` tensors into ``ours`` (a state dict) in place. Names ``ours`` lacks
+        are reported ignored; ``adjust(name, tensor, target)`` reconciles a known format difference
+        (e.g. fewer positions); any other shape difference is an error naming the tensor."""
+        for name, tensor in mapped.items():
+            if name not in ours:
+                self.ignored.append(name)
+                continue
+            target = ours[name]
+            tensor = adjust(name, tensor, target)
+            if tensor.shape != target.shape:
+                raise ValueError(f"{origin}: {name} has shape {tuple(tensor.shape)} in the "
+                                 f"{'folder' if Path(origin).is_dir() else 'file'} but {tuple(target.shape)} in "
+                                 f"the model ({hint})")
+            target.copy_(tensor.to(target.dtype))
+            self.loaded.append(prefix + name)
+
 
 def read_hf_config(folder: str | Path) -> dict:
     config_path = Path(folder) / "config.json"
@@ -139,19 +157,11 @@ def init_text_from_hf(model: torch.nn.Module, folder: str | Path, text_layers: i
     mapped, ignored = bert_to_ours(state, text_layers, cross_layers, arch["_position_offset"])
     ours = model.state_dict()
     report = InitReport(str(folder), ignored=ignored)
-    with torch.no_grad():
-        for name, tensor in mapped.items():
-            if name not in ours:
-                report.ignored.append(name)
-                continue
-            target = ours[name]
-            if name.endswith("position_embeddings.weight") and tensor.shape[0] > target.shape[0]:
-                tensor = tensor[:target.shape[0]]  # our model keeps fewer positions
-            if tensor.shape != target.shape:
-                raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)} in the folder but "
-                                 f"{tuple(target.shape)} in the model (check model.text_* against config.json)")
-            target.copy_(tensor.to(target.dtype))
-            report.loaded.append(name)
+    def adjust(name, tensor, target):
+        if name.endswith("position_embeddings.weight") and tensor.shape[0] > target.shape[0]:
+            return tensor[:target.shape[0]]  # our model keeps fewer positions
+        return tensor
+    report.copy_weights(mapped, ours, adjust, str(folder), "check model.text_* against config.json")
     text_keys = [k for k in ours if k.startswith(("text_encoder.", "text_cross_encoder.", "mlm_head."))]
     report.new = sorted(k for k in text_keys if k not in set(report.loaded))
     return report

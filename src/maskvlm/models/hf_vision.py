@@ -107,19 +107,11 @@ def init_vision(encoder: torch.nn.Module, path: str | Path, prefix: str = "") ->
     if theirs_patch is not None and theirs_patch != ours["patch_embed.weight"].shape[-1]:
         raise ValueError(f"{path}: patch size {mapped['patch_embed.weight'].shape[-1]} but the model uses "
                          f"{ours['patch_embed.weight'].shape[-1]} (model.patch_size)")
-    with torch.no_grad():
-        for name, tensor in mapped.items():
-            if name not in ours:
-                report.ignored.append(name)
-                continue
-            target = ours[name]
-            if name == "pos_embed" and tensor.shape != target.shape:
-                side = int(round((target.shape[1] - 1) ** 0.5))
-                tensor = interpolate_pos_embed(tensor.float(), (side, side))
-            if tensor.shape != target.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} in the file but "
-                                 f"{tuple(target.shape)} in the model (check model.vision_* sizes)")
-            target.copy_(tensor.to(target.dtype))
-            report.loaded.append(prefix + name)
+    def adjust(name, tensor, target):
+        if name == "pos_embed" and tensor.shape != target.shape:
+            side = int(round((target.shape[1] - 1) ** 0.5))
+            return interpolate_pos_embed(tensor.float(), (side, side))
+        return tensor
+    report.copy_weights(mapped, ours, adjust, str(path), "check model.vision_* sizes", prefix)
     report.new = sorted(prefix + k for k in ours if prefix + k not in set(report.loaded))
     return report

@@ -53,6 +53,15 @@ def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, **kwargs) -> torch.Ten
     return x
 
 
+def set_attention_impl(module: nn.Module, impl: str) -> None:
+    """Switch every :class:`Attention` inside ``module`` to ``impl`` (model.attention)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.impl = impl
+
+
 def encoder_stacks(module: nn.Module) -> list[nn.Module]:
     """The encoder stacks (ViT, text, cross-modality encoders) inside ``module``."""
     return [m for m in module.modules() if hasattr(m, "checkpointing")]

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig
 from .fusion import ImageCrossEncoder
-from .layers import ATTENTION_IMPLS, Attention
+from .layers import set_attention_impl
 from .heads import ITCHead, ITMHead, MLMHead, PixelHead
 from .text import TextCrossEncoder, TextEncoder, TextOutput
 from .vit import VisionOutput, VisionTransformer
@@ -53,11 +53,7 @@ class MaskVLM(nn.Module):
         self.set_attention_impl(c.attention)
 
     def set_attention_impl(self, impl: str) -> None:
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.impl = impl
+        set_attention_impl(self, impl)
 
     # --- encoders -------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, visible_idx: Optional[torch.Tensor] = None,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .heads import ITCHead, ITMHead, MLMHead
-from .layers import ATTENTION_IMPLS, Attention, PreNormBlock, init_weights, run_blocks
+from .layers import PreNormBlock, init_weights, run_blocks, set_attention_impl
 from .text import BertEmbeddings, TextOutput
 from .vit import VisionOutput
 
@@ -123,11 +123,7 @@ class SingleStreamVLM(nn.Module):
         self.set_attention_impl(c.attention)
 
     def set_attention_impl(self, impl: str) -> None:
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.impl = impl
+        set_attention_impl(self, impl)
 
     # --- embeddings -------------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
