@@ -102,10 +102,6 @@ def _write(picture, out: str) -> None:
     print(f"wrote {out} ({picture.width}x{picture.height})")
 
 
-def _captions(entry: dict) -> list[str]:
-    return entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-
-
 def reconstruct(args) -> int:
     from .insight import reconstruction_grid
 
@@ -121,15 +117,17 @@ def reconstruct(args) -> int:
         images, texts = [args.image], [args.text]
         mismatched = [args.mismatched_text if args.mismatched_text is not None else ""]
     else:
-        entries = json.loads(Path(args.data).read_text())
+        from .data.formats import load_annotations, valid_captions
+
+        entries = load_annotations(args.data)  # checked: a clear error names a bad entry
         if len(entries) < 2:
             raise ValueError(f"{args.data}: batch mode needs at least 2 images")
         root = Path(args.image_root) if args.image_root else Path(args.data).parent
         shift = len(entries) // 2
         chosen = list(range(min(args.num, len(entries))))
         images = [root / entries[i]["image"] for i in chosen]
-        texts = [_captions(entries[i])[0] for i in chosen]
-        mismatched = [_captions(entries[(i + shift) % len(entries)])[0] for i in chosen]
+        texts = [valid_captions(entries[i]["caption"])[0] for i in chosen]
+        mismatched = [valid_captions(entries[(i + shift) % len(entries)]["caption"])[0] for i in chosen]
     result = reconstruction_grid(vlm, images, texts, mismatched, ratio, args.seed)
     for i, (a, b) in enumerate(zip(result.error_matching, result.error_mismatched)):
         print(f"{Path(images[i]).name}: masked-patch L1 {a:.4f} with the matching caption, {b:.4f} with "
