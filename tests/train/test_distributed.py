@@ -1,6 +1,7 @@
 """Two CPU processes (gloo): the ITC loss over negatives gathered from every rank, with gradients
 averaged as DDP does, equals the single-process loss and gradient on the concatenated batch."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -65,7 +66,9 @@ def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tm
         assert torch.allclose(mine.grad, theirs, atol=1e-5), (mine.grad - theirs).abs().max()
 
 
-def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("train.grad_accum=2",)], ids=["plain", "grad_accum"])
+def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_dir, tmp_path, extra):
+    # with accumulation the gradients are reduced only on the last micro-batch (no_sync before it)
     import socket
 
     from safetensors.torch import load_file
@@ -73,7 +76,7 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step-00000004"]  # written once, by rank 0
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]

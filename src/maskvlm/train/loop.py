@@ -225,18 +225,37 @@ class Trainer:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_samples.items(), key=lambda kv: -kv[1]))
         return f"{total} of {tried} samples skipped ({100.0 * total / max(tried, 1):.2f}%): {reasons or 'none'}"
 
-    def _check_skips(self, batch) -> None:
+    def _count_skips(self, batch) -> bool:
+        """Add the batch's replaced samples to the counts; True when the share passed the limit."""
         for k, v in (getattr(batch, "skipped", None) or {}).items():
             self.skipped_samples[k] = self.skipped_samples.get(k, 0) + v
         self.samples_used += len(batch)
         d = self.config.data
         total = sum(self.skipped_samples.values())
         tried = total + self.samples_used
-        if tried >= d.skip_check_after and total > d.max_skip_rate * tried:
-            raise TooManyBadSamples(
-                f"too many bad training samples: {self.skip_report()}, more than data.max_skip_rate="
-                f"{d.max_skip_rate} (checked after data.skip_check_after={d.skip_check_after} samples). Fix or "
-                f"remove the files (the log names the first ones of each kind), or raise data.max_skip_rate")
+        return tried >= d.skip_check_after and total > d.max_skip_rate * tried
+
+    def _skip_message(self) -> str:
+        d = self.config.data
+        return (f"too many bad training samples: {self.skip_report()}"
+                f"{' on this rank' if world_size() > 1 else ''}, more than data.max_skip_rate={d.max_skip_rate} "
+                f"(checked after data.skip_check_after={d.skip_check_after} samples). Fix or remove the files (the "
+                "log names the first ones of each kind), or raise data.max_skip_rate")
+
+    def _gradient_sync(self, sync: bool):
+        """Gradient accumulation under torchrun: reduce gradients over ranks only on the last micro-batch."""
+        if sync or world_size() == 1:
+            return contextlib.nullcontext()
+        if self.fsdp is not None:
+            @contextlib.contextmanager
+            def no_fsdp_sync():
+                self.task.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.task.set_requires_gradient_sync(True)
+            return no_fsdp_sync()
+        return self.forward_module.no_sync()
 
     # --- loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -259,20 +278,20 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
                 finite = True
-                for _ in range(t.grad_accum):
+                for micro in range(t.grad_accum):
                     batch = next(batches).to(self.device, non_blocking=True)
-                    try:
-                        self._check_skips(batch)
-                    except TooManyBadSamples:
+                    if any_rank(self._count_skips(batch)):  # every rank stops, not only the one that saw them
                         if saves and self.step > 0:
                             self.save()  # keep the progress made so far
-                        raise
-                    with autocast(self.device, t.precision):
-                        loss, metrics = self.forward_module(batch)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    (loss / t.grad_accum).backward()
+                        raise TooManyBadSamples(self._skip_message())
+                    with self._gradient_sync(micro == t.grad_accum - 1):
+                        with autocast(self.device, t.precision):
+                            loss, metrics = self.forward_module(batch)
+                        # all ranks skip together, or one rank's backward would wait for the others forever
+                        if any_rank(not bool(torch.isfinite(loss))):
+                            finite = False
+                            break
+                        (loss / t.grad_accum).backward()
                     for k, v in metrics.items():
                         step_metrics[k] += float(v) / t.grad_accum
                     window_samples += len(batch)
