@@ -140,6 +140,8 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     result = {"train": train_metrics, "train_seconds": time.perf_counter() - start, "step": trainer.step,
               "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
+    if evaluate_test and not d.test and aligned:
+        log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")
     if evaluate_test and d.test and aligned and (is_main() or trainer.fsdp) and not trainer.interrupted:
         test = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, d.test,
                                                           progress=config.train.progress and is_main()))
