@@ -357,8 +357,10 @@ class Trainer:
                 if saves and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
                     self.save()
                 if self.interrupted:
-                    log.warning("stopped at step %d of %d; continue with: maskvlm %s --output-dir %s "
-                                "--resume auto", self.step, t.max_steps, self.command, self.output_dir)
+                    launcher = f"torchrun ... -m maskvlm {self.command}" if world_size() > 1 else \
+                        f"maskvlm {self.command}"
+                    log.warning("stopped at step %d of %d; continue with: %s --output-dir %s --resume auto",
+                                self.step, t.max_steps, launcher, self.output_dir)
                     break
         if self.skipped_samples:
             log.warning("bad training samples were replaced by others: %s", self.skip_report())
