@@ -86,7 +86,8 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved if k in ranks[0])
 
 
-def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra: tuple = (), resume=None):
+def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra: tuple = (), resume=None,
+                      recipe: str = "maskvlm"):
     """Each rank trains, then writes its own final weights so the test can compare them."""
     import os
 
@@ -111,7 +112,7 @@ def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra:
     pipeline.Trainer = Recording
     cfg = micro_config(f"data.train={synthetic_dir}/train.json", "data.val=null", "data.test=null",
                        f"train.output_dir={out}/run", "train.precision=fp32", "train.max_steps=4",
-                       "train.save_every=0", "data.vocab_size=200", *extra)
+                       "train.save_every=0", "data.vocab_size=200", *extra, recipe=recipe)
     try:
         pipeline.pretrain(cfg, resume=resume)
         if "state" in captured:
@@ -194,7 +195,8 @@ def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computat
         assert torch.allclose(got["grads"][name], g, atol=1e-5), (name, (got["grads"][name] - g).abs().max())
 
 
-def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["maskvlm", "albef"])  # albef: EMA teacher, feature queue, distillation
+def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
     """train.fsdp: the same weights as DDP after 4 steps (fp32, to rounding), checkpoints in the
     unsharded format, and a resume from step 2 that ends where the uninterrupted run ended."""
     import socket
@@ -205,11 +207,11 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), extra, resume), nprocs=WORLD,
-                 join=True)
+        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), extra, resume, recipe),
+                 nprocs=WORLD, join=True)
         return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
 
-    ddp = run(tmp_path / "ddp", "train.ddp_find_unused=false")
+    ddp = run(tmp_path / "ddp")
     fsdp = run(tmp_path / "fsdp", "train.fsdp=true", "train.save_every=2", "train.keep_last=3")
     assert fsdp.keys() == ddp.keys()
     # reduce-scatter and all-reduce sum in another order; AdamW turns rounding-level gradient differences
