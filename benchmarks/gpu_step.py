@@ -20,14 +20,11 @@ peak of a large matrix product in the same dtype on the same device.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 
 import torch
-from step_throughput import matmul_peak  # this folder is on sys.path when the script runs
+from step_throughput import matmul_peak, run_worker  # this folder is on sys.path when the script runs
 
 VARIANTS = [  # (name, dtype, overrides)
     ("default", "bf16", []),
@@ -57,22 +54,16 @@ def main() -> int:
     device = torch.device(args.device)
     peaks = {dt: matmul_peak(dt, device) for dt in ("bf16", "fp32")}
     rows = []
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_throughput.py")
     for name, dtype, overrides in VARIANTS:
         if args.only and name not in args.only:
             continue
-        overrides = [f"model.image_size={args.image_size}", *overrides]
-        cmd = [sys.executable, here, "--worker", "maskvlm", dtype, "--preset", args.preset, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-               *[f"--override={o}" for o in overrides]]
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            print(out.stderr[-3000:], file=sys.stderr)
-            rows.append({"name": name, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]})
+        try:
+            r = run_worker("maskvlm", dtype, args.preset, args.device, args.batch_size, args.warmup, args.repeats,
+                           [f"model.image_size={args.image_size}", *overrides])
+        except RuntimeError as e:  # e.g. out of memory: the other variants still run
+            rows.append({"name": name, "error": str(e)[:120]})
             continue
-        r = json.loads(line[0][7:])
         med = statistics.median(r["times"])
         r.update(name=name, median_s=med, samples_per_s=r["batch"] / med, mfu=r["flops_per_step"] / med / peaks[dtype])
         rows.append(r)

@@ -163,6 +163,21 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
             "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
 
 
+def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, warmup: int, repeats: int,
+               overrides=()) -> dict:
+    """:func:`worker` in a fresh subprocess (so its peak memory is its own); RuntimeError with the
+    end of its stderr when it fails."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset, "--device", device,
+           "--batch-size", str(batch_size), "--warmup", str(warmup), "--repeats", str(repeats),
+           *[f"--override={o}" for o in overrides]]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no result"])[-1][:160])
+    return json.loads(line[0][7:])
+
+
 def matmul_peak(dtype: str, device: torch.device, n: int = 4096, repeats: int = 8) -> float:
     """FLOP/s of an n x n matrix product in ``dtype`` (the best of ``repeats``). Measured before and
     after each dtype's runs and the higher one kept: on shared or throttling machines one
@@ -206,16 +221,12 @@ def main() -> int:
         peak = matmul_peak(dtype, device)
         block = []
         for lib in args.libs:
-            cmd = [sys.executable, __file__, "--worker", lib, dtype, "--preset", args.preset, "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                   *[f"--override={o}" for o in args.override]]
             print(f"running {lib} {dtype} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{lib} {dtype} failed")
-            block.append(json.loads(line[0][7:]))
+            try:
+                block.append(run_worker(lib, dtype, args.preset, args.device, args.batch_size, args.warmup,
+                                        args.repeats, args.override))
+            except RuntimeError as e:
+                raise SystemExit(f"{lib} {dtype} failed: {e}") from None
         peak = max(peak, matmul_peak(dtype, device))
         for r in block:
             med = statistics.median(r["times"])
