@@ -131,7 +131,7 @@ class DataConfig:
     skip_check_after: int = 2000  # samples tried before the rate is checked (a few early bad files are noise)
     max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's default
     # webdataset tar shards instead of data.train: a path, glob or brace pattern ("shards/{00000..00099}.tar");
-    # several sources separated by "::", mixed by data.shard_weights (see docs/data.md)
+    # several sources separated by "::", mixed by data.shard_weights (see docs/scale-out.md)
     shards: Optional[str] = None
     shard_weights: Optional[list] = None  # one weight per source (default: equal)
     shuffle_buffer: int = 1000  # samples held per dataloader worker for shuffling across shards

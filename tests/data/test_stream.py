@@ -224,3 +224,13 @@ def test_streamed_pretraining_resumes_to_the_same_weights(synthetic_dir, tmp_pat
     pretrain(config(tmp_path / "other"), resume=str(full[0]), overrides=["data.num_workers=1"])
     assert "the rest of epoch 0 is skipped" in (tmp_path / "other" / "train.log").read_text()
     assert load_trainer_state(list_checkpoints(tmp_path / "other")[-1])["epoch"] == 1
+
+
+def test_captions_come_from_txt_or_json_without_reading_images(tmp_path):
+    members = [("a.png", _png()), ("a.txt", b"a red square"),
+               ("b.png", _png()), ("b.json", json.dumps({"caption": "a blue circle", "image_id": 7}).encode())]
+    _write_tar(tmp_path / "00000.tar", members)
+    stream = open_stream(str(tmp_path / "00000.tar"), None, TRANSFORM, shuffle_buffer=1)
+    assert sorted(stream.captions()) == ["a blue circle", "a red square"]
+    stream.configure(2)
+    assert sorted(s["caption"] for s in stream) == ["a blue circle", "a red square"]

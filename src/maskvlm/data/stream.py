@@ -126,8 +126,11 @@ def _shard_or_error(path: Path, mode: dict) -> Iterator[dict]:
         yield {"__key__": "", "__url__": str(path), "__error__": str(e)}
 
 
-def materialise(sample: dict) -> dict:
-    """Replace the :class:`_Ref` placeholders of a header-only sample by the member bytes."""
+def materialise(sample: dict, keys: Optional[Sequence[str]] = None) -> dict:
+    """Replace the :class:`_Ref` placeholders of a header-only sample by the member bytes (only
+    those of ``keys`` when given; the others are left out)."""
+    if keys is not None:
+        sample = {k: v for k, v in sample.items() if k.startswith("__") or k in keys}
     refs = {k: v for k, v in sample.items() if isinstance(v, _Ref)}
     if not refs:
         return sample
@@ -254,14 +257,14 @@ class ShardStream(IterableDataset):
     def batches_per_rank(self) -> int:
         return self.samples_per_epoch // (self.world * self.batch_size)
 
-    def quota(self, worker: int, workers: int) -> int:
-        """Samples a worker yields per epoch (the DataLoader takes batches from workers in turn)."""
-        b = self.batches_per_rank()
-        return (b // workers + (worker < b % workers)) * self.batch_size
-
     def consumed(self, worker: int, workers: int, batches: int) -> int:
-        """Samples of a worker's stream in the first ``batches`` batches of its rank this epoch."""
+        """Samples of a worker's stream in the first ``batches`` batches of its rank this epoch (the
+        DataLoader takes batches from its workers in turn)."""
         return (batches // workers + (worker < batches % workers)) * self.batch_size
+
+    def quota(self, worker: int, workers: int) -> int:
+        """Samples a worker yields per epoch."""
+        return self.consumed(worker, workers, self.batches_per_rank())
 
     def _targets(self, source: Source, workers: int) -> list[float]:
         """Each slot's share of ``source`` in one pass: proportional to its quota."""
@@ -358,20 +361,13 @@ class ShardStream(IterableDataset):
         ext = next((e for e in IMAGE_EXTS if e in item), None)
         if ext is None:
             raise BadSample("missing file", f"{name}: no image member (.jpg, .jpeg, .png or .webp)")
-        caption = item.get("txt", b"").decode("utf-8", errors="replace")
-        meta = {}
-        if "json" in item:
-            try:
-                meta = json.loads(item["json"])
-            except ValueError:
-                meta = {}
-        if not valid_captions(caption):
-            caption = meta.get("caption") if isinstance(meta, dict) else None
-            if not valid_captions(caption):
-                raise BadSample("bad caption", f"{name}: no usable caption in .txt or .json")
+        meta = _meta(item)
+        caption = _caption(item, meta)
+        if caption is None:
+            raise BadSample("bad caption", f"{name}: no usable caption in .txt or .json")
         pil = open_image(Path(f"{name}.{ext}"), self.max_pixels, data=item[ext])
         # several captions of one image share its id (ITC does not treat them as negatives)
-        image_id = str(meta["image_id"]) if isinstance(meta, dict) and "image_id" in meta else name
+        image_id = str(meta["image_id"]) if "image_id" in meta else name
         return pil, caption, stable_id(image_id), name
 
     def __iter__(self) -> Iterator[dict]:
@@ -426,15 +422,38 @@ class ShardStream(IterableDataset):
         return sample
 
     def captions(self, limit: int = 200_000) -> list[str]:
-        """Captions from the first shards (for training a tokenizer), at most ``limit``."""
+        """Captions from the first shards (for training a tokenizer), at most ``limit``. Only the
+        text members are read, not the images."""
         out: list[str] = []
         for src in self.sources:
             for path in src.paths:
-                for item in shard_samples(path):
-                    out += valid_captions(item.get("txt", b"").decode("utf-8", errors="replace"))
+                for item in shard_samples(path, headers_only=True):
+                    item = materialise(item, ("txt", "json"))
+                    caption = _caption(item, _meta(item))
+                    if caption is not None:
+                        out.append(caption)
                     if len(out) >= limit:
                         return out
         return out
+
+
+def _meta(item: dict) -> dict:
+    """The sample's ``.json`` member as a dict ({} when absent or not a JSON object)."""
+    try:
+        meta = json.loads(item["json"]) if "json" in item else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _caption(item: dict, meta: dict) -> Optional[str]:
+    """The caption: the ``.txt`` member, else the ``caption`` field of the ``.json``; None if neither
+    is a non-blank string."""
+    caption = item.get("txt", b"").decode("utf-8", errors="replace")
+    if valid_captions(caption):
+        return caption
+    caption = meta.get("caption")
+    return caption if valid_captions(caption) else None
 
 
 def open_stream(shards, weights, transform: ImageTransform, **kwargs) -> ShardStream:

@@ -17,17 +17,25 @@ MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """Second names of tied tensors (e.g. the MLM decoder tied to the word embeddings) -> the first
+    name of the same tensor. Nothing is copied."""
+    first: dict = {}
+    tied: dict[str, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
 def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second name of tied tensors (safetensors stores each tensor once)."""
-    seen: set = set()
-    out = {}
-    for name, tensor in module.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
+    tied = tied_names(module)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()
+            if name not in tied}
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True):
@@ -41,7 +49,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, s
         raise ValueError(f"{source} does not match this architecture: {len(wrong)} tensors have another shape: "
                          f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}")
     result = module.load_state_dict(state, strict=False)
-    tied = set(module.state_dict()) - set(unique_state_dict(module))
+    tied = tied_names(module)
     missing = [k for k in result.missing_keys if k not in tied]
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):

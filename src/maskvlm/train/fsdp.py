@@ -16,26 +16,19 @@ import contextlib
 import torch
 from torch import nn
 
-from ..models.io import unique_state_dict
+from ..models.io import tied_names
 from ..models.layers import encoder_stacks
 
 
 class FSDPTask:
     """Shards ``task`` in place and converts its state to and from the unsharded checkpoint format."""
 
-    def __init__(self, task: nn.Module, device: torch.device):
+    def __init__(self, task: nn.Module):
         from torch.distributed.fsdp import fully_shard
 
-        # names of tied tensors (e.g. the MLM decoder and the word embeddings): saved once, loaded into both
-        ptr_to_name = {}
-        self.tied: dict[str, str] = {}
-        for name, t in task.state_dict(keep_vars=True).items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            if t.numel() and key in ptr_to_name:
-                self.tied[name] = ptr_to_name[key]
-            else:
-                ptr_to_name[key] = name
-        self.saved_names = list(unique_state_dict(task))
+        # tied tensors (e.g. the MLM decoder and the word embeddings) are saved once and loaded into both
+        self.tied = tied_names(task)
+        self.saved_names = [name for name in task.state_dict() if name not in self.tied]
         self.units = 0
         for stack in encoder_stacks(task):
             for child in stack.children():

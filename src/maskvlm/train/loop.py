@@ -26,11 +26,12 @@ from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import any_rank, is_main, rank, world_size
+from .distributed import any_rank, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, log
 from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
 
 STATE_VERSION = 1
+_NONFINITE, _TOO_MANY_BAD = 1, 2  # flags agreed over ranks after each micro-batch's forward
 
 
 def _worker_init(worker_id: int) -> None:
@@ -90,7 +91,7 @@ class Trainer:
         self.fsdp = None  # FSDPTask when train.fsdp under torchrun
         if t.fsdp and world_size() > 1:
             from .fsdp import FSDPTask
-            self.fsdp = FSDPTask(task, self.device)
+            self.fsdp = FSDPTask(task)
             log.info("FSDP: parameters, gradients and optimizer state sharded over %d processes (%d block units)",
                      world_size(), self.fsdp.units)
         elif t.fsdp:
@@ -191,27 +192,17 @@ class Trainer:
         """Micro-batches forever, epoch after epoch, starting at the saved data position."""
         t = self.config.train
         while True:
-            if self.streaming:
+            if self.streaming:  # the stream knows its split; it is told where the epoch resumes
                 self.dataset.set_position(self.epoch, self.batch_in_epoch)
-                loader = DataLoader(self.dataset, batch_size=t.batch_size, collate_fn=self.collator, drop_last=True,
-                                    num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
-                                    worker_init_fn=_worker_init, generator=torch.Generator())
-                for batch in loader:
-                    self.batch_in_epoch += 1
-                    yield batch
-                    if self.batch_in_epoch >= self.batches_per_epoch:
-                        break
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                continue
-            sampler = EpochSampler(len(self.dataset), t.seed, self.epoch, start=self.batch_in_epoch * t.batch_size,
-                                   rank=rank(), world=world_size())
-            loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=self.collator,
-                                drop_last=True, num_workers=self.config.data.num_workers,
-                                pin_memory=self.device.type == "cuda",
+                order = {}
+            else:
+                order = {"sampler": EpochSampler(len(self.dataset), t.seed, self.epoch, rank=rank(),
+                                                 world=world_size(), start=self.batch_in_epoch * t.batch_size)}
+            loader = DataLoader(self.dataset, batch_size=t.batch_size, collate_fn=self.collator, drop_last=True,
+                                num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
                                 # a private generator: creating loaders must not consume the global RNG
                                 generator=torch.Generator(), worker_init_fn=_worker_init,
-                                persistent_workers=False)
+                                persistent_workers=False, **order)
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
@@ -219,9 +210,13 @@ class Trainer:
             self.batch_in_epoch = 0
 
     # --- faults -------------------------------------------------------------------------------
-    def skip_report(self) -> str:
+    def _skip_totals(self) -> tuple[int, int]:
+        """(bad samples replaced, samples tried) so far."""
         total = sum(self.skipped_samples.values())
-        tried = total + self.samples_used
+        return total, total + self.samples_used
+
+    def skip_report(self) -> str:
+        total, tried = self._skip_totals()
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_samples.items(), key=lambda kv: -kv[1]))
         return f"{total} of {tried} samples skipped ({100.0 * total / max(tried, 1):.2f}%): {reasons or 'none'}"
 
@@ -231,8 +226,7 @@ class Trainer:
             self.skipped_samples[k] = self.skipped_samples.get(k, 0) + v
         self.samples_used += len(batch)
         d = self.config.data
-        total = sum(self.skipped_samples.values())
-        tried = total + self.samples_used
+        total, tried = self._skip_totals()
         return tried >= d.skip_check_after and total > d.max_skip_rate * tried
 
     def _skip_message(self) -> str:
@@ -280,15 +274,18 @@ class Trainer:
                 finite = True
                 for micro in range(t.grad_accum):
                     batch = next(batches).to(self.device, non_blocking=True)
-                    if any_rank(self._count_skips(batch)):  # every rank stops, not only the one that saw them
-                        if saves and self.step > 0:
-                            self.save()  # keep the progress made so far
-                        raise TooManyBadSamples(self._skip_message())
+                    too_many_bad = self._count_skips(batch)
                     with self._gradient_sync(micro == t.grad_accum - 1):
                         with autocast(self.device, t.precision):
                             loss, metrics = self.forward_module(batch)
-                        # all ranks skip together, or one rank's backward would wait for the others forever
-                        if any_rank(not bool(torch.isfinite(loss))):
+                        # One collective decides for every rank, before any backward: a rank that skipped
+                        # its backward (or stopped) alone would leave the others waiting forever.
+                        flags = global_max(_NONFINITE * (not bool(torch.isfinite(loss))) + _TOO_MANY_BAD * too_many_bad)
+                        if flags & _TOO_MANY_BAD:
+                            if saves and self.step > 0:
+                                self.save()  # keep the progress made so far (no update of this step applied)
+                            raise TooManyBadSamples(self._skip_message())
+                        if flags & _NONFINITE:
                             finite = False
                             break
                         (loss / t.grad_accum).backward()
