@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..masking import bert_mask, block_mask, maskable_tokens, modality_aware_ratios, random_patch_mask
+from ..masking import (IGNORE_INDEX, bert_mask, block_mask, mask_to_indices, maskable_tokens, modality_aware_ratios,
+                       random_patch_mask)
 from .tokenizer import TextTokenizer
 from .transforms import ImageTransform, swap_left_right
 
@@ -328,6 +329,17 @@ class EpochSampler(Sampler):
         return self.size // self.world - self.start
 
 
+# Index tensors derived from a batch's masks: name -> (the field they come from, how).
+#   visible_patches (B, V): the unmasked patches of each image (visible-only encoding)
+#   masked_patches (K,): the masked patches, flat over (B, N), in row-major order
+#   mlm_positions (M,): the masked caption tokens, flat over (B, L), in row-major order
+_DERIVED = {
+    "visible_patches": ("image_mask", lambda m: mask_to_indices(~m)),
+    "masked_patches": ("image_mask", lambda m: m.flatten().nonzero().squeeze(1)),
+    "mlm_positions": ("mlm_labels", lambda labels: (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)),
+}
+
+
 @dataclass
 class Batch:
     """A collated batch. Masked views are present only when an objective needs them."""
@@ -341,13 +353,44 @@ class Batch:
     images2: Optional[torch.Tensor] = None  # (B, 3, H, W) a second augmented view (two-view objectives)
     mask_modes: Optional[torch.Tensor] = None  # (B,) modality-aware masking mode of each sample
     skipped: Optional[dict] = None  # bad samples replaced while building this batch, by reason
+    # index(name) cache: name -> (the source tensor it was derived from, the index)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: (fn(v) if isinstance(v, torch.Tensor) else v)
-                        for f in fields(self) for v in [getattr(self, f.name)]})
+                        for f in fields(self) if f.name != "_derived" for v in [getattr(self, f.name)]})
+
+    def index(self, name: str) -> torch.Tensor:
+        """An index tensor derived from the masks (see ``_DERIVED``). Gathering rows with it
+        (``index_select``) needs no host-device synchronisation, unlike boolean-mask indexing,
+        whose result size the host must read back. :meth:`to` derives the indices on the host
+        before moving a batch to a GPU; a mask replaced since (e.g. text-guided masking) is
+        derived again from the new mask."""
+        source_name, derive = _DERIVED[name]
+        source = getattr(self, source_name)
+        if source is None:
+            raise ValueError(f"batch has no {source_name}, so no {name}")
+        cached = self._derived.get(name)
+        if cached is not None and cached[0] is source:
+            return cached[1]
+        value = derive(source)
+        self._derived[name] = (source, value)
+        return value
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        if torch.device(device).type == "cpu":
+            return moved
+        for name, (source_name, _) in _DERIVED.items():  # derived here on the host: no wait for the device
+            source = getattr(self, source_name)
+            if source is None or source.device.type != "cpu":
+                continue
+            try:
+                value = self.index(name)
+            except ValueError:  # rows with different visible counts: the objective that needs them says so
+                continue
+            moved._derived[name] = (getattr(moved, source_name), value.to(device, non_blocking=non_blocking))
+        return moved
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         return self._map(lambda t: t.pin_memory())

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 
 from ..data.formats import Batch
-from ..masking import mask_to_indices
 from ..models.model import MaskVLM
 from ..models.text import TextOutput
 from ..models.vit import VisionOutput
@@ -69,9 +68,20 @@ class StepState:
             if mask is None:
                 raise ValueError("this objective needs image masks: the collator drew none (masking.image_ratio=0?)")
             if self.visible_only:
-                return self.model.encode_image(self.batch.images, visible_idx=mask_to_indices(~mask))
+                return self.model.encode_image(self.batch.images, visible_idx=self.batch.index("visible_patches"))
             return self.model.encode_image(self.batch.images, masked=mask)
         return self._get("masked_image", encode)
+
+    def at_masked_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D) image tokens ([CLS] first) -> (K, D): the rows at the masked patches, in the
+        order of ``tokens[:, 1:][image_mask]``, gathered without a host-device synchronisation."""
+        flat = self.batch.index("masked_patches")  # b * N + n
+        n = tokens.shape[1] - 1
+        return tokens.reshape(-1, tokens.shape[-1]).index_select(0, flat + flat // n + 1)  # b * (N + 1) + n + 1
+
+    def at_mlm_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (M, ...): the rows at the masked caption tokens, in row-major order."""
+        return tokens.reshape(-1, *tokens.shape[2:]).index_select(0, self.batch.index("mlm_positions"))
 
     @property
     def masked_text(self) -> TextOutput:
@@ -149,7 +159,12 @@ class StepState:
         return self.masked_text if self.joint else self.text
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of rows whose argmax is the label (``weight``: a 0/1 weight per row), as a detached
+    tensor: reading it back is left to whoever logs it."""
     if labels.numel() == 0:
         return torch.zeros((), device=logits.device)
-    return (logits.argmax(-1) == labels).float().mean().detach()
+    hit = (logits.argmax(-1) == labels).float()
+    if weight is None:
+        return hit.mean().detach()
+    return ((hit * weight).sum() / weight.sum()).detach()

@@ -59,16 +59,17 @@ class ITM(nn.Module):
             neg_text, neg_image, valid = sample_hard_negatives(sim.detach(), batch.image_ids)
             text_pool, mask_pool, image_pool = text_hidden, text_mask, image.hidden
         b = len(batch)
-        text_hidden = torch.cat([text_hidden, text_hidden, text_pool[neg_text]])
-        text_mask = torch.cat([text_mask, text_mask, mask_pool[neg_text]])
-        image_hidden = torch.cat([image.hidden, image_pool[neg_image], image.hidden])
+        text_hidden = torch.cat([text_hidden, text_hidden, text_pool.index_select(0, neg_text)])
+        text_mask = torch.cat([text_mask, text_mask, mask_pool.index_select(0, neg_text)])
+        image_hidden = torch.cat([image.hidden, image_pool.index_select(0, neg_image), image.hidden])
         fused = model.fuse(text_hidden, text_mask, image_hidden)
         logits = model.itm_logits(fused).float()
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
         labels[:b] = 1
-        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=valid.device), valid, valid])
-        loss = F.cross_entropy(logits[keep], labels[keep])
-        return ObjectiveOutput(loss, {"itm_acc": accuracy(logits[keep], labels[keep])},
+        # rows without a negative are weighted out (no boolean selection: it would wait for the device)
+        keep = torch.cat([torch.ones(b, device=valid.device), valid.float(), valid.float()])
+        loss = (F.cross_entropy(logits, labels, reduction="none") * keep).sum() / keep.sum()
+        return ObjectiveOutput(loss, {"itm_acc": accuracy(logits, labels, keep)},
                                {"neg_text": neg_text, "neg_image": neg_image, "valid": valid})
 
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masking import IGNORE_INDEX
 from .base import ObjectiveOutput, StepState
 
 
@@ -39,16 +38,14 @@ class MRM(nn.Module):
         batch = state.batch
         losses, metrics = [], {}
         if batch.mlm_labels is not None:
-            masked_tokens = batch.mlm_labels != IGNORE_INDEX
-            if masked_tokens.any():
-                pred = self.text_projector(state.fused_masked_text[masked_tokens]).float()
-                target = normalized_target(state.teacher_fused_text[masked_tokens])
+            if batch.index("mlm_positions").numel():
+                pred = self.text_projector(state.at_mlm_positions(state.fused_masked_text)).float()
+                target = normalized_target(state.at_mlm_positions(state.teacher_fused_text))
                 losses.append(F.mse_loss(pred, target))
                 metrics["mrm_text"] = losses[-1].detach()
         if batch.image_mask is not None:
-            mask = batch.image_mask
-            pred = self.image_projector(state.fused_masked_image[:, 1:][mask]).float()
-            target = normalized_target(state.teacher_fused_image[:, 1:][mask])
+            pred = self.image_projector(state.at_masked_patches(state.fused_masked_image)).float()
+            target = normalized_target(state.at_masked_patches(state.teacher_fused_image))
             losses.append(F.mse_loss(pred, target))
             metrics["mrm_image"] = losses[-1].detach()
         if not losses:
@@ -65,6 +62,6 @@ class FeatureMIM(nn.Module):
         mask = state.batch.image_mask
         if mask is None:
             raise ValueError("feature MIM needs image masks (masking.image_ratio is 0)")
-        pred = self.projector(state.fused_masked_image[:, 1:][mask]).float()
-        target = normalized_target(state.teacher_image.hidden[:, 1:][mask])
+        pred = self.projector(state.at_masked_patches(state.fused_masked_image)).float()
+        target = normalized_target(state.at_masked_patches(state.teacher_image.hidden))
         return ObjectiveOutput(F.l1_loss(pred, target))

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masking import IGNORE_INDEX
 from .base import ObjectiveOutput, StepState, accuracy
 
 
@@ -20,25 +19,24 @@ class MLM(nn.Module):
 
     def forward(self, state: StepState) -> ObjectiveOutput:
         model, labels = state.model, state.batch.mlm_labels
-        fused = state.fused_masked_text
-        selected = labels != IGNORE_INDEX
-        logits = model.mlm_head(fused[selected]).float()  # only masked positions reach the vocabulary
-        target = labels[selected]
+        # only masked positions reach the vocabulary
+        logits = model.mlm_head(state.at_mlm_positions(state.fused_masked_text)).float()
+        target = state.at_mlm_positions(labels)
         if not target.numel():
             return ObjectiveOutput(logits.sum() * 0, {"mlm_acc": accuracy(logits, target)})
         loss = F.cross_entropy(logits, target)
         if self.distill and state.alpha > 0:
-            soft = self.teacher_probs(state, selected)
+            soft = self.teacher_probs(state)
             distill = -(soft * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
             loss = (1 - state.alpha) * loss + state.alpha * distill
         return ObjectiveOutput(loss, {"mlm_acc": accuracy(logits, target)})
 
     @staticmethod
     @torch.no_grad()
-    def teacher_probs(state: StepState, selected: torch.Tensor) -> torch.Tensor:
+    def teacher_probs(state: StepState) -> torch.Tensor:
         teacher = state.teacher
         if teacher is None:
             raise ValueError("MLM distillation needs the EMA teacher (momentum.alpha > 0 creates it)")
         text = teacher.encode_text(state.batch.mlm_input_ids, state.batch.attention_mask)
         fused = teacher.fuse_text(text, state.teacher_image.hidden)
-        return F.softmax(teacher.mlm_head(fused[selected]).float(), dim=-1)
+        return F.softmax(teacher.mlm_head(state.at_mlm_positions(fused)).float(), dim=-1)

@@ -131,10 +131,10 @@ class ProtoMIM(nn.Module):
             raise ValueError("prototype MIM needs image masks (masking.image_ratio is 0)")
         teacher = state.teacher
         with torch.no_grad():
-            patches = state.teacher_fused_image[:, 1:][mask]  # teacher: unmasked image with the text fused in
+            patches = state.at_masked_patches(state.teacher_fused_image)  # teacher: unmasked image, text fused in
             targets = self.space.assign(F.normalize(teacher.itc_head.vision_proj(patches).float(), dim=-1),
                                         self.center)
-        pred = F.normalize(self.predictor(state.fused_masked_image[:, 1:][mask]).float(), dim=-1)
+        pred = F.normalize(self.predictor(state.at_masked_patches(state.fused_masked_image)).float(), dim=-1)
         loss = swapped_cross_entropy(targets, self.space.scores(pred), self.student_temp)
         hit = (pred.detach() @ self.space.weight.detach().float().t()).argmax(-1) == targets.argmax(-1)
         return ObjectiveOutput(loss, {"proto_mim_acc": hit.float().mean(), "proto_mim_usage": usage_entropy(targets)})
