@@ -5,6 +5,7 @@ device busy.
 
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --presets tiny --workers 1 2 --samples 2000
+    python benchmarks/data_throughput.py --presets base --device cuda --workers 1 4 8   # on a GPU machine
 
 Each source image is a random scene saved as a quality-90 JPEG, read either as files (annotation
 JSON) or from webdataset tar shards of the same JPEGs (``maskvlm data shard``, 250 per shard,
@@ -96,13 +97,21 @@ def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None =
     return n / (time.perf_counter() - t)
 
 
-def consumption_rate(cfg, batch: int, steps: int = 2) -> float:
-    """Samples/s of bf16 pre-training steps at this preset on the CPU (random inputs)."""
-    _, step = _maskvlm_step(cfg, torch.device("cpu"), batch)
-    step("bf16")
+def consumption_rate(cfg, batch: int, device: torch.device, steps: int = 2) -> float:
+    """Samples/s of bf16 pre-training steps at this preset on ``device`` (random inputs)."""
+    _, step = _maskvlm_step(cfg, device, batch)
+    for _ in range(1 if device.type == "cpu" else 3):  # warm-up (cuDNN/cuBLAS choices on a GPU)
+        step("bf16")
+    steps = steps if device.type == "cpu" else 20
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step("bf16")
+    sync()
     return batch * steps / (time.perf_counter() - t)
 
 
@@ -113,17 +122,23 @@ def main() -> int:
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     p.add_argument("--samples", type=int, default=1000, help="samples timed per setting")
     p.add_argument("--work", default="runs/data-bench")
+    p.add_argument("--device", default="cpu", help="where the trainer's consumption rate is measured (cpu or cuda)")
+    p.add_argument("--consume-batch", type=int, default=0,
+                   help="batch of the consumption measurement (default: 64 at tiny; 4 at base on CPU, 64 on a GPU)")
     args = p.parse_args()
 
     from maskvlm.config import build_config
     from maskvlm.runtime import report_header
 
-    lines = [*report_header(), "",
+    device = torch.device(args.device)
+    where = "GPU" if device.type == "cuda" else "CPU"
+    lines = [*report_header(args.device), "",
              "| preset (image px) | source JPEG | input | workers | samples/s | per worker | trainer consumes "
-             "(CPU bf16) | workers needed on this CPU |", "|---|---|---|---|---|---|---|---|"]
+             f"({where} bf16) | workers needed |", "|---|---|---|---|---|---|---|---|"]
     for preset in args.presets:
         cfg = build_config("maskvlm", preset, overrides=["model.vocab_size=1000"])  # step_throughput.VOCAB
-        consume = consumption_rate(cfg, 64 if preset == "tiny" else 4)
+        batch = args.consume_batch or (64 if preset == "tiny" or device.type == "cuda" else 4)
+        consume = consumption_rate(cfg, batch, device)
         for side in args.sources:
             ann = make_jpegs(Path(args.work) / f"jpeg{side}", max(args.samples + 256, 1200), side)
             shards = make_shards(ann)

@@ -2,7 +2,7 @@
 allocator peak memory and model FLOP utilisation (MFU) of the ``base`` preset at 224 px in bf16.
 
     python benchmarks/gpu_step.py                                    # base, 224 px, cuda, bf16
-    python benchmarks/gpu_step.py --batch-size 96 --repeats 20
+    python benchmarks/gpu_step.py --batch-size 64 128 256 --repeats 20
     python benchmarks/gpu_step.py --preset tiny --device cpu --repeats 3   # a quick check without a GPU
 
 Each variant runs in its own subprocess (its own peak memory) through the same step as
@@ -11,7 +11,10 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
 - default: the trainer's defaults (visible-patch-only masked pass, fused AdamW, bf16 autocast)
 - each switch flipped alone: ``train.compile=true``, ``train.activation_checkpointing=true``,
   ``train.fused_adamw=false``, ``masking.visible_only=false``, and fp32 instead of bf16
-- all speed switches together: compile + fused + visible-only
+- ``train.compile=true train.compile_mode=reduce-overhead``: compiled stacks replayed as CUDA
+  graphs (fewer kernel launches from the host)
+
+``--batch-size`` takes several sizes; each variant runs at each size.
 
 MFU = model FLOPs per step (``FlopCounterMode``, forward + backward) / step time / the measured
 peak of a large matrix product in the same dtype on the same device.
@@ -29,6 +32,7 @@ from step_throughput import matmul_peak, run_worker  # this folder is on sys.pat
 VARIANTS = [  # (name, dtype, overrides)
     ("default", "bf16", []),
     ("+ torch.compile", "bf16", ["train.compile=true"]),
+    ("+ torch.compile, CUDA graphs", "bf16", ["train.compile=true", "train.compile_mode=reduce-overhead"]),
     ("+ activation checkpointing", "bf16", ["train.activation_checkpointing=true"]),
     ("- fused AdamW", "bf16", ["train.fused_adamw=false"]),
     ("- visible-only masked pass", "bf16", ["masking.visible_only=false"]),
@@ -41,7 +45,7 @@ def main() -> int:
     p.add_argument("--preset", default="base")
     p.add_argument("--device", default="cuda")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[64])
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens here)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--only", nargs="+", default=None, help="variant names to run (default: all)")
@@ -54,33 +58,40 @@ def main() -> int:
     device = torch.device(args.device)
     peaks = {dt: matmul_peak(dt, device) for dt in ("bf16", "fp32")}
     rows = []
-    for name, dtype, overrides in VARIANTS:
-        if args.only and name not in args.only:
-            continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        try:
-            r = run_worker("maskvlm", dtype, args.preset, args.device, args.batch_size, args.warmup, args.repeats,
-                           [f"model.image_size={args.image_size}", *overrides])
-        except RuntimeError as e:  # e.g. out of memory: the other variants still run
-            rows.append({"name": name, "error": str(e)[:120]})
-            continue
-        med = statistics.median(r["times"])
-        r.update(name=name, median_s=med, samples_per_s=r["batch"] / med, mfu=r["flops_per_step"] / med / peaks[dtype])
-        rows.append(r)
+    for batch in args.batch_size:
+        for name, dtype, overrides in VARIANTS:
+            if args.only and name not in args.only:
+                continue
+            print(f"running {name} at batch {batch} ...", file=sys.stderr, flush=True)
+            try:
+                r = run_worker("maskvlm", dtype, args.preset, args.device, batch, args.warmup, args.repeats,
+                               [f"model.image_size={args.image_size}", *overrides])
+            except RuntimeError as e:  # e.g. out of memory: the other variants still run
+                rows.append({"name": name, "batch": batch, "error": str(e)[:120]})
+                continue
+            med = statistics.median(r["times"])
+            r.update(name=name, median_s=med, samples_per_s=r["batch"] / med,
+                     mfu=r["flops_per_step"] / med / peaks[dtype])
+            rows.append(r)
+            # each result as it comes (a run stopped by a time limit keeps what it measured)
+            print(f"  {med:.3f} s/step, {r['samples_per_s']:.1f} samples/s, MFU {100 * r['mfu']:.1f}%, "
+                  f"{r['peak_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
     lines = [*report_header(args.device, f"preset {args.preset} at {args.image_size} px, batch {args.batch_size}, "
                             f"{args.warmup} warm-up steps, {args.repeats} timed (median, min-max); matmul peak bf16 "
                             f"{peaks['bf16'] / 1e12:.1f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s"), "",
-             "| variant | dtype | step s (median, min-max) | samples/s | vs default | GFLOP/sample | MFU | "
+             "| variant | batch | dtype | step s (median, min-max) | samples/s | vs default | GFLOP/sample | MFU | "
              "peak memory |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = next((r for r in rows if r["name"] == "default" and "error" not in r), None)
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | {r['batch']} | | failed: {r['error']} | | | | | |")
             continue
+        base = next((d for d in rows if d["name"] == "default" and d["batch"] == r["batch"] and "error" not in d),
+                    None)
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
         spread = f"{min(r['times']):.3f}-{max(r['times']):.3f}"
-        lines.append(f"| {r['name']} | {r['dtype']} | {r['median_s']:.3f} ({spread}) | {r['samples_per_s']:.1f} | "
+        lines.append(f"| {r['name']} | {r['batch']} | {r['dtype']} | {r['median_s']:.3f} ({spread}) | "
+                     f"{r['samples_per_s']:.1f} | "
                      f"{ratio} | {r['flops_per_step'] / r['batch'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | "
                      f"{r['peak_bytes'] / 2 ** 30:.2f} GiB ({r['memory']}) |")
     print("\n".join(lines))

@@ -56,10 +56,15 @@ def test_compiled_encoders_give_the_same_loss_and_gradients_and_names(model, con
     # aot_eager traces and partitions forward/backward like inductor but runs eager kernels: the
     # CI check of the graph capture (inductor's code generation takes minutes on 2 cores; the
     # benchmarks measure it)
+    from torch._dynamo.utils import counters
+
     assert compile_encoders(compiled, backend="aot_eager") == 4
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints keep their names
     loss_a, grads_a = _loss_and_grads(plain, batch)
+    frames = counters["frames"]["ok"]
     loss_b, grads_b = _loss_and_grads(compiled, batch)
+    # the stacks really ran compiled (a stack that dynamo skips would run eager and match trivially)
+    assert counters["frames"]["ok"] - frames >= 4
     assert torch.allclose(loss_a, loss_b, atol=1e-5) and _close(grads_a, grads_b, 1e-5)
 
 

@@ -268,7 +268,12 @@ class Trainer:
             cleanup.callback(bar.close)
             if logger:
                 cleanup.callback(logger.close)
+            # compile_mode=reduce-overhead replays the compiled stacks as CUDA graphs: each optimizer
+            # step is a new iteration for them (buffers of the last one may be reused)
+            graphs = t.compile and "reduce-overhead" in (t.compile_mode or "") and self.device.type == "cuda"
             while self.step < t.max_steps:
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
                 finite = True

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Everything this project checks and times on one lent GPU, in as few calls as possible.
+#
+#   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA) + gpu_step (switches)
+#   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); the trainer on
+#                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
+#                                          # shards, torch.compile; data_throughput against the GPU rate
+#
+# Reports and logs go to $OUT (or runs/gpu-session). Each step has its own time limit and a
+# failing step does not stop the others; the exit status counts the failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-session}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+fails=0
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, record the outcome
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name: $*" | tee -a "$OUT/summary.txt"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$name.log"
+    [ $rc -eq 0 ] || fails=$((fails + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/summary.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$OUT/summary.txt"
+M="python3 -m maskvlm"
+
+case "${1:-bench}" in
+bench)
+    step step_base 240 python3 benchmarks/step_throughput.py --preset base --device cuda --dtypes bf16 \
+        --batch-size 64 --warmup 5 --repeats 20
+    step gpu_step 400 python3 benchmarks/gpu_step.py --batch-size 64 128 256 --warmup 5 --repeats 20
+    ;;
+train)
+    R=runs/gpu
+    step sync_check 120 python3 benchmarks/gpu_profile.py --rows 12
+    step main_job 200 $M pretrain --output-dir $R/main --no-progress
+    step ddp_nccl 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --data data/synthetic/train.json \
+        --test-data data/synthetic/test.json --output-dir $R/ddp --steps 30 --no-progress
+    step fsdp 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --data data/synthetic/train.json \
+        --test-data data/synthetic/test.json --output-dir $R/fsdp --steps 20 --no-progress train.fsdp=true \
+        train.save_every=10
+    step fsdp_resume 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --output-dir $R/fsdp \
+        --resume auto --no-progress train.max_steps=30
+    step shards 90 bash -c "$M data shard --data data/synthetic/train.json --out $R/shards --shard-size 500 && \
+        $M pretrain --shards '$R/shards/*.tar' --test-data data/synthetic/test.json --output-dir $R/stream \
+        --steps 30 --no-progress data.num_workers=2"
+    step compile 150 $M pretrain --data data/synthetic/train.json --output-dir $R/compile --steps 30 --no-progress \
+        train.compile=true
+    step data_base 150 python3 benchmarks/data_throughput.py --presets base --device cuda --workers 1 4 8 \
+        --samples 1500 --work $R/data-bench
+    ;;
+*) echo "usage: $0 bench|train" >&2; exit 2 ;;
+esac
+echo "failed steps: $fails" | tee -a "$OUT/summary.txt"
+exit $fails
