@@ -120,6 +120,10 @@ class DataConfig:
     tokenizer: Optional[str] = None  # vocab.txt / tokenizer.json; None: train a WordPiece on the captions
     vocab_size: int = 1000  # for a tokenizer trained on the captions
     max_text_len: int = 32
+    # pad every training batch's captions to max_text_len instead of to its longest caption: fixed
+    # shapes, so CUDA graphs (train.compile_mode=reduce-overhead, which turns this on) record one
+    # graph per stack, not one per caption length; costs compute on the padding
+    fixed_text_len: bool = False
     crop_scale: list = field(default_factory=lambda: [0.8, 1.0])
     hflip: float = 0.5  # probability; "left"/"right" in the caption are swapped with the image
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])

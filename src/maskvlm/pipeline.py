@@ -121,11 +121,15 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
              ", ".join(f"{k}x{v:g}" for k, v in task.weights.items()))
 
     grid = (m.image_size // m.patch_size,) * 2
+    fixed_len = d.fixed_text_len or "reduce-overhead" in (config.train.compile_mode or "")
+    if fixed_len:
+        log.info("captions padded to data.max_text_len=%d in every batch (fixed shapes)", d.max_text_len)
     collator = PretrainCollator(tokenizer, d.max_text_len,
                                 text_ratio=config.masking.text_ratio if needs_text_mask(config) else 0.0,
                                 image_ratio=config.masking.image_ratio if needs_image_mask(config) else 0.0,
                                 grid=grid, image_block=1 if config.masking.image_policy == "random"
-                                else config.masking.image_block, modality_aware=modality_aware(config))
+                                else config.masking.image_block, modality_aware=modality_aware(config),
+                                fixed_len=fixed_len)
     aligned = config.loss.itc > 0 or config.loss.itm > 0  # retrieval needs a trained ITC or ITM head
     if not aligned:
         log.info("no ITC/ITM objective in this recipe: zero-shot retrieval is skipped (fine-tune retrieval instead)")

@@ -129,6 +129,18 @@ def test_collator_builds_masked_views(synthetic_dir, tokenizer):
     assert plain.mlm_input_ids is None and plain.image_mask is None
 
 
+def test_fixed_text_len_pads_every_batch_to_max_len(synthetic_dir, tokenizer):
+    ds = PairDataset(synthetic_dir / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
+    samples = [ds[(0, i)] for i in range(4)]
+    longest = PretrainCollator(tokenizer, 40)(samples)
+    assert longest.input_ids.shape[1] < 40  # padded to the longest caption
+    fixed = PretrainCollator(tokenizer, 40, fixed_len=True)(samples)
+    assert fixed.input_ids.shape == (4, 40)
+    n = longest.input_ids.shape[1]
+    assert torch.equal(fixed.input_ids[:, :n], longest.input_ids) and not fixed.attention_mask[:, n:].any()
+    assert PretrainCollator(tokenizer, 40)(samples).input_ids.shape[1] == n  # the tokenizer switches back
+
+
 def test_retrieval_dataset_indexes(synthetic_dir):
     ds = RetrievalDataset(synthetic_dir / "test.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
     assert len(ds) == 8 and len(ds.texts) == 40

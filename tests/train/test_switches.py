@@ -131,6 +131,9 @@ def test_compile_and_fused_adamw_are_config_switches(synthetic_dir, tmp_path):
 
     cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null", "data.test=null",
                        f"train.output_dir={tmp_path}", "train.max_steps=2", "train.compile=true",
-                       "train.compile_backend=aot_eager", "train.fused_adamw=false", "data.vocab_size=200")
+                       "train.compile_backend=aot_eager", "train.fused_adamw=false", "data.vocab_size=200",
+                       "data.fixed_text_len=true")
     pretrain(cfg)
-    assert "torch.compile (aot_eager) of 4 encoder stacks" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert "torch.compile (aot_eager) of 4 encoder stacks" in log
+    assert f"captions padded to data.max_text_len={cfg.data.max_text_len} in every batch" in log

@@ -430,10 +430,12 @@ class PretrainCollator:
     """Stacks images, tokenises captions, and draws the text and image masks for the batch."""
 
     def __init__(self, tokenizer: TextTokenizer, max_len: int, text_ratio: float = 0.0, image_ratio: float = 0.0,
-                 grid: Sequence[int] = (0, 0), image_block: int = 2, modality_aware: Optional[tuple] = None):
+                 grid: Sequence[int] = (0, 0), image_block: int = 2, modality_aware: Optional[tuple] = None,
+                 fixed_len: bool = False):
         self.modality_aware = modality_aware  # (mode probabilities, heavy ratio, light ratio) or None
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.fixed_len = fixed_len  # captions padded to max_len (fixed shapes) instead of to the longest
         self.text_ratio = text_ratio
         self.image_ratio = image_ratio
         self.grid = tuple(grid)
@@ -442,7 +444,7 @@ class PretrainCollator:
 
     def __call__(self, samples: list[dict]) -> Batch:
         images = torch.stack([s["image"] for s in samples])
-        ids, attn = self.tokenizer([s["caption"] for s in samples], self.max_len)
+        ids, attn = self.tokenizer([s["caption"] for s in samples], self.max_len, self.fixed_len)
         batch = Batch(images=images, input_ids=ids, attention_mask=attn,
                       image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
                       skipped=merge_counts(s.get("skipped") for s in samples))

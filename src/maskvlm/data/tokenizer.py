@@ -43,12 +43,14 @@ class TextTokenizer:
         keep[self.special_ids] = False
         return keep.nonzero().squeeze(1)
 
-    def __call__(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode with [CLS] ... [SEP], truncate to ``max_len`` and pad to the longest -> (ids, mask)."""
-        if self._max_len != max_len:
+    def __call__(self, texts: Sequence[str], max_len: int, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode with [CLS] ... [SEP], truncate to ``max_len`` and pad to the longest (``fixed``: to
+        ``max_len``) -> (ids, mask)."""
+        if self._max_len != (max_len, fixed):
             self.tokenizer.enable_truncation(max_length=max_len)
-            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id))
-            self._max_len = max_len
+            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id),
+                                          length=max_len if fixed else None)
+            self._max_len = (max_len, fixed)
         encodings = self.tokenizer.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
