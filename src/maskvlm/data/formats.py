@@ -377,11 +377,10 @@ class Batch:
         self._derived[name] = (source, value)
         return value
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
-        if torch.device(device).type == "cpu":
-            return moved
-        for name, (source_name, _) in _DERIVED.items():  # derived here on the host: no wait for the device
+    def _with_indices(self, moved: "Batch", fn) -> "Batch":
+        """Give ``moved`` (this batch with ``fn`` applied to each tensor) the mask indices, derived
+        here on the host and passed through ``fn`` too."""
+        for name, (source_name, _) in _DERIVED.items():
             source = getattr(self, source_name)
             if source is None or source.device.type != "cpu":
                 continue
@@ -389,11 +388,20 @@ class Batch:
                 value = self.index(name)
             except ValueError:  # rows with different visible counts: the objective that needs them says so
                 continue
-            moved._derived[name] = (getattr(moved, source_name), value.to(device, non_blocking=non_blocking))
+            moved._derived[name] = (getattr(moved, source_name), fn(value))
         return moved
 
-    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return self._map(lambda t: t.pin_memory())
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        def move(t):
+            return t.to(device, non_blocking=non_blocking)
+        if torch.device(device).type == "cpu":
+            return self._map(move)
+        return self._with_indices(self._map(move), move)  # derived here: no waiting for the device later
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True), in its pinning thread
+        def pin(t):
+            return t.pin_memory()
+        return self._with_indices(self._map(pin), pin)  # the indices too, so their copy is asynchronous
 
     def __len__(self) -> int:
         return self.images.shape[0]
