@@ -2,7 +2,8 @@
 # Everything this project checks and times on one lent GPU, in as few calls as possible.
 #
 #   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA) + gpu_step (switches)
-#   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); the trainer on
+#   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
+#                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
 #                                          # shards, torch.compile; data_throughput against the GPU rate
 #
@@ -39,6 +40,7 @@ bench)
 train)
     R=runs/gpu
     step sync_check 120 python3 benchmarks/gpu_profile.py --rows 12
+    step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu.py
     step main_job 200 $M pretrain --output-dir $R/main --no-progress
     step ddp_nccl 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --data data/synthetic/train.json \
         --test-data data/synthetic/test.json --output-dir $R/ddp --steps 30 --no-progress
