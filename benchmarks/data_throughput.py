@@ -97,12 +97,11 @@ def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None =
     return n / (time.perf_counter() - t)
 
 
-def consumption_rate(cfg, batch: int, device: torch.device, steps: int = 2) -> float:
+def consumption_rate(cfg, batch: int, device: torch.device, steps: int) -> float:
     """Samples/s of bf16 pre-training steps at this preset on ``device`` (random inputs)."""
     _, step = _maskvlm_step(cfg, device, batch)
     for _ in range(1 if device.type == "cpu" else 3):  # warm-up (cuDNN/cuBLAS choices on a GPU)
         step("bf16")
-    steps = steps if device.type == "cpu" else 20
 
     def sync():
         if device.type == "cuda":
@@ -138,7 +137,7 @@ def main() -> int:
     for preset in args.presets:
         cfg = build_config("maskvlm", preset, overrides=["model.vocab_size=1000"])  # step_throughput.VOCAB
         batch = args.consume_batch or (64 if preset == "tiny" or device.type == "cuda" else 4)
-        consume = consumption_rate(cfg, batch, device)
+        consume = consumption_rate(cfg, batch, device, steps=2 if device.type == "cpu" else 20)
         for side in args.sources:
             ann = make_jpegs(Path(args.work) / f"jpeg{side}", max(args.samples + 256, 1200), side)
             shards = make_shards(ann)

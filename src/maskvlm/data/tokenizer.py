@@ -32,7 +32,7 @@ class TextTokenizer:
             ids["pad"], ids["unk"], ids["cls"], ids["sep"], ids["mask"])
         self.special_ids = sorted(set(ids.values()))
         self.vocab_size = tokenizer.get_vocab_size()
-        self._max_len = None
+        self._padding = None
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -46,11 +46,11 @@ class TextTokenizer:
     def __call__(self, texts: Sequence[str], max_len: int, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode with [CLS] ... [SEP], truncate to ``max_len`` and pad to the longest (``fixed``: to
         ``max_len``) -> (ids, mask)."""
-        if self._max_len != (max_len, fixed):
+        if self._padding != (max_len, fixed):
             self.tokenizer.enable_truncation(max_length=max_len)
             self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id),
                                           length=max_len if fixed else None)
-            self._max_len = (max_len, fixed)
+            self._padding = (max_len, fixed)
         encodings = self.tokenizer.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
@@ -65,7 +65,7 @@ class TextTokenizer:
     def save(self, path: str | Path) -> None:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self._max_len = None
+        self._padding = None
         self.tokenizer.save(str(path))
 
 
