@@ -41,15 +41,18 @@ def key_padding_to_attn_mask(key_mask: Optional[torch.Tensor]) -> Optional[torch
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
-def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Apply ``blocks`` in order. With ``owner.checkpointing`` set (``train.activation_checkpointing``)
+def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, per_block: Optional[list] = None,
+               **kwargs) -> torch.Tensor:
+    """Apply ``blocks`` in order, each with ``kwargs`` and its own entry of ``per_block`` (a list of
+    dicts, one per block). With ``owner.checkpointing`` set (``train.activation_checkpointing``)
     and autograd on, each block keeps only its input and recomputes its activations in backward:
     less memory for one more forward pass per block."""
     from torch.utils.checkpoint import checkpoint
 
     ckpt = getattr(owner, "checkpointing", False) and torch.is_grad_enabled()
-    for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False, **kwargs) if ckpt else block(x, **kwargs)
+    for i, block in enumerate(blocks):
+        kw = kwargs if per_block is None else {**kwargs, **per_block[i]}
+        x = checkpoint(block, x, use_reentrant=False, **kw) if ckpt else block(x, **kw)
     return x
 
 
@@ -130,12 +133,21 @@ class Attention(nn.Module):
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, kv: Optional[torch.Tensor] = None,
+                context_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-attention takes ``context`` (Bc, Lc, kv_dim), or its projection ``kv = self.kv(context)``
+        made beforehand (shared by several calls); ``context_index`` (B,) picks the context row of each
+        row of ``x`` (default: row i with row i), after the projection, so a context row that several
+        queries share is projected once."""
         if self.is_cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context tensor")
+            if kv is None:
+                if context is None:
+                    raise ValueError("cross-attention needs a context tensor")
+                kv = self.kv(context)
+            if context_index is not None:
+                kv = kv.index_select(0, context_index)
             q = self._split(self.q(x))
-            k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))
+            k, v = (self._split(t) for t in kv.chunk(2, dim=-1))
         else:
             q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
         mask = key_padding_to_attn_mask(key_mask)
@@ -202,8 +214,9 @@ class BertSubLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, key_mask=None, context=None):
-        return self.norm(x + self.drop(self.attn(x, context=context, key_mask=key_mask)))
+    def forward(self, x, key_mask=None, context=None, kv=None, context_index=None):
+        return self.norm(x + self.drop(self.attn(x, context=context, key_mask=key_mask, kv=kv,
+                                                 context_index=context_index)))
 
 
 class BertLayer(nn.Module):
@@ -220,9 +233,17 @@ class BertLayer(nn.Module):
         self.output_drop = nn.Dropout(dropout)
         self.output_norm = nn.LayerNorm(dim, eps=eps)
 
+    def project_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The cross-attention keys and values of ``context`` (B, Lc, 2 D), to pass as ``context_kv``.
+        A forward method of its own, so that a sharded layer (FSDP) gathers its weights for it."""
+        return self.crossattention.attn.kv(context)
+
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                context_kv: Optional[torch.Tensor] = None, context_index: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         x = self.attention(x, key_mask=key_mask)
         if self.crossattention is not None:
-            x = self.crossattention(x, key_mask=context_mask, context=context)
+            x = self.crossattention(x, key_mask=context_mask, context=context, kv=context_kv,
+                                    context_index=context_index)
         return self.output_norm(x + self.output_drop(self.output(F.gelu(self.intermediate(x)))))

@@ -70,9 +70,19 @@ class MaskVLM(nn.Module):
         return self.itc_head.text_features(text.hidden[:, 0])
 
     # --- fusion -----------------------------------------------------------------------------
-    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
-        """Encoded text tokens (B, L, D_text) attending to encoded image tokens -> (B, L, D_text)."""
-        return self.text_cross_encoder(text_hidden, text_mask, image_hidden)
+    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
+             image_index: Optional[torch.Tensor] = None, image_kv: Optional[list[torch.Tensor]] = None
+             ) -> torch.Tensor:
+        """Encoded text tokens (B, L, D_text) attending to encoded image tokens -> (B, L, D_text).
+        ``image_index`` (B,): the image row of each text row (default: row i with row i);
+        ``image_kv``: ``image_keys(image_hidden)`` made beforehand, to share it between calls."""
+        return self.text_cross_encoder(text_hidden, text_mask, image_hidden, image_index=image_index,
+                                       image_kv=image_kv)
+
+    def image_keys(self, image_hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The fusion layers' keys and values of these image tokens, computed once for several
+        ``fuse`` calls (ITM's pairs and MLM attend to the same unmasked images)."""
+        return self.text_cross_encoder.project_context(image_hidden)
 
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:
         """Text tokens attending to image tokens -> (B, L, D_text)."""

@@ -173,7 +173,11 @@ class SingleStreamVLM(nn.Module):
         text_mask = torch.where(drop_text[:, None], text_mask & keep_text, text_mask)
         return text_mask, image_mask
 
-    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
+    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
+             image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As ``MaskVLM.fuse``; one stream has no per-image keys to share, so rows are gathered."""
+        if image_index is not None:
+            image_hidden = image_hidden.index_select(0, image_index)
         return self.joint(text_hidden, text_mask, image_hidden)[0]
 
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:

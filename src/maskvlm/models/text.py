@@ -72,7 +72,23 @@ class TextCrossEncoder(nn.Module):
                                    for _ in range(layers))
         self.apply(init_weights)
 
-    def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
-                image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = text_hidden
-        return run_blocks(self, self.layer, x, key_mask=text_mask, context=image_hidden, context_mask=image_mask)
+    def project_context(self, image_hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's cross-attention keys and values of ``image_hidden`` (B, Li, D_image): a list of
+        (B, Li, 2 D) tensors that several ``forward`` calls over the same images can share."""
+        return [layer.project_context(image_hidden) for layer in self.layer]
+
+    def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
+                image_mask: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
+                image_kv: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """Text rows (Bt, L, D) attending to image rows: ``image_hidden`` (Bi, Li, D_image), or its
+        ``project_context`` made beforehand as ``image_kv``. ``image_index`` (Bt,) names the image row
+        of each text row (default: Bi = Bt, row i with row i); each image row is projected once, however
+        many text rows attend to it."""
+        if image_kv is None:
+            if image_hidden is None:
+                raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
+            image_kv = self.project_context(image_hidden)
+        if image_index is not None and image_mask is not None:
+            image_mask = image_mask.index_select(0, image_index)
+        return run_blocks(self, self.layer, text_hidden, per_block=[{"context_kv": kv} for kv in image_kv],
+                          key_mask=text_mask, context_mask=image_mask, context_index=image_index)

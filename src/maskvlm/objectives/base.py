@@ -92,11 +92,37 @@ class StepState:
         return self._get("masked_text", encode)
 
     @property
+    def image_kv(self) -> Optional[list[torch.Tensor]]:
+        """The fusion layers' keys and values of the unmasked image, projected once per step and
+        shared by ITM's pairs and image-conditioned MLM (None for a model without per-image keys)."""
+        if not hasattr(self.model, "image_keys"):
+            return None
+        return self._get("image_kv", lambda: self.model.image_keys(self.image.hidden))
+
+    def fuse_with_images(self, text_hidden: torch.Tensor, text_mask: torch.Tensor,
+                         image_index: Optional[torch.Tensor], extra_images: Optional[torch.Tensor] = None
+                         ) -> torch.Tensor:
+        """Text rows (Bt, L, D) attending to unmasked images: ``image_index`` (Bt,) names each text
+        row's image, a row of this batch (0..B-1) or of ``extra_images`` (B onwards); None pairs row i
+        with image i. Each image's keys and values are projected once, however many rows use it."""
+        kv, images = self.image_kv, self.image.hidden
+        if kv is None:
+            if extra_images is not None:
+                images = torch.cat([images, extra_images])
+            return self.model.fuse(text_hidden, text_mask, images, image_index=image_index)
+        if extra_images is not None:
+            kv = [torch.cat([a, b]) for a, b in zip(kv, self.model.image_keys(extra_images))]
+        return self.model.fuse(text_hidden, text_mask, None, image_index=image_index, image_kv=kv)
+
+    @property
     def fused_masked_text(self) -> torch.Tensor:
         """The masked caption fused with the image context (B, L, D_text)."""
         if self._single_pass:
             return self._joint_masked[0]
-        return self._get("fused_masked_text", lambda: self.model.fuse_text(self.masked_text, self.image_context))
+        text = self.masked_text
+        if self.joint:
+            return self._get("fused_masked_text", lambda: self.model.fuse_text(text, self.image_context))
+        return self._get("fused_masked_text", lambda: self.fuse_with_images(text.hidden, text.attention_mask, None))
 
     @property
     def fused_masked_image(self) -> torch.Tensor:

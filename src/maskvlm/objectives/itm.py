@@ -53,16 +53,20 @@ class ITM(nn.Module):
             # captions of different ranks differ in padded length: pad to the longest first
             text_hidden, text_mask = pad_tokens(text_hidden, text_mask, global_max(text_hidden.shape[1]))
             text_pool, mask_pool = all_gather_with_grad(text_hidden), all_gather_no_grad(text_mask)
-            image_pool = all_gather_with_grad(image.hidden)
+            # the negative images come from every rank: they join this batch's images as rows B..2B-1
+            extra_images = all_gather_with_grad(image.hidden).index_select(0, neg_image)
         else:
             sim = state.image_features @ state.text_features.t() / temp
             neg_text, neg_image, valid = sample_hard_negatives(sim.detach(), batch.image_ids)
-            text_pool, mask_pool, image_pool = text_hidden, text_mask, image.hidden
+            text_pool, mask_pool, extra_images = text_hidden, text_mask, None
         b = len(batch)
+        rows = torch.arange(b, device=neg_image.device)
         text_hidden = torch.cat([text_hidden, text_hidden, text_pool.index_select(0, neg_text)])
         text_mask = torch.cat([text_mask, text_mask, mask_pool.index_select(0, neg_text)])
-        image_hidden = torch.cat([image.hidden, image_pool.index_select(0, neg_image), image.hidden])
-        fused = model.fuse(text_hidden, text_mask, image_hidden)
+        # (text, image) pairs: positives, (text, negative image), (negative text, image); each image's
+        # fusion keys/values are projected once and shared with MLM (StepState.image_kv)
+        image_index = torch.cat([rows, neg_image if extra_images is None else rows + b, rows])
+        fused = state.fuse_with_images(text_hidden, text_mask, image_index, extra_images)
         logits = model.itm_logits(fused).float()
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
         labels[:b] = 1
