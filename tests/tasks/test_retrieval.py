@@ -55,3 +55,26 @@ def test_protocol_k_follows_the_dataset():
     assert protocol_k("ann/flickr30k_test.json", 16) == 128
     assert protocol_k("data/synthetic/test.json", 16) == 16
     assert protocol_k("ann/coco_test.json", 16, auto=False) == 16
+
+
+def test_itm_scores_share_images_and_keep_the_pair_order(model):
+    """Pairs are scored in image order with each image projected once per batch; the scores come
+    back in the callers' order and equal fusing each pair on its own."""
+    from maskvlm.tasks.retrieval import itm_scores
+
+    torch.manual_seed(0)
+    model.eval()
+    n_img, n_txt, length = 5, 7, 9
+    width = model.config.vision_width
+    enc = dict(image_hidden=torch.randn(n_img, 1 + (model.config.image_size // model.config.patch_size) ** 2, width),
+               text_hidden=torch.randn(n_txt, length, model.config.text_width),
+               text_mask=torch.ones(n_txt, length, dtype=torch.bool))
+    enc["text_mask"][:, 6:] = False
+    image_idx = torch.randint(0, n_img, (23,))
+    text_idx = torch.randint(0, n_txt, (23,))
+    got = itm_scores(model, enc, image_idx, text_idx, batch_size=6, device=torch.device("cpu"), precision="fp32")
+    with torch.no_grad():
+        fused = model.fuse(enc["text_hidden"][text_idx], enc["text_mask"][text_idx], enc["image_hidden"][image_idx])
+        want = model.itm_logits(fused)[:, 1].float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert itm_scores(model, enc, image_idx[:0], text_idx[:0], 6, torch.device("cpu"), "fp32").numel() == 0

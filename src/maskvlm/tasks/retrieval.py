@@ -55,14 +55,23 @@ def encode_split(model: MaskVLM, dataset: RetrievalDataset, tokenizer: TextToken
 @torch.no_grad()
 def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int,
                device: torch.device, precision: str) -> torch.Tensor:
-    """ITM match logit for each (image_idx[j], text_idx[j]) pair, in batches."""
+    """ITM match logit for each (image_idx[j], text_idx[j]) pair, in batches. The pairs are taken
+    in image order, and each batch passes each of its images once with an index per pair, so an
+    image's fusion keys/values are projected once however many of its pairs share the batch."""
+    if not len(image_idx):
+        return torch.zeros(0)
+    order = torch.argsort(image_idx, stable=True)
+    image_idx, text_idx = image_idx[order], text_idx[order]
     scores = []
     with autocast(device, precision):
         for start in range(0, len(image_idx), batch_size):
             ii, tt = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
-            fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][ii])
+            images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
+            fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][images],
+                               image_index=pair_image.to(enc["image_hidden"].device))
             scores.append(model.itm_logits(fused)[:, 1].float())
-    return torch.cat(scores) if scores else torch.zeros(0)
+    scores = torch.cat(scores)
+    return scores.new_empty(scores.shape).index_copy_(0, order.to(scores.device), scores)
 
 
 def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool) -> torch.Tensor:
