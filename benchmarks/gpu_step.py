@@ -13,6 +13,8 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   ``train.fused_adamw=false``, ``masking.visible_only=false``, and fp32 instead of bf16
 - ``train.compile=true train.compile_mode=reduce-overhead``: compiled stacks replayed as CUDA
   graphs (fewer kernel launches from the host)
+- "- shared image keys (per pair)": not a switch; the fusion path from before ITM's pairs and MLM
+  shared each image's cross-attention keys/values (put back by the benchmark for comparison)
 
 ``--batch-size`` takes several sizes; each variant runs at each size.
 
@@ -37,6 +39,8 @@ VARIANTS = [  # (name, dtype, overrides)
     ("- fused AdamW", "bf16", ["train.fused_adamw=false"]),
     ("- visible-only masked pass", "bf16", ["masking.visible_only=false"]),
     ("fp32 (no autocast)", "fp32", []),
+    # not a switch: the fusion path before each image's keys/values were shared by its pairs
+    ("- shared image keys (per pair)", "bf16", ["bench.per_pair_image_keys=true"]),
 ]
 
 

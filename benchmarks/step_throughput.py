@@ -141,7 +141,9 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
 
     torch.manual_seed(0)
     device = torch.device(device_name)
-    cfg = _sizes(preset, overrides)
+    if "bench.per_pair_image_keys=true" in overrides:  # the fusion path before shared image keys
+        _project_images_per_pair()
+    cfg = _sizes(preset, [o for o in overrides if not o.startswith("bench.")])
     b = batch_size or cfg.train.batch_size
     module, step = (_maskvlm_step if lib == "maskvlm" else _flava_step)(cfg, device, b)
     params = sum(p.numel() for p in module.parameters())
@@ -168,6 +170,19 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
             "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
+
+
+def _project_images_per_pair() -> None:
+    """Put back, for comparison, the fusion path that projects each (text, image) pair's image anew:
+    ITM gathers 3B image rows and MLM its B, each projected to fusion keys/values on its own."""
+    from maskvlm.objectives.base import StepState
+
+    def fuse_with_images(self, text_hidden, text_mask, image_index, extra_images=None):
+        images = self.image.hidden if extra_images is None else torch.cat([self.image.hidden, extra_images])
+        if image_index is not None:
+            images = images.index_select(0, image_index)
+        return self.model.fuse(text_hidden, text_mask, images)
+    StepState.fuse_with_images = fuse_with_images
 
 
 def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, warmup: int, repeats: int,
