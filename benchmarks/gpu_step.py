@@ -15,6 +15,8 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   graphs (fewer kernel launches from the host)
 - "- shared image keys (per pair)": not a switch; the fusion path from before ITM's pairs and MLM
   shared each image's cross-attention keys/values (put back by the benchmark for comparison)
+- "- last layer at read tokens only": not a switch; the last fusion layers compute every token
+  again, not only [CLS] (ITM) and the masked patches (MIM) that the losses read
 
 ``--batch-size`` takes several sizes; each variant runs at each size.
 
@@ -41,6 +43,8 @@ VARIANTS = [  # (name, dtype, overrides)
     ("fp32 (no autocast)", "fp32", []),
     # not a switch: the fusion path before each image's keys/values were shared by its pairs
     ("- shared image keys (per pair)", "bf16", ["bench.per_pair_image_keys=true"]),
+    # not a switch: last fusion layers computing every token instead of only those the losses read
+    ("- last layer at read tokens only", "bf16", ["bench.full_last_layer=true"]),
 ]
 
 

@@ -143,6 +143,8 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
     device = torch.device(device_name)
     if "bench.per_pair_image_keys=true" in overrides:  # the fusion path before shared image keys
         _project_images_per_pair()
+    if "bench.full_last_layer=true" in overrides:  # the last fusion layers computed at every token
+        _full_last_layer()
     cfg = _sizes(preset, [o for o in overrides if not o.startswith("bench.")])
     b = batch_size or cfg.train.batch_size
     module, step = (_maskvlm_step if lib == "maskvlm" else _flava_step)(cfg, device, b)
@@ -177,12 +179,27 @@ def _project_images_per_pair() -> None:
     ITM gathers 3B image rows and MLM its B, each projected to fusion keys/values on its own."""
     from maskvlm.objectives.base import StepState
 
-    def fuse_with_images(self, text_hidden, text_mask, image_index, extra_images=None):
+    def fuse_with_images(self, text_hidden, text_mask, image_index, extra_images=None, output_positions=None):
         images = self.image.hidden if extra_images is None else torch.cat([self.image.hidden, extra_images])
         if image_index is not None:
             images = images.index_select(0, image_index)
-        return self.model.fuse(text_hidden, text_mask, images)
+        return self.model.fuse(text_hidden, text_mask, images, output_positions=output_positions)
     StepState.fuse_with_images = fuse_with_images
+
+
+def _full_last_layer() -> None:
+    """Put back, for comparison, last fusion layers that compute every token, of which the losses
+    then read [CLS] (ITM) or the masked patches (MIM)."""
+    from maskvlm.models.layers import take_positions
+    from maskvlm.models.model import MaskVLM
+
+    def full_then_take(method):
+        def wrapped(self, *args, output_positions=None, **kwargs):
+            out = method(self, *args, **kwargs)
+            return out if output_positions is None else take_positions(out, output_positions)
+        return wrapped
+    MaskVLM.fuse = full_then_take(MaskVLM.fuse)
+    MaskVLM.fuse_image = full_then_take(MaskVLM.fuse_image)
 
 
 def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, warmup: int, repeats: int,

@@ -8,7 +8,11 @@ from maskvlm.objectives import ITM, MLM, StepState
 
 
 def _grads(model, *tensors):
-    grads = torch.autograd.grad(sum(t.square().sum() for t in tensors),
+    # a fixed random weighting of the outputs: a sum of squares would be nearly constant after the
+    # final LayerNorm, leaving gradients at rounding-noise size
+    g = torch.Generator().manual_seed(0)
+    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in tensors)
+    grads = torch.autograd.grad(loss,
                                 [p for p in model.parameters() if p.requires_grad], allow_unused=True,
                                 retain_graph=True)
     return [torch.zeros(()) if g is None else g for g in grads]
@@ -71,3 +75,46 @@ def test_single_stream_model_fuses_indexed_rows(tokenizer, batch):
     text, mask = state.text.hidden[:4], state.text.attention_mask[:4]
     torch.testing.assert_close(state.fuse_with_images(text, mask, index),
                                model.fuse(text, mask, state.image.hidden.index_select(0, index)))
+
+
+def test_last_layer_at_chosen_positions_equals_full_output(model, batch):
+    """Only the tokens a loss reads ([CLS] for ITM, masked patches for MIM) are computed in the last
+    fusion layer; they still attend to every token, so they equal the full output at those tokens."""
+    torch.manual_seed(0)
+    state = StepState(model, batch)
+    text, images = state.text, state.image.hidden
+    b, length = text.hidden.shape[:2]
+    positions = torch.stack([torch.randperm(length)[:3].sort().values for _ in range(b)])
+    full = model.fuse(text.hidden, text.attention_mask, images)
+    part = model.fuse(text.hidden, text.attention_mask, images, output_positions=positions)
+    want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(_grads(model, part), _grads(model, want)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+    masked, ctx = state.masked_image, state.text
+    n_patches = batch.image_mask.shape[1]
+    img_pos = torch.stack([torch.randperm(1 + n_patches)[:5].sort().values for _ in range(b)])
+    full = model.fuse_image(masked, ctx)
+    part = model.fuse_image(masked, ctx, output_positions=img_pos)
+    torch.testing.assert_close(part, full.gather(1, img_pos[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_objectives_read_the_pruned_rows(model, batch):
+    """MIM's masked-patch rows and ITM's logits are the same through the pruned last layer."""
+    from maskvlm.objectives import MIM
+
+    state = StepState(model, batch)
+    pruned = state.fused_masked_patches
+    reference = StepState(model, batch)
+    torch.testing.assert_close(pruned, reference.at_masked_patches(reference.fused_masked_image),
+                               rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    itm = ITM(global_negatives=False)(StepState(model, batch))
+    torch.manual_seed(1)
+    full_state = StepState(model, batch)
+    full_state.fuse_with_images = lambda t, m, idx, extra=None, output_positions=None: StepState.fuse_with_images(
+        full_state, t, m, idx, extra)  # full outputs; the ITM head reads [:, 0]
+    torch.testing.assert_close(itm.loss, ITM(global_negatives=False)(full_state).loss, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(MIM()(state).loss)

@@ -336,6 +336,7 @@ class EpochSampler(Sampler):
 _DERIVED = {
     "visible_patches": ("image_mask", lambda m: mask_to_indices(~m)),
     "masked_patches": ("image_mask", lambda m: m.flatten().nonzero().squeeze(1)),
+    "masked_positions": ("image_mask", lambda m: mask_to_indices(m)),  # (B, count): equal counts only
     "mlm_positions": ("mlm_labels", lambda labels: (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)),
 }
 

@@ -30,9 +30,11 @@ class ImageCrossEncoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, image_hidden: torch.Tensor, visible_idx: Optional[torch.Tensor], grid: tuple[int, int],
-                text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+                text_hidden: torch.Tensor, text_mask: torch.Tensor,
+                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """image_hidden (B, 1 + n, D) with patch indices ``visible_idx`` (B, n), or (B, 1 + N, D) and None.
-        Returns (B, 1 + N, D) over the full patch grid."""
+        Returns (B, 1 + N, D) over the full patch grid; with ``output_positions`` (B, Lq) (token
+        positions, [CLS] = 0) only those tokens (B, Lq, D), which the last block computes alone."""
         b, _, d = image_hidden.shape
         num_patches = grid[0] * grid[1]
         cls, patches = image_hidden[:, :1], image_hidden[:, 1:]
@@ -41,5 +43,9 @@ class ImageCrossEncoder(nn.Module):
             full.scatter_(1, visible_idx.unsqueeze(-1).expand(-1, -1, d), patches)
             patches = full
         x = torch.cat([cls, patches], dim=1) + interpolate_pos_embed(self.pos_embed, grid).to(patches.dtype)
-        x = run_blocks(self, self.blocks, x, context=text_hidden, context_mask=text_mask)
+        per_block = None
+        if output_positions is not None:
+            per_block = [{} for _ in self.blocks]
+            per_block[-1]["query_positions"] = output_positions
+        x = run_blocks(self, self.blocks, x, per_block=per_block, context=text_hidden, context_mask=text_mask)
         return self.norm(x)

@@ -134,11 +134,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 key_mask: Optional[torch.Tensor] = None, kv: Optional[torch.Tensor] = None,
-                context_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_index: Optional[torch.Tensor] = None, query: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-attention takes ``context`` (Bc, Lc, kv_dim), or its projection ``kv = self.kv(context)``
         made beforehand (shared by several calls); ``context_index`` (B,) picks the context row of each
         row of ``x`` (default: row i with row i), after the projection, so a context row that several
-        queries share is projected once."""
+        queries share is projected once. Self-attention with ``query`` (B, Lq, D), some of ``x``'s
+        tokens: only those attend (to all of ``x``), and the result is (B, Lq, D)."""
         if self.is_cross:
             if kv is None:
                 if context is None:
@@ -148,8 +149,13 @@ class Attention(nn.Module):
                 kv = kv.index_select(0, context_index)
             q = self._split(self.q(x))
             k, v = (self._split(t) for t in kv.chunk(2, dim=-1))
-        else:
+        elif query is None:
             q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        else:  # queries for the given tokens only; keys and values for all (the fused weight, split)
+            d = self.proj.in_features
+            w, b = self.qkv.weight, self.qkv.bias
+            q = self._split(F.linear(query, w[:d], b[:d]))
+            k, v = (self._split(t) for t in F.linear(x, w[d:], b[d:]).chunk(2, dim=-1))
         mask = key_padding_to_attn_mask(key_mask)
         dropout = self.dropout if self.training else 0.0
         use_math = self.impl == "math" or (self.impl == "auto" and q.device.type == "cpu"
@@ -168,6 +174,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def take_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) tokens, (B, Lq) positions -> (B, Lq, D) the tokens at those positions."""
+    return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class MLP(nn.Module):
@@ -197,8 +208,16 @@ class PreNormBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_mask=key_mask)
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                query_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query_positions`` (B, Lq): compute the block's output at those tokens only (they still
+        attend to all tokens), e.g. in the last block when only some outputs are used."""
+        if query_positions is None:
+            x = x + self.attn(self.norm1(x), key_mask=key_mask)
+        else:
+            normed = self.norm1(x)
+            x = take_positions(x, query_positions) + self.attn(
+                normed, key_mask=key_mask, query=take_positions(normed, query_positions))
         if self.has_cross:
             x = x + self.cross_attn(self.norm_cross(x), context=context, key_mask=context_mask)
         return x + self.mlp(self.norm2(x))
@@ -214,9 +233,10 @@ class BertSubLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, key_mask=None, context=None, kv=None, context_index=None):
-        return self.norm(x + self.drop(self.attn(x, context=context, key_mask=key_mask, kv=kv,
-                                                 context_index=context_index)))
+    def forward(self, x, key_mask=None, context=None, kv=None, context_index=None, query_positions=None):
+        query = None if query_positions is None else take_positions(x, query_positions)
+        out = self.attn(x, context=context, key_mask=key_mask, kv=kv, context_index=context_index, query=query)
+        return self.norm((x if query is None else query) + self.drop(out))
 
 
 class BertLayer(nn.Module):
@@ -240,9 +260,11 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                context_kv: Optional[torch.Tensor] = None, context_index: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        x = self.attention(x, key_mask=key_mask)
+                context_kv: Optional[torch.Tensor] = None, context_index: Optional[torch.Tensor] = None,
+                query_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query_positions`` (B, Lq): the layer's output at those tokens only (B, Lq, D); they still
+        attend to every token, so the result equals the full output taken at those positions."""
+        x = self.attention(x, key_mask=key_mask, query_positions=query_positions)
         if self.crossattention is not None:
             x = self.crossattention(x, key_mask=context_mask, context=context, kv=context_kv,
                                     context_index=context_index)

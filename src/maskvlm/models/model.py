@@ -71,13 +71,15 @@ class MaskVLM(nn.Module):
 
     # --- fusion -----------------------------------------------------------------------------
     def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
-             image_index: Optional[torch.Tensor] = None, image_kv: Optional[list[torch.Tensor]] = None
-             ) -> torch.Tensor:
+             image_index: Optional[torch.Tensor] = None, image_kv: Optional[list[torch.Tensor]] = None,
+             output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoded text tokens (B, L, D_text) attending to encoded image tokens -> (B, L, D_text).
         ``image_index`` (B,): the image row of each text row (default: row i with row i);
-        ``image_kv``: ``image_keys(image_hidden)`` made beforehand, to share it between calls."""
+        ``image_kv``: ``image_keys(image_hidden)`` made beforehand, to share it between calls;
+        ``output_positions`` (B, Lq): only those tokens' states are returned (and computed in the last
+        layer): (B, Lq, D_text)."""
         return self.text_cross_encoder(text_hidden, text_mask, image_hidden, image_index=image_index,
-                                       image_kv=image_kv)
+                                       image_kv=image_kv, output_positions=output_positions)
 
     def image_keys(self, image_hidden: torch.Tensor) -> list[torch.Tensor]:
         """The fusion layers' keys and values of these image tokens, computed once for several
@@ -88,9 +90,12 @@ class MaskVLM(nn.Module):
         """Text tokens attending to image tokens -> (B, L, D_text)."""
         return self.fuse(text.hidden, text.attention_mask, image_hidden)
 
-    def fuse_image(self, image: VisionOutput, text: TextOutput) -> torch.Tensor:
-        """Image tokens (mask tokens where patches are missing) attending to text -> (B, 1 + N, D_image)."""
-        return self.image_cross_encoder(image.hidden, image.visible_idx, image.grid, text.hidden, text.attention_mask)
+    def fuse_image(self, image: VisionOutput, text: TextOutput,
+                   output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image tokens (mask tokens where patches are missing) attending to text -> (B, 1 + N, D_image);
+        with ``output_positions`` (B, Lq) (token positions, [CLS] = 0) only those tokens (B, Lq, D_image)."""
+        return self.image_cross_encoder(image.hidden, image.visible_idx, image.grid, text.hidden, text.attention_mask,
+                                        output_positions=output_positions)
 
     def itm_logits(self, fused_text: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused_text[:, 0])

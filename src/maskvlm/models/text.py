@@ -79,16 +79,21 @@ class TextCrossEncoder(nn.Module):
 
     def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
                 image_mask: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
-                image_kv: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+                image_kv: Optional[list[torch.Tensor]] = None, output_positions: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """Text rows (Bt, L, D) attending to image rows: ``image_hidden`` (Bi, Li, D_image), or its
         ``project_context`` made beforehand as ``image_kv``. ``image_index`` (Bt,) names the image row
         of each text row (default: Bi = Bt, row i with row i); each image row is projected once, however
-        many text rows attend to it."""
+        many text rows attend to it. ``output_positions`` (Bt, Lq): return only those tokens'
+        states (Bt, Lq, D), which the last layer then computes alone (e.g. [CLS] for ITM)."""
         if image_kv is None:
             if image_hidden is None:
                 raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
             image_kv = self.project_context(image_hidden)
         if image_index is not None and image_mask is not None:
             image_mask = image_mask.index_select(0, image_index)
-        return run_blocks(self, self.layer, text_hidden, per_block=[{"context_kv": kv} for kv in image_kv],
-                          key_mask=text_mask, context_mask=image_mask, context_index=image_index)
+        per_block = [{"context_kv": kv} for kv in image_kv]
+        if output_positions is not None:
+            per_block[-1]["query_positions"] = output_positions
+        return run_blocks(self, self.layer, text_hidden, per_block=per_block, key_mask=text_mask,
+                          context_mask=image_mask, context_index=image_index)

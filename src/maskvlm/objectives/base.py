@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..data.formats import Batch
+from ..models.layers import take_positions
 from ..models.model import MaskVLM
 from ..models.text import TextOutput
 from ..models.vit import VisionOutput
@@ -100,19 +101,22 @@ class StepState:
         return self._get("image_kv", lambda: self.model.image_keys(self.image.hidden))
 
     def fuse_with_images(self, text_hidden: torch.Tensor, text_mask: torch.Tensor,
-                         image_index: Optional[torch.Tensor], extra_images: Optional[torch.Tensor] = None
-                         ) -> torch.Tensor:
+                         image_index: Optional[torch.Tensor], extra_images: Optional[torch.Tensor] = None,
+                         output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text rows (Bt, L, D) attending to unmasked images: ``image_index`` (Bt,) names each text
         row's image, a row of this batch (0..B-1) or of ``extra_images`` (B onwards); None pairs row i
-        with image i. Each image's keys and values are projected once, however many rows use it."""
+        with image i. Each image's keys and values are projected once, however many rows use it.
+        ``output_positions`` (Bt, Lq): return only those tokens (Bt, Lq, D), e.g. [CLS] for ITM."""
         kv, images = self.image_kv, self.image.hidden
         if kv is None:
             if extra_images is not None:
                 images = torch.cat([images, extra_images])
-            return self.model.fuse(text_hidden, text_mask, images, image_index=image_index)
+            fused = self.model.fuse(text_hidden, text_mask, images, image_index=image_index)
+            return fused if output_positions is None else take_positions(fused, output_positions)
         if extra_images is not None:
             kv = [torch.cat([a, b]) for a, b in zip(kv, self.model.image_keys(extra_images))]
-        return self.model.fuse(text_hidden, text_mask, None, image_index=image_index, image_kv=kv)
+        return self.model.fuse(text_hidden, text_mask, None, image_index=image_index, image_kv=kv,
+                               output_positions=output_positions)
 
     @property
     def fused_masked_text(self) -> torch.Tensor:
@@ -130,6 +134,24 @@ class StepState:
         if self._single_pass:
             return self._joint_masked[1]
         return self._get("fused_masked_image", lambda: self.model.fuse_image(self.masked_image, self.text_context))
+
+    @property
+    def fused_masked_patches(self) -> torch.Tensor:
+        """(K, D_image): the fused masked image at its masked patches, in the order of
+        :meth:`at_masked_patches`. When every sample masks the same number of patches, the image
+        cross-modality encoder's last block computes these rows alone (the others are not used)."""
+        def compute():
+            positions = None
+            if isinstance(self.model, MaskVLM) and not self._single_pass and "fused_masked_image" not in self._cache:
+                try:
+                    positions = self.batch.index("masked_positions")
+                except ValueError:  # samples mask different numbers of patches
+                    positions = None
+            if positions is None:
+                return self.at_masked_patches(self.fused_masked_image)
+            out = self.model.fuse_image(self.masked_image, self.text_context, output_positions=positions + 1)
+            return out.reshape(-1, out.shape[-1])
+        return self._get("fused_masked_patches", compute)
 
     @property
     def _single_pass(self) -> bool:

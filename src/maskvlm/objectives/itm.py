@@ -66,7 +66,9 @@ class ITM(nn.Module):
         # (text, image) pairs: positives, (text, negative image), (negative text, image); each image's
         # fusion keys/values are projected once and shared with MLM (StepState.image_kv)
         image_index = torch.cat([rows, neg_image if extra_images is None else rows + b, rows])
-        fused = state.fuse_with_images(text_hidden, text_mask, image_index, extra_images)
+        # only [CLS] reaches the ITM head: the last fusion layer computes that token alone
+        cls = torch.zeros(3 * b, 1, dtype=torch.long, device=rows.device)
+        fused = state.fuse_with_images(text_hidden, text_mask, image_index, extra_images, output_positions=cls)
         logits = model.itm_logits(fused).float()
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
         labels[:b] = 1

@@ -44,7 +44,7 @@ class MRM(nn.Module):
                 losses.append(F.mse_loss(pred, target))
                 metrics["mrm_text"] = losses[-1].detach()
         if batch.image_mask is not None:
-            pred = self.image_projector(state.at_masked_patches(state.fused_masked_image)).float()
+            pred = self.image_projector(state.fused_masked_patches).float()
             target = normalized_target(state.at_masked_patches(state.teacher_fused_image))
             losses.append(F.mse_loss(pred, target))
             metrics["mrm_image"] = losses[-1].detach()
@@ -62,6 +62,6 @@ class FeatureMIM(nn.Module):
         mask = state.batch.image_mask
         if mask is None:
             raise ValueError("feature MIM needs image masks (masking.image_ratio is 0)")
-        pred = self.projector(state.at_masked_patches(state.fused_masked_image)).float()
+        pred = self.projector(state.fused_masked_patches).float()
         target = normalized_target(state.at_masked_patches(state.teacher_image.hidden))
         return ObjectiveOutput(F.l1_loss(pred, target))

@@ -28,7 +28,7 @@ class MIM(nn.Module):
 
     def forward(self, state: StepState) -> ObjectiveOutput:
         model, batch = state.model, state.batch
-        pred = model.pixel_head(state.at_masked_patches(state.fused_masked_image)).float()  # masked patches only
+        pred = model.pixel_head(state.fused_masked_patches).float()  # masked patches only
         target = pixel_targets(batch.images, model.config.patch_size, self.norm_pix)
         target = target.reshape(-1, target.shape[-1]).index_select(0, batch.index("masked_patches"))
         return ObjectiveOutput(F.l1_loss(pred, target))

@@ -134,7 +134,7 @@ class ProtoMIM(nn.Module):
             patches = state.at_masked_patches(state.teacher_fused_image)  # teacher: unmasked image, text fused in
             targets = self.space.assign(F.normalize(teacher.itc_head.vision_proj(patches).float(), dim=-1),
                                         self.center)
-        pred = F.normalize(self.predictor(state.at_masked_patches(state.fused_masked_image)).float(), dim=-1)
+        pred = F.normalize(self.predictor(state.fused_masked_patches).float(), dim=-1)
         loss = swapped_cross_entropy(targets, self.space.scores(pred), self.student_temp)
         hit = (pred.detach() @ self.space.weight.detach().float().t()).argmax(-1) == targets.argmax(-1)
         return ObjectiveOutput(loss, {"proto_mim_acc": hit.float().mean(), "proto_mim_usage": usage_entropy(targets)})
