@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .heads import ITCHead, ITMHead, MLMHead
-from .layers import PreNormBlock, init_weights, run_blocks, set_attention_impl
+from .layers import PreNormBlock, init_weights, run_blocks, set_attention_impl, take_positions
 from .text import BertEmbeddings, TextOutput
 from .vit import VisionOutput
 
@@ -174,11 +174,14 @@ class SingleStreamVLM(nn.Module):
         return text_mask, image_mask
 
     def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
-             image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """As ``MaskVLM.fuse``; one stream has no per-image keys to share, so rows are gathered."""
+             image_index: Optional[torch.Tensor] = None, output_positions: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        """As ``MaskVLM.fuse``; one stream has no per-image keys to share, so rows are gathered, and
+        every token is computed (``output_positions`` only selects the returned ones)."""
         if image_index is not None:
             image_hidden = image_hidden.index_select(0, image_index)
-        return self.joint(text_hidden, text_mask, image_hidden)[0]
+        fused = self.joint(text_hidden, text_mask, image_hidden)[0]
+        return fused if output_positions is None else take_positions(fused, output_positions)
 
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:
         return self.fuse(text.hidden, text.attention_mask, image_hidden)

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 
 from ..data.formats import Batch
-from ..models.layers import take_positions
 from ..models.model import MaskVLM
 from ..models.text import TextOutput
 from ..models.vit import VisionOutput
@@ -111,8 +110,8 @@ class StepState:
         if kv is None:
             if extra_images is not None:
                 images = torch.cat([images, extra_images])
-            fused = self.model.fuse(text_hidden, text_mask, images, image_index=image_index)
-            return fused if output_positions is None else take_positions(fused, output_positions)
+            return self.model.fuse(text_hidden, text_mask, images, image_index=image_index,
+                                   output_positions=output_positions)
         if extra_images is not None:
             kv = [torch.cat([a, b]) for a, b in zip(kv, self.model.image_keys(extra_images))]
         return self.model.fuse(text_hidden, text_mask, None, image_index=image_index, image_kv=kv,

@@ -57,7 +57,8 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
                device: torch.device, precision: str) -> torch.Tensor:
     """ITM match logit for each (image_idx[j], text_idx[j]) pair, in batches. The pairs are taken
     in image order, and each batch passes each of its images once with an index per pair, so an
-    image's fusion keys/values are projected once however many of its pairs share the batch."""
+    image's fusion keys/values are projected once however many of its pairs share the batch, and
+    the last fusion layer computes [CLS] alone."""
     if not len(image_idx):
         return torch.zeros(0)
     order = torch.argsort(image_idx, stable=True)
@@ -67,8 +68,10 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
         for start in range(0, len(image_idx), batch_size):
             ii, tt = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
             images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
+            device_ = enc["image_hidden"].device
+            cls = torch.zeros(len(tt), 1, dtype=torch.long, device=device_)  # the ITM head reads [CLS] alone
             fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][images],
-                               image_index=pair_image.to(enc["image_hidden"].device))
+                               image_index=pair_image.to(device_), output_positions=cls)
             scores.append(model.itm_logits(fused)[:, 1].float())
     scores = torch.cat(scores)
     return scores.new_empty(scores.shape).index_copy_(0, order.to(scores.device), scores)
