@@ -118,3 +118,23 @@ def test_objectives_read_the_pruned_rows(model, batch):
         full_state, t, m, idx, extra)  # full outputs; the ITM head reads [:, 0]
     torch.testing.assert_close(itm.loss, ITM(global_negatives=False)(full_state).loss, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(MIM()(state).loss)
+
+
+def test_mlm_reads_the_pruned_masked_tokens(model, batch):
+    """MLM's rows come from a last layer that computes each caption's masked tokens only (rows
+    padded to the longest count); they equal the full output at those tokens, in the same order."""
+    from maskvlm.data.formats import padded_positions
+    from maskvlm.masking import IGNORE_INDEX
+
+    selected = batch.mlm_labels != IGNORE_INDEX
+    positions, slots = padded_positions(selected)
+    assert positions.shape == (len(batch), int(selected.sum(1).max()))
+    flat = (torch.arange(len(batch))[:, None] * selected.shape[1] + positions).flatten()[slots]
+    torch.testing.assert_close(flat, batch.index("mlm_positions"), rtol=0, atol=0)
+
+    state, reference = StepState(model, batch), StepState(model, batch)
+    pruned = state.fused_mlm_tokens
+    full = reference.at_mlm_positions(reference.fused_masked_text)
+    torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(model, pruned), _grads(model, full)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

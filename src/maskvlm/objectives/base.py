@@ -135,6 +135,21 @@ class StepState:
         return self._get("fused_masked_image", lambda: self.model.fuse_image(self.masked_image, self.text_context))
 
     @property
+    def fused_mlm_tokens(self) -> torch.Tensor:
+        """(M, D_text): the fused masked caption at its masked tokens, in the order of
+        :meth:`at_mlm_positions`. The text cross-modality encoder's last layer computes only these
+        tokens (each row padded to the longest row's count); the others are not used."""
+        def compute():
+            if isinstance(self.model, MaskVLM) and not self.joint and "fused_masked_text" not in self._cache:
+                positions = self.batch.index("mlm_query_positions")
+                if positions.shape[1]:
+                    text = self.masked_text
+                    out = self.fuse_with_images(text.hidden, text.attention_mask, None, output_positions=positions)
+                    return out.reshape(-1, out.shape[-1]).index_select(0, self.batch.index("mlm_query_slots"))
+            return self.at_mlm_positions(self.fused_masked_text)
+        return self._get("fused_mlm_tokens", compute)
+
+    @property
     def fused_masked_patches(self) -> torch.Tensor:
         """(K, D_image): the fused masked image at its masked patches, in the order of
         :meth:`at_masked_patches`. When every sample masks the same number of patches, the image

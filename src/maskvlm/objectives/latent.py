@@ -39,7 +39,7 @@ class MRM(nn.Module):
         losses, metrics = [], {}
         if batch.mlm_labels is not None:
             if batch.index("mlm_positions").numel():
-                pred = self.text_projector(state.at_mlm_positions(state.fused_masked_text)).float()
+                pred = self.text_projector(state.fused_mlm_tokens).float()
                 target = normalized_target(state.at_mlm_positions(state.teacher_fused_text))
                 losses.append(F.mse_loss(pred, target))
                 metrics["mrm_text"] = losses[-1].detach()

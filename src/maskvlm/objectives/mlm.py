@@ -20,7 +20,7 @@ class MLM(nn.Module):
     def forward(self, state: StepState) -> ObjectiveOutput:
         model, labels = state.model, state.batch.mlm_labels
         # only masked positions reach the vocabulary
-        logits = model.mlm_head(state.at_mlm_positions(state.fused_masked_text)).float()
+        logits = model.mlm_head(state.fused_mlm_tokens).float()
         target = state.at_mlm_positions(labels)
         if not target.numel():
             return ObjectiveOutput(logits.sum() * 0, {"mlm_acc": accuracy(logits, target)})
