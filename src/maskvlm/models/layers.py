@@ -254,8 +254,7 @@ class BertLayer(nn.Module):
         self.output_norm = nn.LayerNorm(dim, eps=eps)
 
     def project_context(self, context: torch.Tensor) -> torch.Tensor:
-        """The cross-attention keys and values of ``context`` (B, Lc, 2 D), to pass as ``context_kv``.
-        A forward method of its own, so that a sharded layer (FSDP) gathers its weights for it."""
+        """The cross-attention keys and values of ``context`` (B, Lc, 2 D), to pass as ``context_kv``."""
         return self.crossattention.attn.kv(context)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,

@@ -81,9 +81,13 @@ class MaskVLM(nn.Module):
         return self.text_cross_encoder(text_hidden, text_mask, image_hidden, image_index=image_index,
                                        image_kv=image_kv, output_positions=output_positions)
 
-    def image_keys(self, image_hidden: torch.Tensor) -> list[torch.Tensor]:
+    def image_keys(self, image_hidden: torch.Tensor) -> Optional[list[torch.Tensor]]:
         """The fusion layers' keys and values of these image tokens, computed once for several
-        ``fuse`` calls (ITM's pairs and MLM attend to the same unmasked images)."""
+        ``fuse`` calls (ITM's pairs and MLM attend to the same unmasked images); None when the
+        layers are sharded (FSDP), whose weights exist only inside their own forward: each ``fuse``
+        call then projects its images itself (still once per image within the call)."""
+        if not self.text_cross_encoder.shares_context:
+            return None
         return self.text_cross_encoder.project_context(image_hidden)
 
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:

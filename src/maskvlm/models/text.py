@@ -72,6 +72,13 @@ class TextCrossEncoder(nn.Module):
                                    for _ in range(layers))
         self.apply(init_weights)
 
+    @property
+    def shares_context(self) -> bool:
+        """Whether ``project_context`` may be called outside ``forward``: not when the layers are
+        sharded (FSDP gathers a layer's weights only for its own forward)."""
+        from torch.distributed.fsdp import FSDPModule
+        return not any(isinstance(layer, FSDPModule) for layer in self.layer)
+
     def project_context(self, image_hidden: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's cross-attention keys and values of ``image_hidden`` (B, Li, D_image): a list of
         (B, Li, 2 D) tensors that several ``forward`` calls over the same images can share."""
@@ -89,11 +96,12 @@ class TextCrossEncoder(nn.Module):
         if image_kv is None:
             if image_hidden is None:
                 raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
-            image_kv = self.project_context(image_hidden)
+            per_block = [{} for _ in self.layer]  # each layer projects image_hidden in its own forward
+        else:
+            per_block = [{"context_kv": kv} for kv in image_kv]
         if image_index is not None and image_mask is not None:
             image_mask = image_mask.index_select(0, image_index)
-        per_block = [{"context_kv": kv} for kv in image_kv]
         if output_positions is not None:
             per_block[-1]["query_positions"] = output_positions
         return run_blocks(self, self.layer, text_hidden, per_block=per_block, key_mask=text_mask,
-                          context_mask=image_mask, context_index=image_index)
+                          context=image_hidden, context_mask=image_mask, context_index=image_index)

@@ -94,7 +94,8 @@ class StepState:
     @property
     def image_kv(self) -> Optional[list[torch.Tensor]]:
         """The fusion layers' keys and values of the unmasked image, projected once per step and
-        shared by ITM's pairs and image-conditioned MLM (None for a model without per-image keys)."""
+        shared by ITM's pairs and image-conditioned MLM (None for a model without per-image keys, or
+        with sharded fusion layers: each fusion call then projects its own images)."""
         if not hasattr(self.model, "image_keys"):
             return None
         return self._get("image_kv", lambda: self.model.image_keys(self.image.hidden))
@@ -112,7 +113,7 @@ class StepState:
                 images = torch.cat([images, extra_images])
             return self.model.fuse(text_hidden, text_mask, images, image_index=image_index,
                                    output_positions=output_positions)
-        if extra_images is not None:
+        if extra_images is not None:  # kv is not None: image_keys gives keys for these too
             kv = [torch.cat([a, b]) for a, b in zip(kv, self.model.image_keys(extra_images))]
         return self.model.fuse(text_hidden, text_mask, None, image_index=image_index, image_kv=kv,
                                output_positions=output_positions)

@@ -24,7 +24,7 @@ class FSDPTask:
     """Shards ``task`` in place and converts its state to and from the unsharded checkpoint format."""
 
     def __init__(self, task: nn.Module):
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import fully_shard
 
         # tied tensors (e.g. the MLM decoder and the word embeddings) are saved once and loaded into both
         self.tied = tied_names(task)
@@ -35,8 +35,6 @@ class FSDPTask:
                 if isinstance(child, nn.ModuleList):
                     for block in child:
                         fully_shard(block)
-                        if hasattr(block, "project_context"):  # called outside forward (shared image keys)
-                            register_fsdp_forward_method(block, "project_context")
                         self.units += 1
         # 0-d parameters (the ITC temperature) cannot be sharded: they stay replicated, and their
         # gradients are averaged by reduce_replicated() before the optimizer step
