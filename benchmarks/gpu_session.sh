@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on one lent GPU, in as few calls as possible.
 #
-#   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA) + gpu_step (switches)
+#   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA, batch 128) + gpu_step
+#                                          # (every variant at 64; compile and CUDA graphs at 256). About
+#                                          # 17 min in all: split it over two device calls
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
@@ -34,8 +36,10 @@ M="python3 -m maskvlm"
 case "${1:-bench}" in
 bench)
     step step_base 240 python3 benchmarks/step_throughput.py --preset base --device cuda --dtypes bf16 \
-        --batch-size 64 --warmup 5 --repeats 20
-    step gpu_step 400 python3 benchmarks/gpu_step.py --batch-size 64 128 256 --warmup 5 --repeats 20
+        --batch-size 128 --warmup 5 --repeats 20
+    step gpu_step_64 400 python3 benchmarks/gpu_step.py --batch-size 64 --warmup 5 --repeats 20
+    step gpu_step_256 400 python3 benchmarks/gpu_step.py --batch-size 256 --warmup 5 --repeats 10 \
+        --only default "+ torch.compile" "+ torch.compile, CUDA graphs"
     ;;
 train)
     R=runs/gpu
