@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA, batch 128) + gpu_step
 #                                          # (every variant at 64; compile and CUDA graphs at 256). About
-#                                          # 17 min in all: split it over two device calls
+#                                          # 17 min in all: split it over device calls with
+#                                          # ONLY="step_base gpu_step_64" bash ... bench, then
+#                                          # ONLY=gpu_step_256 bash ... bench
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
@@ -19,6 +21,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 fails=0
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, record the outcome
     local name=$1 limit=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="a b": just those steps
     local t0=$SECONDS
     echo "=== $name: $*" | tee -a "$OUT/summary.txt"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
