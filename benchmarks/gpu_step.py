@@ -15,6 +15,8 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   graphs (fewer kernel launches from the host)
 - "- shared image keys (per pair)": not a switch; the fusion path from before ITM's pairs and MLM
   shared each image's cross-attention keys/values (put back by the benchmark for comparison)
+- ``train.keep_host_memory=false``: on CPU, glibc returns freed memory to the kernel again (page
+  faults when the next step re-allocates it); no effect on a GPU's device memory
 - "- last layer at read tokens only": not a switch; the last fusion layers compute every token
   again, not only [CLS] (ITM) and the masked patches (MIM) that the losses read
 
@@ -45,6 +47,7 @@ VARIANTS = [  # (name, dtype, overrides)
     ("- shared image keys (per pair)", "bf16", ["bench.per_pair_image_keys=true"]),
     # not a switch: last fusion layers computing every token instead of only those the losses read
     ("- last layer at read tokens only", "bf16", ["bench.full_last_layer=true"]),
+    ("- keep host memory (CPU)", "bf16", ["train.keep_host_memory=false"]),
 ]
 
 

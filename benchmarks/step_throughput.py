@@ -61,6 +61,9 @@ def _maskvlm_step(cfg, device, batch_size):
     from maskvlm.train.optim import build_optimizer
 
     t = cfg.train
+    if t.keep_host_memory and device.type == "cpu":  # as the trainer does
+        from maskvlm.runtime import keep_freed_host_memory
+        keep_freed_host_memory()
     task = PretrainTask(build_model(cfg), cfg).to(device)
     set_activation_checkpointing(task, t.activation_checkpointing)  # train.compile: see worker()
     opt = build_optimizer(task, 1e-4, t.weight_decay, t.betas, fused=t.fused_adamw)  # as the trainer builds it

@@ -170,6 +170,9 @@ class TrainConfig:
     # under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2) instead of DDP
     fsdp: bool = False
     fused_adamw: bool = True  # one fused kernel for the AdamW update where the device supports it
+    # on CPU: glibc keeps freed memory for the next step instead of returning it to the kernel
+    # (runtime.keep_freed_host_memory); saves the page faults of re-allocating activations each step
+    keep_host_memory: bool = True
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     log_every: int = 10

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
-from ..runtime import autocast, resolve_device
+from ..runtime import autocast, keep_freed_host_memory, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import any_rank, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, log
@@ -81,6 +81,8 @@ class Trainer:
         t, job = config.train, config.task
         self.device = resolve_device(t.device)
         self.task.to(self.device)
+        if t.keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory():
+            log.info("host allocator keeps freed memory between steps (train.keep_host_memory)")
         if t.activation_checkpointing:
             from ..models.layers import set_activation_checkpointing
             log.info("activation checkpointing on in %d encoder stacks", set_activation_checkpointing(task, True))
