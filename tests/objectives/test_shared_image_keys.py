@@ -123,11 +123,11 @@ def test_objectives_read_the_pruned_rows(model, batch):
 def test_mlm_reads_the_pruned_masked_tokens(model, batch):
     """MLM's rows come from a last layer that computes each caption's masked tokens only (rows
     padded to the longest count); they equal the full output at those tokens, in the same order."""
-    from maskvlm.data.formats import padded_positions
+    from maskvlm.data.formats import padded_positions, padded_slots
     from maskvlm.masking import IGNORE_INDEX
 
     selected = batch.mlm_labels != IGNORE_INDEX
-    positions, slots = padded_positions(selected)
+    positions, slots = padded_positions(selected), padded_slots(selected)
     assert positions.shape == (len(batch), int(selected.sum(1).max()))
     flat = (torch.arange(len(batch))[:, None] * selected.shape[1] + positions).flatten()[slots]
     torch.testing.assert_close(flat, batch.index("mlm_positions"), rtol=0, atol=0)

@@ -329,14 +329,18 @@ class EpochSampler(Sampler):
         return self.size // self.world - self.start
 
 
-def padded_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) bool -> ((B, C) the positions of each row's True entries in order, padded with other
-    positions up to C = the largest count; (K,) the slots b * C + j of the real ones, row-major)."""
+def padded_positions(selected: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B, C): the positions of each row's True entries in order, padded with other
+    positions up to C = the largest count (``padded_slots`` says which entries are real)."""
+    width = int(selected.sum(dim=1).max()) if selected.numel() else 0
+    return torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]
+
+
+def padded_slots(selected: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (K,): the entries b * C + j of ``padded_positions(selected)`` that are real, row-major."""
     counts = selected.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
-    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]
-    slots = (torch.arange(width, device=selected.device) < counts[:, None]).flatten().nonzero().squeeze(1)
-    return order, slots
+    return (torch.arange(width, device=selected.device) < counts[:, None]).flatten().nonzero().squeeze(1)
 
 
 # Index tensors derived from a batch's masks: name -> (the field they come from, how).
@@ -345,14 +349,14 @@ def padded_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 #   masked_positions (B, K / B): the masked patches of each image (equal counts per image only)
 #   mlm_positions (M,): the masked caption tokens, flat over (B, L), in row-major order
 #   mlm_query_positions (B, C), mlm_query_slots (M,): the masked caption tokens of each row, padded
-#     to the longest row's count, and which of those B * C slots are real (``padded_positions``)
+#     to the longest row's count, and which of those B * C slots are real (``padded_slots``)
 _DERIVED = {
     "visible_patches": ("image_mask", lambda m: mask_to_indices(~m)),
     "masked_patches": ("image_mask", lambda m: m.flatten().nonzero().squeeze(1)),
     "masked_positions": ("image_mask", lambda m: mask_to_indices(m)),
     "mlm_positions": ("mlm_labels", lambda labels: (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)),
-    "mlm_query_positions": ("mlm_labels", lambda labels: padded_positions(labels != IGNORE_INDEX)[0]),
-    "mlm_query_slots": ("mlm_labels", lambda labels: padded_positions(labels != IGNORE_INDEX)[1]),
+    "mlm_query_positions": ("mlm_labels", lambda labels: padded_positions(labels != IGNORE_INDEX)),
+    "mlm_query_slots": ("mlm_labels", lambda labels: padded_slots(labels != IGNORE_INDEX)),
 }
 
 

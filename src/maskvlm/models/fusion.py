@@ -43,9 +43,6 @@ class ImageCrossEncoder(nn.Module):
             full.scatter_(1, visible_idx.unsqueeze(-1).expand(-1, -1, d), patches)
             patches = full
         x = torch.cat([cls, patches], dim=1) + interpolate_pos_embed(self.pos_embed, grid).to(patches.dtype)
-        per_block = None
-        if output_positions is not None:
-            per_block = [{} for _ in self.blocks]
-            per_block[-1]["query_positions"] = output_positions
-        x = run_blocks(self, self.blocks, x, per_block=per_block, context=text_hidden, context_mask=text_mask)
+        x = run_blocks(self, self.blocks, x, last_positions=output_positions, context=text_hidden,
+                       context_mask=text_mask)
         return self.norm(x)

@@ -42,16 +42,20 @@ ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
 def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, per_block: Optional[list] = None,
-               **kwargs) -> torch.Tensor:
+               last_positions: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     """Apply ``blocks`` in order, each with ``kwargs`` and its own entry of ``per_block`` (a list of
-    dicts, one per block). With ``owner.checkpointing`` set (``train.activation_checkpointing``)
-    and autograd on, each block keeps only its input and recomputes its activations in backward:
-    less memory for one more forward pass per block."""
+    dicts, one per block); ``last_positions`` (B, Lq): the last block computes only those tokens
+    (its ``query_positions``), for callers that read no others. With ``owner.checkpointing`` set
+    (``train.activation_checkpointing``) and autograd on, each block keeps only its input and
+    recomputes its activations in backward: less memory for one more forward pass per block."""
     from torch.utils.checkpoint import checkpoint
 
     ckpt = getattr(owner, "checkpointing", False) and torch.is_grad_enabled()
+    blocks = list(blocks)
     for i, block in enumerate(blocks):
         kw = kwargs if per_block is None else {**kwargs, **per_block[i]}
+        if last_positions is not None and i == len(blocks) - 1:
+            kw = {**kw, "query_positions": last_positions}
         x = checkpoint(block, x, use_reentrant=False, **kw) if ckpt else block(x, **kw)
     return x
 

@@ -93,15 +93,12 @@ class TextCrossEncoder(nn.Module):
         of each text row (default: Bi = Bt, row i with row i); each image row is projected once, however
         many text rows attend to it. ``output_positions`` (Bt, Lq): return only those tokens'
         states (Bt, Lq, D), which the last layer then computes alone (e.g. [CLS] for ITM)."""
-        if image_kv is None:
-            if image_hidden is None:
-                raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
-            per_block = [{} for _ in self.layer]  # each layer projects image_hidden in its own forward
-        else:
-            per_block = [{"context_kv": kv} for kv in image_kv]
+        if image_kv is None and image_hidden is None:
+            raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
+        # without image_kv each layer projects image_hidden in its own forward
+        per_block = None if image_kv is None else [{"context_kv": kv} for kv in image_kv]
         if image_index is not None and image_mask is not None:
             image_mask = image_mask.index_select(0, image_index)
-        if output_positions is not None:
-            per_block[-1]["query_positions"] = output_positions
-        return run_blocks(self, self.layer, text_hidden, per_block=per_block, key_mask=text_mask,
-                          context=image_hidden, context_mask=image_mask, context_index=image_index)
+        return run_blocks(self, self.layer, text_hidden, per_block=per_block, last_positions=output_positions,
+                          key_mask=text_mask, context=image_hidden, context_mask=image_mask,
+                          context_index=image_index)

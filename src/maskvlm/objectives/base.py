@@ -156,16 +156,15 @@ class StepState:
         :meth:`at_masked_patches`. When every sample masks the same number of patches, the image
         cross-modality encoder's last block computes these rows alone (the others are not used)."""
         def compute():
-            positions = None
             if isinstance(self.model, MaskVLM) and not self._single_pass and "fused_masked_image" not in self._cache:
                 try:
                     positions = self.batch.index("masked_positions")
-                except ValueError:  # samples mask different numbers of patches
-                    positions = None
-            if positions is None:
-                return self.at_masked_patches(self.fused_masked_image)
-            out = self.model.fuse_image(self.masked_image, self.text_context, output_positions=positions + 1)
-            return out.reshape(-1, out.shape[-1])
+                except ValueError:  # samples mask different numbers of patches: the full output below
+                    pass
+                else:
+                    out = self.model.fuse_image(self.masked_image, self.text_context, output_positions=positions + 1)
+                    return out.reshape(-1, out.shape[-1])
+            return self.at_masked_patches(self.fused_masked_image)
         return self._get("fused_masked_patches", compute)
 
     @property

@@ -63,15 +63,14 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
         return torch.zeros(0)
     order = torch.argsort(image_idx, stable=True)
     image_idx, text_idx = image_idx[order], text_idx[order]
-    scores = []
+    scores, where = [], enc["image_hidden"].device
     with autocast(device, precision):
         for start in range(0, len(image_idx), batch_size):
             ii, tt = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
             images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
-            device_ = enc["image_hidden"].device
-            cls = torch.zeros(len(tt), 1, dtype=torch.long, device=device_)  # the ITM head reads [CLS] alone
+            cls = torch.zeros(len(tt), 1, dtype=torch.long, device=where)  # the ITM head reads [CLS] alone
             fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][images],
-                               image_index=pair_image.to(device_), output_positions=cls)
+                               image_index=pair_image.to(where), output_positions=cls)
             scores.append(model.itm_logits(fused)[:, 1].float())
     scores = torch.cat(scores)
     return scores.new_empty(scores.shape).index_copy_(0, order.to(scores.device), scores)
