@@ -471,6 +471,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.formats import DataError
     from .train.logging import setup_logging
+    from .train.distributed import shutdown
     from .train.loop import NonFiniteTraining
 
     parser = build_parser()
@@ -493,14 +494,19 @@ def main(argv=None) -> int:
     from . import cli_insight
     handlers.update({"reconstruct": cli_insight.reconstruct, "fill-mask": cli_insight.fill_mask,
                      "ground": cli_insight.ground, "plot": cli_insight.plot})
+    clean = False
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        clean = True
+        return code
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteTraining) as e:
         print(f"maskvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown(clean)  # under torchrun: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from maskvlm.objectives.itc import itc_loss
-from maskvlm.train.distributed import all_gather_no_grad, all_gather_with_grad
+from maskvlm.train.distributed import all_gather_no_grad, all_gather_with_grad, shutdown
 
 B, D, E, WORLD = 4, 12, 8, 2
 
@@ -37,6 +37,7 @@ def _params(img_proj, txt_proj, temp):
 
 def _worker(rank: int, init_file: str, out_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    ok = False
     try:
         x_img, x_txt, ids, img_proj, txt_proj, temp = _setup()
         part = slice(rank * B, (rank + 1) * B)
@@ -50,8 +51,9 @@ def _worker(rank: int, init_file: str, out_file: str):
         dist.all_reduce(total)
         if rank == 0:
             torch.save({"loss": total / WORLD, "grads": grads}, out_file)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)
 
 
 def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tmp_path):
@@ -113,12 +115,14 @@ def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra:
     cfg = micro_config(f"data.train={synthetic_dir}/train.json", "data.val=null", "data.test=null",
                        f"train.output_dir={out}/run", "train.precision=fp32", "train.max_steps=4",
                        "train.save_every=0", "data.vocab_size=200", *extra, recipe=recipe)
+    ok = False
     try:
         pipeline.pretrain(cfg, resume=resume)
         if "state" in captured:
             save_file(captured["state"], f"{out}/rank{rank}.safetensors")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)  # as the CLI ends a job
 
 
 def test_epoch_sampler_splits_an_epoch_across_ranks_exactly_once():
@@ -153,6 +157,7 @@ def _itm_worker(rank: int, init_file: str, data_file: str, out_file: str):
     from maskvlm.models.model import build_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    ok = False
     try:
         data = torch.load(data_file, weights_only=False)
         torch.manual_seed(0)
@@ -171,8 +176,9 @@ def _itm_worker(rank: int, init_file: str, data_file: str, out_file: str):
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss / WORLD, "grads": grads}, out_file)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)
 
 
 def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computation(config, batch, tmp_path):
@@ -223,3 +229,15 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
                   resume=str(tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000002"))
     for k in fsdp:
         assert torch.allclose(resumed[k], fsdp[k], atol=1e-6), (k, (resumed[k] - fsdp[k]).abs().max())
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(3))
+        shutdown()
+        assert not dist.is_initialized()
+        shutdown()  # a second call (or one without a group) does nothing
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

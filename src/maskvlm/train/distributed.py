@@ -103,6 +103,27 @@ def any_rank(flag: bool) -> bool:
     return bool(global_max(int(flag)))
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group before the interpreter exits (call it once, at the end of a job).
+
+    gloo's worker threads free each finished collective's tensors after the caller has moved on,
+    and freeing a tensor that Python has seen needs the GIL. If the interpreter is already shutting
+    down by then, that thread is killed in the middle of a destructor and the process aborts with
+    "terminate called without an active exception": a job that saved everything still exits with
+    SIGABRT. With ``clean`` (the job finished on every rank), all ranks meet at a barrier and then
+    release the GIL briefly so those threads can finish before the group is destroyed. In a
+    two-process test this took the abort from 6 in 30 exits to 0 in 25. After an error the barrier
+    is skipped (another rank may never reach it) and the group is only destroyed."""
+    import time
+
+    if not is_distributed():
+        return
+    if clean:
+        dist.barrier()
+        time.sleep(0.2)  # no API reports gloo's worker threads idle; they need the GIL for milliseconds
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
