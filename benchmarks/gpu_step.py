@@ -19,6 +19,8 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   faults when the next step re-allocates it); no effect on a GPU's device memory
 - "- last layer at read tokens only": not a switch; the last fusion layers compute every token
   again, not only [CLS] (ITM) and the masked patches (MIM) that the losses read
+- "+ bf16 LayerNorm outputs (tried)": not a switch; every LayerNorm returns bf16 under autocast
+  (no cast before the next linear layer; BERT-style layers then keep a bf16 residual stream)
 
 ``--batch-size`` takes several sizes; each variant runs at each size.
 
@@ -48,6 +50,8 @@ VARIANTS = [  # (name, dtype, overrides)
     # not a switch: last fusion layers computing every token instead of only those the losses read
     ("- last layer at read tokens only", "bf16", ["bench.full_last_layer=true"]),
     ("- keep host memory (CPU)", "bf16", ["train.keep_host_memory=false"]),
+    # not a switch: a tried change (LayerNorm outputs in bf16, fewer autocast casts), not adopted
+    ("+ bf16 LayerNorm outputs (tried)", "bf16", ["bench.bf16_layer_norm=true"]),
 ]
 
 
