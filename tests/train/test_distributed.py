@@ -241,3 +241,14 @@ def test_shutdown_leaves_the_process_group(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_worker(rank: int, init_file: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.all_reduce(torch.ones(2))
+    shutdown(clean=rank == 0)  # rank 1 ended with an error: it leaves without meeting the others
+    assert not dist.is_initialized()
+
+
+def test_shutdown_does_not_wait_for_a_rank_that_left_after_an_error(tmp_path):
+    mp.spawn(_leave_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)  # no hang, no raise

@@ -114,13 +114,18 @@ def shutdown(clean: bool = True) -> None:
     release the GIL briefly so those threads can finish before the group is destroyed
     (docs/scale-out.md has the measurement). After an error the barrier is skipped (another rank may
     never reach it) and the group is only destroyed."""
+    import logging
     import time
 
     if not is_distributed():
         return
     if clean:
-        dist.barrier()
-        time.sleep(0.2)  # no API reports gloo's worker threads idle; they need the GIL for milliseconds
+        try:
+            dist.barrier()
+        except RuntimeError as e:  # another rank left after an error: there is nothing to wait for
+            logging.getLogger("maskvlm").warning("leaving the process group without the other ranks: %s", e)
+        else:
+            time.sleep(0.2)  # no API reports gloo's worker threads idle; they need the GIL for milliseconds
     dist.destroy_process_group()
 
 
