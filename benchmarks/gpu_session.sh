@@ -2,10 +2,11 @@
 # Everything this project checks and times on one lent GPU, in as few calls as possible.
 #
 #   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA, batch 128) + gpu_step
-#                                          # (every variant at 64; compile and CUDA graphs at 256). About
-#                                          # 17 min in all: split it over device calls with
+#                                          # (every variant at 64; compile and CUDA graphs at 256) +
+#                                          # host_overhead (host cost per step, vs FLAVA). About
+#                                          # 18 min in all: split it over device calls with
 #                                          # ONLY="step_base gpu_step_64" bash ... bench, then
-#                                          # ONLY=gpu_step_256 bash ... bench
+#                                          # ONLY="gpu_step_256 host_cost" bash ... bench
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
@@ -43,6 +44,7 @@ bench)
     step gpu_step_64 400 python3 benchmarks/gpu_step.py --batch-size 64 --warmup 5 --repeats 20
     step gpu_step_256 400 python3 benchmarks/gpu_step.py --batch-size 256 --warmup 5 --repeats 10 \
         --only default "+ torch.compile" "+ torch.compile, CUDA graphs"
+    step host_cost 240 python3 benchmarks/host_overhead.py --device cuda --top 12
     ;;
 train)
     R=runs/gpu

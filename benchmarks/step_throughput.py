@@ -92,7 +92,8 @@ def _maskvlm_step(cfg, device, batch_size):
     return task, step
 
 
-def _flava_step(cfg, device, batch_size):
+def _flava_step(cfg, device, batch_size, foreach=None):
+    """``foreach``: passed to AdamW (None: torch's default, a per-parameter loop on a CPU)."""
     from transformers import FlavaConfig, FlavaForPreTraining
 
     m = cfg.model
@@ -106,7 +107,7 @@ def _flava_step(cfg, device, batch_size):
     config = FlavaConfig(image_config=image, text_config=text, multimodal_config=multimodal,
                          hidden_size=m.text_width, projection_dim=m.embed_dim, init_codebook=False)
     model = FlavaForPreTraining(config).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=foreach)
     g = torch.Generator().manual_seed(0)
     n_patches = (m.image_size // m.patch_size) ** 2
     ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)
