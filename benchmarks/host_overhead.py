@@ -24,11 +24,11 @@ maskvlm's is its fused AdamW, as the trainer builds it. Attention is each librar
 device: on a CPU in bf16 maskvlm writes it out (matmul, softmax, matmul, as FLAVA does); on a GPU it
 calls ``scaled_dot_product_attention``, one operator where the written-out form takes about ten.
 (Forcing ``model.attention=sdpa`` on a CPU measures something else: torch's CPU flash-attention
-kernel costs about 0.5 ms per backward call at these sizes, a third of the narrow step.)
+kernel takes about 0.56 ms per backward call at these sizes, a quarter of the narrow step.)
 
-``--py-spy-summary FILE`` reads a raw profile written by
-``py-spy record --native --subprocesses -f raw -o FILE -- python benchmarks/host_overhead.py --libs maskvlm --repeats 60``
-and splits the samples inside the timed step by where they ended: the Python interpreter, torch's
+``--py-spy-summary FILE`` reads a raw profile written by ``py-spy record --native --subprocesses -f
+raw -o FILE -- python benchmarks/host_overhead.py --libs maskvlm --rounds 1 --repeats 60`` and
+splits the samples inside the step by where they ended: the Python interpreter, torch's
 Python bindings, torch's C++ dispatch and autograd, kernels, and the C library (allocation).
 """
 
@@ -115,7 +115,8 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, width: int, batc
 def run_worker(lib: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--preset", args.preset, "--dtype", args.dtype,
            "--device", args.device, "--width", str(args.width), "--batch-size", str(args.batch_size),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), *[f"--override={o}" for o in args.override], "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           *[f"--override={o}" for o in args.override]]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not line:
@@ -207,8 +208,8 @@ def main() -> int:
                 rows[lib] = result
     rows = list(rows.values())
     lines = [*report_header(args.device, f"{args.preset} depth, width {args.width}, 64 px, batch {args.batch_size}, "
-                            f"{args.dtype}, {args.threads or 'default'} thread(s), {args.rounds} rounds of {args.warmup} warm-up + "
-                            f"{args.repeats} timed steps (median, min-max of all)"
+                            f"{args.dtype}, {args.threads or 'default'} thread(s), {args.rounds} rounds of "
+                            f"{args.warmup} warm-up + {args.repeats} timed steps (median, min-max of all)"
                             + (f"; maskvlm overrides: {' '.join(args.override)}" if args.override else "")), "",
              "| library | params (tensors) | dropout | step ms (median, min-max) | ATen operators per step | "
              "us per operator |", "|---|---|---|---|---|---|"]
