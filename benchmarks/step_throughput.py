@@ -18,7 +18,9 @@ image and patch size), its text encoder the text layers, and its multimodal enco
 cross-modality text layers. FLAVA has no counterpart of maskvlm's image cross-modality encoder
 (the MIM decoder), so maskvlm carries those extra layers. FLAVA's MIM predicts codebook tokens,
 8,192 classes. Its labels are given directly (random), so the DALL-E codebook's own forward is
-not timed, which is in FLAVA's favour. The FLOP counts say how much work each step does.
+not timed, which is in FLAVA's favour. The FLOP counts say how much work each step does. Each
+library steps with the AdamW its users get by default: maskvlm's trainer builds the fused one;
+FLAVA gets ``torch.optim.AdamW()`` (on a CPU a loop over the parameters, on a GPU ``foreach``).
 """
 
 from __future__ import annotations
