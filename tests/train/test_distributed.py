@@ -201,7 +201,7 @@ def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computat
         assert torch.allclose(got["grads"][name], g, atol=1e-5), (name, (got["grads"][name] - g).abs().max())
 
 
-@pytest.mark.parametrize("recipe", ["maskvlm", "albef"])  # albef: EMA teacher, feature queue, distillation
+@pytest.mark.parametrize("recipe", ["maskvlm", "albef", "mamo", "semmim", "mlim"])
 def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
     """train.fsdp: the same weights as DDP after 4 steps (fp32, to rounding), checkpoints in the
     unsharded format, and a resume from step 2 that ends where the uninterrupted run ended."""

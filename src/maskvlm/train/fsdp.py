@@ -70,8 +70,14 @@ class FSDPTask:
         """Every rank passes the full state read from the checkpoint and keeps its shards."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         state = dict(state)
+        walked = _walked_names(self.task)
         for name, source in self.tied.items():
-            state.setdefault(name, state[source])
+            if name in walked:  # a parameter another module also holds: given the same full tensor
+                state.setdefault(name, state[source])
+            else:  # a second path to a shared module: torch's loader never distributes it, and the
+                # copy of a full tensor into the sharded parameter would fail; the parameter itself
+                # (loaded through ``source``) copies onto itself
+                state[name] = self.task.get_parameter(name)
         set_model_state_dict(self.task, state, options=self._options())
         if optimizer is not None and optimizer_state is not None:
             # parameters a recipe never uses (e.g. ALBEF's MIM decoder) have no AdamW state to restore
@@ -86,3 +92,21 @@ class FSDPTask:
             yield
         finally:
             self.task.reshard()
+
+
+def _walked_names(module: nn.Module) -> set[str]:
+    """The parameter and buffer names torch.distributed.checkpoint sees when it walks ``module``:
+    each submodule once, so a module reachable under two names (SemMIM's prototype space, held by
+    both of its objectives) is seen under the first name only."""
+    seen: set[int] = set()
+    names: set[str] = set()
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        seen.add(id(m))
+        for child_name, child in m.named_children():
+            if id(child) not in seen:
+                walk(child, f"{prefix}{child_name}.")
+        names.update(f"{prefix}{n}" for n, _ in m.named_parameters(recurse=False))
+        names.update(f"{prefix}{n}" for n, _ in m.named_buffers(recurse=False))
+    walk(module, "")
+    return names
