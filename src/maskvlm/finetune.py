@@ -133,9 +133,15 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     model, tokenizer = _load_start(config, checkpoint)
     name, d = config.task.name, config.data
     if name == "retrieval":
-        module = PretrainTask(model, config)
         dataset = PairDataset(d.train, d.image_root, _train_transform(config), seed=config.train.seed,
                               swap_on_flip=True, max_pixels=d.max_image_pixels)
+        # momentum.alpha > 0 (ALBEF's fine-tuning: 0.4): the teacher starts as a copy of the pre-trained
+        # model, and the distillation weight ramps up over the first epoch unless alpha_warmup_steps is set
+        module = PretrainTask(model, config, len(dataset) // (config.train.batch_size * config.train.grad_accum))
+        if module.teacher is not None:
+            mo = config.momentum
+            log.info("EMA teacher (decay %g): ITC queue of %d, momentum distillation weight %g (ramped over %d "
+                     "steps)", mo.decay, mo.queue_size, mo.alpha, module.alpha_warmup)
         collator = PretrainCollator(tokenizer, d.max_text_len)
         evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val else None
         extra, spec, classes = {}, None, None

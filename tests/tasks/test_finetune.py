@@ -152,3 +152,17 @@ def test_layerwise_lr_scale(config):
     assert scale("model.text_encoder.layer.0.output.weight") == 0.5 ** 2
     assert scale("model.text_cross_encoder.layer.0.output.weight") == 0.5 ** 1
     assert scale("model.itm_head.fc.weight") == 1.0
+
+
+def test_finetune_retrieval_with_momentum_distillation_ramps_alpha_over_the_first_epoch(pretrained, synthetic_dir,
+                                                                                       tmp_path):
+    # ALBEF fine-tunes retrieval with momentum distillation: momentum.alpha > 0 creates the EMA teacher (a copy
+    # of the pre-trained model) and, as in pre-training, ramps the distillation weight over the first epoch
+    out = tmp_path / "ret_mod"
+    cfg = _config("retrieval", pretrained, None, out, f"data.train={synthetic_dir / 'train.json'}", "data.test=null",
+                  "momentum.alpha=0.4", "momentum.queue_size=16")
+    finetune(cfg, evaluate_test=False)
+    alphas = [r["alpha"] for r in _losses(out)]
+    assert alphas == sorted(alphas) and alphas[0] < 0.4 * 0.5, alphas
+    assert "EMA teacher (decay 0.995): ITC queue of 16, momentum distillation weight 0.4" in (
+        out / "train.log").read_text()
