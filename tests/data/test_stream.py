@@ -172,6 +172,25 @@ def test_a_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
     assert skipped == {"truncated shard": 1}
 
 
+def test_a_shard_cut_between_two_members_is_counted_too(tmp_path):
+    # a cut exactly at a member boundary leaves a valid, shorter tar: only the known count tells
+    pattern = _make_shards(tmp_path, [6, 6])
+    stream = open_stream(pattern, None, TRANSFORM, shuffle_buffer=1)
+    with tarfile.open(tmp_path / "00001.tar") as tar:
+        member = tar.getmembers()[6]  # the fourth sample's image: cut just before its header
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: member.offset] + bytes(1024))  # tar's end-of-archive blocks
+    with tarfile.open(tmp_path / "00001.tar") as tar:
+        assert len(tar.getmembers()) == 6  # a readable archive of 3 samples
+    stream.configure(4)
+    samples = list(stream)
+    assert len(samples) == 12
+    skipped = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    assert skipped == {"truncated shard": 1}
+
+
 def test_resampled_mixing_follows_the_weights_and_the_declared_epoch(tmp_path):
     a = _make_shards(tmp_path / "a", [10] * 3, prefix="a")
     b = _make_shards(tmp_path / "b", [10] * 3, prefix="b")

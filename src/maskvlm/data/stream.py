@@ -117,13 +117,22 @@ def shard_samples(path: Path, headers_only: bool = False) -> Iterator[dict]:
         raise DataError(f"{path}: unreadable or truncated tar shard after {count} samples ({e})") from None
 
 
-def _shard_or_error(path: Path, mode: dict) -> Iterator[dict]:
+def _shard_or_error(path: Path, mode: dict, expected: Optional[int] = None) -> Iterator[dict]:
     """A shard's samples in a training stream: a damaged shard ends with one error item (counted
-    as a bad sample) instead of stopping the run."""
+    as a bad sample) instead of stopping the run. So does a shard that ends cleanly with fewer
+    samples than ``expected`` (its count in shards.json / _stats.json, or from the start-up scan):
+    a tar cut exactly between two members reads as a shorter, complete archive."""
+    count = 0
     try:
-        yield from shard_samples(path, mode["headers_only"])
+        for sample in shard_samples(path, mode["headers_only"]):
+            count += 1
+            yield sample
     except DataError as e:
         yield {"__key__": "", "__url__": str(path), "__error__": str(e)}
+        return
+    if expected is not None and count < expected:
+        yield {"__key__": "", "__url__": str(path),
+               "__error__": f"{path}: ended after {count} of its {expected} samples (cut between two members?)"}
 
 
 def materialise(sample: dict, keys: Optional[Sequence[str]] = None) -> dict:
@@ -305,7 +314,8 @@ class ShardStream(IterableDataset):
         if self.resampled:
             rng = random.Random(sample_seed(self.seed, epoch, slot, index, 7))
             while True:
-                yield from _shard_or_error(src.paths[rng.randrange(len(src.paths))], mode)
+                shard = rng.randrange(len(src.paths))
+                yield from _shard_or_error(src.paths[shard], mode, src.counts[shard])
         targets = self._targets(src, workers)
         passes = 1 if self.batch_size is None else None
         p = 0
@@ -313,7 +323,7 @@ class ShardStream(IterableDataset):
             order = list(range(len(src.paths)))
             random.Random(sample_seed(self.seed, epoch, p, index, 3)).shuffle(order)
             for shard in deal_shards(order, src.counts, targets)[slot]:
-                yield from _shard_or_error(src.paths[shard], mode)
+                yield from _shard_or_error(src.paths[shard], mode, src.counts[shard])
             yield _PASS_END
             p += 1
 
