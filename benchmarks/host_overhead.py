@@ -40,11 +40,10 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
+from step_throughput import _flava_step, _maskvlm_step, _sizes, run_result, time_steps  # this folder is on sys.path
 
 NARROW = ["model.vision_heads=2", "model.text_heads=2", "model.image_cross_heads=2", "model.image_size=64",
           "model.patch_size=16", "model.embed_dim=32"]
@@ -86,7 +85,6 @@ def _count_ops(step, dtype: str) -> dict:
 
 def worker(lib: str, preset: str, dtype: str, device_name: str, width: int, batch_size: int, warmup: int,
            repeats: int, overrides=(), threads: int = 0) -> dict:
-    from step_throughput import _flava_step, _maskvlm_step, _sizes, _sync  # this folder is on sys.path
 
     torch.manual_seed(0)
     if threads:
@@ -99,13 +97,7 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, width: int, batc
         module, step = _flava_step(cfg, device, batch_size, foreach=True)
     for _ in range(max(warmup, 1)):
         step(dtype)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        step(dtype)
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    times = time_steps(step, dtype, device, repeats)
     return {"lib": lib, "times": times, "ops": _count_ops(step, dtype),
             "params": sum(p.numel() for p in module.parameters()),
             "tensors": sum(1 for _ in module.parameters()),
@@ -117,12 +109,7 @@ def run_worker(lib: str, args) -> dict:
            "--device", args.device, "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads),
            *[f"--override={o}" for o in args.override]]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not line:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError((out.stderr.strip().splitlines() or ["no result"])[-1][:160])
-    return json.loads(line[0][7:])
+    return run_result(cmd)
 
 
 # Where a py-spy sample ended, by the frame's module (raw format: "frame;frame;... count").

@@ -169,6 +169,15 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
         step(dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, dtype, device, repeats)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
+            "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
+
+
+def time_steps(step, dtype: str, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step(dtype)``, the device synchronised around each."""
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -176,10 +185,18 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
         step(dtype)
         _sync(device)
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
-            "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
+    return times
+
+
+def run_result(cmd: list[str]) -> dict:
+    """Run a benchmark worker subprocess and return the JSON of its ``RESULT`` line; RuntimeError
+    with the end of its stderr when it fails."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no result"])[-1][:160])
+    return json.loads(line[0][7:])
 
 
 def _project_images_per_pair() -> None:
@@ -235,12 +252,7 @@ def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset, "--device", device,
            "--batch-size", str(batch_size), "--warmup", str(warmup), "--repeats", str(repeats),
            *[f"--override={o}" for o in overrides]]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not line:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError((out.stderr.strip().splitlines() or ["no result"])[-1][:160])
-    return json.loads(line[0][7:])
+    return run_result(cmd)
 
 
 def matmul_peak(dtype: str, device: torch.device, n: int = 0, repeats: int = 8) -> float:
