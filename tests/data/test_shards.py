@@ -27,6 +27,17 @@ def test_shards_hold_every_caption_once_with_its_image(synthetic_dir, tmp_path):
     assert text.endswith(f"{len(paths)} shards, {len(entries)} samples") and text.count(", caption ") == 2
 
 
+def test_inspect_flags_a_shard_holding_fewer_samples_than_listed(synthetic_dir, tmp_path):
+    write_shards(synthetic_dir / "train.json", None, tmp_path, shard_size=50, progress=False)
+    with tarfile.open(tmp_path / "00001.tar") as tar:
+        cut = tar.getmembers()[3 * 20].offset  # the header of the 21st sample (3 members each)
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[:cut] + bytes(1024))  # a valid, shorter archive
+    text = inspect_shards([tmp_path / "00000.tar", tmp_path / "00001.tar"], show=0)
+    assert "00000.tar: 50 samples (png)\n" in text
+    assert "00001.tar: 20 samples (png); MISMATCH: 50 listed next to it" in text
+
+
 def test_caption_lists_give_one_sample_per_caption(synthetic_dir, tmp_path):
     test = json.loads((synthetic_dir / "test.json").read_text())  # one entry per image, 5 captions
     summary = write_shards(synthetic_dir / "test.json", None, tmp_path, shard_size=1000, progress=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .formats import DataError, load_annotations, resolve_image_root
-from .stream import IMAGE_EXTS, shard_samples
+from .stream import IMAGE_EXTS, listed_count, shard_samples
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     info = tarfile.TarInfo(name)
@@ -73,10 +73,12 @@ def write_shards(annotations: Path, image_root: Optional[str], out: Path, shard_
 
 
 def inspect_shards(paths: list[Path], show: int = 3) -> str:
-    """Counts per shard and the first ``show`` samples (key, caption, image format and size)."""
+    """Counts per shard and the first ``show`` samples (key, caption, image format and size). A
+    shard holding fewer or more samples than ``shards.json`` / ``_stats.json`` lists is flagged
+    (a copy cut between two members reads as a complete, shorter archive)."""
     from PIL import Image
 
-    lines, total, shown = [], 0, 0
+    lines, total, shown, summaries = [], 0, 0, {}
     for path in paths:
         n, exts, examples = 0, set(), []
         for sample in shard_samples(path):
@@ -89,6 +91,8 @@ def inspect_shards(paths: list[Path], show: int = 3) -> str:
                 examples.append(f"  {sample['__key__']}: {image_ext} {size}, caption {caption!r}")
                 shown += 1
         total += n
-        lines += [f"{path}: {n} samples ({', '.join(sorted(exts))})", *examples]
+        listed = listed_count(path, summaries)
+        mismatch = f"; MISMATCH: {listed} listed next to it (cut or replaced?)" if listed not in (None, n) else ""
+        lines += [f"{path}: {n} samples ({', '.join(sorted(exts))}){mismatch}", *examples]
     lines.append(f"{len(paths)} shard{'s' * (len(paths) != 1)}, {total} samples")
     return "\n".join(lines)

@@ -151,20 +151,29 @@ def materialise(sample: dict, keys: Optional[Sequence[str]] = None) -> dict:
     return out
 
 
+def listed_count(path: Path, summaries: Optional[dict] = None) -> Optional[int]:
+    """A shard's sample count as listed next to it: in ``shards.json`` (written by ``maskvlm data
+    shard``) or img2dataset's ``{shard}_stats.json``; None when neither lists it. ``summaries``
+    caches the parsed ``shards.json`` per folder across calls."""
+    summaries = {} if summaries is None else summaries
+    folder = path.parent
+    if folder not in summaries:
+        f = folder / "shards.json"
+        summaries[folder] = json.loads(f.read_text()).get("counts", {}) if f.is_file() else {}
+    n = summaries[folder].get(path.name)
+    stats = path.with_name(path.name[:-len(path.suffix)] + "_stats.json") if path.suffix else None
+    if n is None and stats is not None and stats.is_file():
+        n = json.loads(stats.read_text()).get("successes")
+    return None if n is None else int(n)
+
+
 def count_samples(paths: Sequence[Path]) -> list[int]:
-    """Samples per shard: from ``shards.json`` (written by ``maskvlm data shard``) or img2dataset's
-    ``{shard}_stats.json`` next to the shards when present, else by reading the tar headers."""
+    """Samples per shard: as listed next to the shards (:func:`listed_count`) when they are, else
+    by reading the tar headers."""
     counts, scanned = [], 0
     summaries: dict[Path, dict] = {}
     for p in paths:
-        folder = p.parent
-        if folder not in summaries:
-            f = folder / "shards.json"
-            summaries[folder] = json.loads(f.read_text()).get("counts", {}) if f.is_file() else {}
-        n = summaries[folder].get(p.name)
-        stats = p.with_name(p.name[:-len(p.suffix)] + "_stats.json") if p.suffix else None
-        if n is None and stats is not None and stats.is_file():
-            n = json.loads(stats.read_text()).get("successes")
+        n = listed_count(p, summaries)
         if n is None:
             n = sum(1 for _ in shard_samples(p, headers_only=True))
             scanned += 1
