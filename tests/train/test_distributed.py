@@ -231,6 +231,25 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
         assert torch.allclose(resumed[k], fsdp[k], atol=1e-6), (k, (resumed[k] - fsdp[k]).abs().max())
 
 
+def test_fsdp_with_gradient_accumulation_trains_like_ddp(synthetic_dir, tmp_path):
+    """train.grad_accum=2 under FSDP (gradient sync only on the last micro-batch) gives DDP's weights."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    def run(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), ("train.grad_accum=2", *extra)),
+                 nprocs=WORLD, join=True)
+        return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
+
+    ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "train.fsdp=true")
+    diffs = sorted((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
+    assert diffs[len(diffs) // 2] < 1e-7 and diffs[-1] < 1e-4, (diffs[len(diffs) // 2], diffs[-1])
+
+
 def test_shutdown_leaves_the_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
