@@ -16,7 +16,7 @@ allocation. On a CPU the kernels still run on the host thread, so the time is an
 the issue cost; the operator counts are exact on any device.
 
 Matched as in ``step_throughput.py`` (same layers, heads, captions of 32 tokens, bf16 autocast by
-default). Two settings differ on purpose and are stated in the report: maskvlm's recipe carries
+default). Two settings differ on purpose (the first is a column of the report): maskvlm's recipe carries
 its dropout (``base``: 0.1 on hidden states and attention probabilities; FLAVA's default is none),
 and FLAVA's AdamW is built with ``foreach=True``, the implementation torch picks by default on a
 GPU (on a CPU it would otherwise loop over the parameters one by one, about 10 operators each).
