@@ -231,8 +231,10 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
         assert torch.allclose(resumed[k], fsdp[k], atol=1e-6), (k, (resumed[k] - fsdp[k]).abs().max())
 
 
-def test_fsdp_with_gradient_accumulation_trains_like_ddp(synthetic_dir, tmp_path):
-    """train.grad_accum=2 under FSDP (gradient sync only on the last micro-batch) gives DDP's weights."""
+@pytest.mark.parametrize("switch", ["train.grad_accum=2", "train.activation_checkpointing=true"])
+def test_fsdp_with_a_switch_trains_like_ddp_with_it(synthetic_dir, tmp_path, switch):
+    """FSDP gives DDP's weights with gradient accumulation (gradient sync only on the last
+    micro-batch) and with activation checkpointing (recomputed blocks that are also shard units)."""
     import socket
 
     from safetensors.torch import load_file
@@ -241,7 +243,7 @@ def test_fsdp_with_gradient_accumulation_trains_like_ddp(synthetic_dir, tmp_path
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), ("train.grad_accum=2", *extra)),
+        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), (switch, *extra)),
                  nprocs=WORLD, join=True)
         return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
 
