@@ -22,7 +22,8 @@ from .models.model import build_model
 from .runtime import resolve_device
 from .tasks.classify import ExampleCollator, ExampleDataset, FusedClassifier, predict
 from .tasks.downstream import CLASSES_FILE, CLASSIFICATION_TASKS, ClassificationTask
-from .tasks.pretrain import PretrainTask, eval_transform, make_retrieval_eval, prepare_data_paths
+from .tasks.pretrain import (PretrainTask, eval_transform, make_retrieval_eval, optimizer_steps_per_epoch,
+                             prepare_data_paths)
 from .tasks.retrieval import format_table
 from .train.checkpoint import resolve_resume
 from .train.distributed import is_main
@@ -137,7 +138,7 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
                               swap_on_flip=True, max_pixels=d.max_image_pixels)
         # momentum.alpha > 0 (ALBEF's fine-tuning: 0.4): the teacher starts as a copy of the pre-trained
         # model, and the distillation weight ramps up over the first epoch unless alpha_warmup_steps is set
-        module = PretrainTask(model, config, len(dataset) // (config.train.batch_size * config.train.grad_accum))
+        module = PretrainTask(model, config, optimizer_steps_per_epoch(config, len(dataset)))
         if module.teacher is not None:
             mo = config.momentum
             log.info("EMA teacher (decay %g): ITC queue of %d, momentum distillation weight %g (ramped over %d "

@@ -15,7 +15,8 @@ from .data.tokenizer import load_tokenizer, train_wordpiece
 from .data.transforms import ImageTransform
 from .models.io import TOKENIZER_FILE, read_config
 from .models.model import build_model
-from .tasks.pretrain import PretrainTask, make_retrieval_eval, needs_image_mask, needs_text_mask, prepare_data_paths
+from .tasks.pretrain import (PretrainTask, make_retrieval_eval, needs_image_mask, needs_text_mask,
+                             optimizer_steps_per_epoch, prepare_data_paths)
 from .tasks.retrieval import format_table
 from .train.checkpoint import list_checkpoints, resolve_resume
 from .train.distributed import barrier, broadcast_object, init_from_env, is_main
@@ -114,8 +115,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         from .models.hf_vision import init_vision
         report = init_vision(model.visual_encoder, m.image_init, prefix="visual_encoder.")
         log.info("image initialisation from %s", report.summary())
-    steps_per_epoch = len(dataset) // (config.train.batch_size * config.train.grad_accum)
-    task = PretrainTask(model, config, steps_per_epoch)
+    task = PretrainTask(model, config, optimizer_steps_per_epoch(config, len(dataset)))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("recipe %s, preset %s: %.1fM parameters, objectives %s", config.recipe, config.preset, n_params / 1e6,
              ", ".join(f"{k}x{v:g}" for k, v in task.weights.items()))

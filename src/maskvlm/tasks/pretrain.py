@@ -61,6 +61,12 @@ def needs_image_mask(config: Config) -> bool:
     return lo.mim > 0 or lo.mim_feat > 0 or lo.mrm > 0 or lo.proto_mim > 0 or recon_masked
 
 
+def optimizer_steps_per_epoch(config: Config, num_samples: int) -> int:
+    """Optimizer updates in one pass over ``num_samples`` (the default ramp of the momentum-
+    distillation weight, ``momentum.alpha_warmup_steps=-1``)."""
+    return num_samples // (config.train.batch_size * config.train.grad_accum)
+
+
 class PretrainTask(nn.Module):
     """The model, its EMA teacher when the recipe needs one, and the recipe's objectives.
     ``steps_per_epoch`` sets the default ramp of the momentum-distillation weight."""

@@ -94,19 +94,10 @@ class FSDPTask:
             self.task.reshard()
 
 
-def _walked_names(module: nn.Module) -> set[str]:
-    """The parameter and buffer names torch.distributed.checkpoint sees when it walks ``module``:
-    each submodule once, so a module reachable under two names (SemMIM's prototype space, held by
-    both of its objectives) is seen under the first name only."""
-    seen: set[int] = set()
-    names: set[str] = set()
 
-    def walk(m: nn.Module, prefix: str) -> None:
-        seen.add(id(m))
-        for child_name, child in m.named_children():
-            if id(child) not in seen:
-                walk(child, f"{prefix}{child_name}.")
-        names.update(f"{prefix}{n}" for n, _ in m.named_parameters(recurse=False))
-        names.update(f"{prefix}{n}" for n, _ in m.named_buffers(recurse=False))
-    walk(module, "")
-    return names
+def _walked_names(module: nn.Module) -> set[str]:
+    """The parameter names torch.distributed.checkpoint sees when it walks ``module``: each
+    submodule once (``named_modules`` drops repeats the same way), so a module reachable under two
+    names (SemMIM's prototype space, held by both of its objectives) is seen under the first only."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, m in module.named_modules()
+            for name, _ in m.named_parameters(recurse=False)}
