@@ -43,6 +43,7 @@ import statistics
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from step_throughput import _flava_step, _maskvlm_step, _sizes, run_result, time_steps  # this folder is on sys.path
 
 NARROW = ["model.vision_heads=2", "model.text_heads=2", "model.image_cross_heads=2", "model.image_size=64",
@@ -54,26 +55,16 @@ def narrow_overrides(width: int) -> list[str]:
             *NARROW]
 
 
-class _OpCounter:
-    """Counts the ATen operators dispatched while active (a ``TorchDispatchMode``)."""
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.counts = collections.Counter()
 
-        counts = self.counts = collections.Counter()
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counts[str(func.overloadpacket)] += 1
-                return func(*args, **(kwargs or {}))
-        self.mode = Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _count_ops(step, dtype: str) -> dict:
