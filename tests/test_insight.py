@@ -105,6 +105,28 @@ def test_grounding_maps_shape_range_and_batch_independence(vlm, synthetic_dir, e
         insight.grounding_maps(vlm, images[:1], texts[:1], layer=3)
 
 
+def test_grounding_of_the_single_stream_model_reads_its_joint_attention(synthetic_dir, entries, tokenizer):
+    """MLIM has no cross-attention: the text rows over the image-patch columns of one joint
+    self-attention layer are weighted by their ITM gradient instead."""
+    from maskvlm.models.model import build_model
+
+    cfg = micro_config("model.single_layers=3", "train.precision=fp32", recipe="mlim")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    single = VLM(build_model(cfg), cfg, tokenizer, device="cpu", precision="fp32")
+    images = [synthetic_dir / e["image"] for e in entries[:3]]
+    texts = ["the red circle", "a blue square", "the green triangle on the left"]
+    maps = insight.grounding_maps(single, images, texts)
+    assert maps.shape == (3, 4, 4) and float(maps.min()) == 0 and float(maps.max()) == 1
+    assert torch.allclose(insight.grounding_maps(single, images[2:], texts[2:])[0], maps[2], atol=1e-5)
+    assert insight.grounding_layer_name(single) == "joint attention layer 1"
+    assert not any(block.attn.record for block in single.model.blocks)
+    last = insight.grounding_maps(single, images, texts, layer=-1)  # only [CLS] has a gradient there
+    assert last.shape == (3, 4, 4) and not torch.allclose(last, maps)
+    with pytest.raises(ValueError, match="single-stream transformer has 3 layers"):
+        insight.grounding_maps(single, images[:1], texts[:1], layer=3)
+
+
 def test_pointing_hit_and_random_baseline_on_a_hand_made_map():
     heat = torch.zeros(4, 4)
     heat[1, 2] = 1.0  # patch row 1, column 2 of a 32 px image with 8 px patches: pixels x 16-23, y 8-15

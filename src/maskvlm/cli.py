@@ -306,7 +306,7 @@ def _evaluate_retrieval(args) -> int:
     from .models.model import load_pretrained
     from .runtime import resolve_device
     from .tasks.pretrain import eval_transform
-    from .tasks.retrieval import evaluate_retrieval, format_table, protocol_k
+    from .tasks.retrieval import choose_score, evaluate_retrieval, format_table, protocol_k
     from .train.checkpoint import resolve_resume
 
     folder = Path(args.checkpoint)
@@ -323,7 +323,8 @@ def _evaluate_retrieval(args) -> int:
     dataset = RetrievalDataset(data, image_root, eval_transform(config))
     e = config.eval
     k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
-    metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k, args.score or e.score,
+    score = choose_score(config, args.score)
+    metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k, score,
                                  args.batch_size or e.batch_size, device, args.precision or config.train.precision,
                                  progress=not args.no_progress)
     print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"))

@@ -52,15 +52,16 @@ def add_parsers(sub) -> None:
     g = sub.add_parser(
         "ground", help="Grad-CAM heat map of a phrase over an image",
         description="Where in the image does a phrase attend: Grad-CAM of the ITM match score on the cross-"
-                    "attention of the text cross-modality encoder, overlaid on the image (written as PNG: the "
-                    "image, then one overlay per phrase).")
+                    "attention of the text cross-modality encoder (single-stream models: the text-to-image part of "
+                    "the joint self-attention), overlaid on the image (written as PNG: the image, then one "
+                    "overlay per phrase).")
     _common(g, precision=False)
     g.add_argument("--image", required=True)
     g.add_argument("--text", required=True, nargs="+",
                    help='one or more phrases, e.g. "the red circle" "the blue square" (one overlay each)')
     g.add_argument("--layer", type=int, default=None,
-                   help="cross-attention layer of the text cross-modality encoder "
-                        "(default: the middle one, rounded down)")
+                   help="cross-attention layer of the text cross-modality encoder (single-stream "
+                        "models: layer of the joint transformer; default: the middle one, rounded down)")
     g.add_argument("--out", required=True, help="PNG file to write")
 
     p = sub.add_parser("plot", help="training curves of one or more runs",
@@ -82,7 +83,8 @@ def add_evaluate_parsers(tasks) -> None:
         t.add_argument("--batch-size", type=int, default=32)
         if name == "grounding":
             t.add_argument("--layer", type=int, default=None,
-                           help="cross-attention layer (default: the middle one, rounded down)")
+                           help="cross-attention layer (single-stream models: joint-transformer layer; "
+                                "default: the middle one, rounded down)")
         else:
             t.add_argument("--seed", type=int, default=0, help="mask seed")
             t.add_argument("--text-ratio", type=float, default=None, help="caption tokens masked (default: recipe's)")
@@ -221,7 +223,7 @@ def evaluate(args) -> int:
     if args.task == "grounding":
         m = pointing_game(vlm, data, root, args.layer, args.batch_size, progress=not args.no_progress)
         print(f"pointing game on {data}: {m['phrases']} referring phrases over {m['images']} images "
-              f"(cross-attention layer {m['layer']})")
+              f"({m['attention']})")
         print(f"  Grad-CAM maximum inside the named object's box: {m['pointing_accuracy']:.1f}%")
         print(f"  a uniform random point:                         {m['uniform_random_point']:.1f}%")
         print(f"  the image centre:                               {m['image_centre']:.1f}%")

@@ -203,6 +203,9 @@ class TaskConfig:
     head_hidden: int = 0  # hidden width of the classifier head (0: twice the text width)
     num_answers: int = 3129  # VQA: the answer vocabulary is the top-N training answers
     modality_dropout: float = 0.0  # single-stream models: drop one modality of a training pair with this probability
+    # The heads (itc, itm, mlm, mim) some training run this model comes from has trained, written when a
+    # run starts: this run's objectives plus those recorded in task.init's config. null: not known.
+    trained: Optional[list[str]] = None
 
 
 @dataclass
@@ -459,6 +462,47 @@ def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_f
         apply_init_sizes(cfg)
     cfg.validate()
     return cfg
+
+
+# --- which heads a model's training has trained ---------------------------------------------------------
+HEAD_LOSSES = {"itc": ("itc",), "itm": ("itm",), "mlm": ("mlm",), "mim": ("mim", "recon")}
+
+
+def objectives_train(config: Config) -> set[str]:
+    """The heads this configuration's own objectives train. Pre-training and retrieval fine-tuning
+    train the heads whose loss weight is positive (MIM: the pixel decoder, trained by ``loss.mim`` or
+    MLIM's ``loss.recon``); the classification tasks train a new head of their own only. A
+    Hugging Face text model (``model.text_init``) brings its MLM head."""
+    if config.task.name not in ("pretrain", "retrieval"):
+        return set()
+    heads = {h for h, weights in HEAD_LOSSES.items() if any(getattr(config.loss, w) > 0 for w in weights)}
+    return heads | ({"mlm"} if config.model.text_init else set())
+
+
+def trained_heads(config: Config) -> Optional[set[str]]:
+    """The heads a saved model's training has trained, or None when that is not known (a fine-tuned
+    checkpoint written before ``task.trained`` was recorded)."""
+    if config.task.trained is not None:
+        return set(config.task.trained)
+    return objectives_train(config) if config.task.name == "pretrain" else None
+
+
+def untrained_heads(config: Config, heads: typing.Iterable[str]) -> list[str]:
+    """Those of ``heads`` that no training run of this model has trained (none when not known)."""
+    known = trained_heads(config)
+    return [] if known is None else [h for h in heads if h not in known]
+
+
+def untrained_note(config: Config, heads: typing.Iterable[str]) -> Optional[str]:
+    """A sentence naming the untrained ones of ``heads``, or None when all were trained."""
+    missing = untrained_heads(config, heads)
+    if not missing:
+        return None
+    names = " and ".join(h.upper() for h in missing)
+    losses = " / ".join(f"loss.{w}" for h in missing for w in HEAD_LOSSES[h])
+    return (f"the {names} head{'s' if len(missing) > 1 else ''} of this model {'were' if len(missing) > 1 else 'was'} "
+            f"never trained (no run it comes from had {losses} > 0; recipe {config.recipe}), so "
+            f"{'their' if len(missing) > 1 else 'its'} outputs are those of initial weights")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -13,16 +13,20 @@ masked-image reconstruction, batched, without gradients, under autocast.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import torch
 from PIL import Image
 
+from .config import untrained_heads, untrained_note
 from .data.formats import open_image
 from .data.transforms import ImageTransform
 from .models.io import load_state, model_weights, read_config
 from .runtime import autocast, resolve_device
+
+log = logging.getLogger("maskvlm")
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -37,6 +41,7 @@ class VLM:
         m, d = config.model, config.data
         self.transform = ImageTransform(m.image_size, d.mean, d.std, train=False)
         self.max_len = d.max_text_len
+        self._warned: set[str] = set()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "VLM":
@@ -54,6 +59,14 @@ class VLM:
         if not (folder / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no {TOKENIZER_FILE} next to the weights")
         return cls(model, config, load_tokenizer(folder / TOKENIZER_FILE), device, precision)
+
+    def warn_untrained(self, what: str, heads: Sequence[str]) -> None:
+        """Log a warning, once per head, when ``what`` uses a head that no training run of this
+        model trained (e.g. ITM in an ``itc`` or ``mlim`` pre-training checkpoint)."""
+        new = [h for h in untrained_heads(self.config, heads) if h not in self._warned]
+        if new:
+            self._warned.update(new)
+            log.warning("%s: %s", what, untrained_note(self.config, new))
 
     # --- inputs ---------------------------------------------------------------------------------
     def _image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -76,6 +89,7 @@ class VLM:
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
         """(N, embed_dim) L2-normalised ITC image features, on the CPU in float32."""
+        self.warn_untrained("encode_images", ["itc"])
         feats = []
         for chunk in self._batches(list(images), batch_size):
             with autocast(self.device, self.precision):
@@ -85,6 +99,7 @@ class VLM:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """(N, embed_dim) L2-normalised ITC text features, on the CPU in float32."""
+        self.warn_untrained("encode_texts", ["itc"])
         feats = []
         for chunk in self._batches(list(texts), batch_size):
             with autocast(self.device, self.precision):
@@ -99,6 +114,7 @@ class VLM:
     @torch.no_grad()
     def itm_score(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair."""
+        self.warn_untrained("itm_score", ["itm"])
         if len(images) != len(texts):
             raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
         scores = []
@@ -115,6 +131,7 @@ class VLM:
     def fill_mask(self, image: ImageLike, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """For each ``[MASK]`` in ``text`` (in order), the ``top_k`` (token, probability) predictions
         of the image-conditioned MLM head."""
+        self.warn_untrained("fill_mask", ["mlm"])
         ids, mask = self._texts([text])
         positions = (ids[0] == self.tokenizer.mask_id).nonzero().flatten()
         if len(positions) == 0:

@@ -40,12 +40,6 @@ def image_masks(vlm: VLM, n: int, ratio: float, seed: int) -> torch.Tensor:
     return block_mask(n, _grid(vlm), ratio, vlm.config.masking.image_block, torch.Generator().manual_seed(seed))
 
 
-def _two_stream(vlm: VLM, what: str) -> None:
-    if not hasattr(vlm.model, "itm_head"):
-        raise ValueError(f"{what} needs a two-stream model with an ITM head; this checkpoint is "
-                         f"model.arch={vlm.config.model.arch}")
-
-
 @dataclass
 class MaskedFill:
     """The MIM decoder's output for masked patches: ``recon`` the composed image (normalised
@@ -60,6 +54,7 @@ def fill_masked_patches(vlm: VLM, pixels: torch.Tensor, mask: torch.Tensor, text
     """Text-conditioned reconstruction of the masked patches of ``pixels`` (B, 3, H, W), normalised."""
     from .models.vit import patchify, unpatchify
 
+    vlm.warn_untrained("masked-image reconstruction", ["mim"])
     m, model = vlm.config.model, vlm.model
     grid = _grid(vlm)
     pixels, mask = pixels.to(vlm.device), mask.to(vlm.device)
@@ -163,7 +158,7 @@ def fill_mask_compare(vlm: VLM, image: ImageLike, mismatched_image: ImageLike, t
                       ) -> list[dict[str, list[tuple[str, float]]]]:
     """For each [MASK] in ``text``: the top-k tokens given the image, the image with every patch
     masked, and a mismatched image."""
-    _two_stream(vlm, "fill-mask")
+    vlm.warn_untrained("fill-mask", ["mlm"])
     ids, attn = vlm._texts([text])
     positions = (ids[0] == vlm.tokenizer.mask_id).nonzero().flatten()
     if len(positions) == 0:
@@ -214,35 +209,53 @@ def fill_mask_markdown(text: str, rows: list[dict[str, list[tuple[str, float]]]]
 
 
 # --- grounding ----------------------------------------------------------------------------------------
+def _grounding_attention(vlm: VLM) -> tuple[list, str]:
+    """The attention modules Grad-CAM reads, one per layer, and what they are: the cross-attention of
+    the text cross-modality encoder (two-stream) or the joint self-attention over ``[text; image]``
+    of the single-stream model, whose text-to-image block plays the same part."""
+    model = vlm.model
+    if hasattr(model, "text_cross_encoder"):
+        return [layer.crossattention.attn for layer in model.text_cross_encoder.layer], "cross-attention"
+    return [block.attn for block in model.blocks], "joint attention"
+
+
 def default_layer(vlm: VLM) -> int:
-    """The middle cross-attention layer, rounded down (ALBEF uses the 3rd of its 6 fusion layers). In
-    the last layer only the [CLS] output reaches the ITM head, so word tokens get no gradient there."""
-    return (len(vlm.model.text_cross_encoder.layer) - 1) // 2
+    """The middle attention layer, rounded down (ALBEF uses the 3rd of its 6 fusion layers). In the
+    last layer only the [CLS] output reaches the ITM head, so word tokens get no gradient there."""
+    return (len(_grounding_attention(vlm)[0]) - 1) // 2
 
 
-def _cross_attention(vlm: VLM, layer: Optional[int]):
-    layers = vlm.model.text_cross_encoder.layer
+def grounding_layer_name(vlm: VLM, layer: Optional[int] = None) -> str:
+    """E.g. "cross-attention layer 0", for reports."""
+    return f"{_grounding_attention(vlm)[1]} layer {default_layer(vlm) if layer is None else layer}"
+
+
+def _attention_at(vlm: VLM, layer: Optional[int]):
+    layers, kind = _grounding_attention(vlm)
     index = default_layer(vlm) if layer is None else layer
     if not -len(layers) <= index < len(layers):
-        raise ValueError(f"--layer {layer}: the text cross-modality encoder has {len(layers)} layers")
-    return layers[index].crossattention.attn
+        where = "text cross-modality encoder" if kind == "cross-attention" else "single-stream transformer"
+        raise ValueError(f"--layer {layer}: the {where} has {len(layers)} layers")
+    return layers[index], layers[index] is layers[-1]
 
 
 def grounding_maps(vlm: VLM, images: Sequence[ImageLike], texts: Sequence[str], layer: Optional[int] = None
                    ) -> torch.Tensor:
     """Grad-CAM of each text over its image (B, gh, gw), each map scaled to [0, 1].
 
-    The attention probabilities of one cross-attention layer of the text cross-modality encoder
-    (text tokens attending to image patches) are weighted by the positive part of their gradient
-    of the ITM match logit, averaged over heads and over the text's word tokens ([CLS], [SEP] and
-    padding left out; in the last layer, where only [CLS] has a gradient, the [CLS] row): the
+    The attention probabilities of text tokens over image patches in one layer (the text
+    cross-modality encoder's cross-attention; in the single-stream model, the text rows and image
+    columns of the joint self-attention) are weighted by the positive part of their gradient of the
+    ITM match logit, averaged over heads and over the text's word tokens ([CLS], [SEP] and padding
+    left out; in the last layer, where only [CLS] has a gradient, the [CLS] row): the
     weakly-supervised grounding of ALBEF and MAMO. Computed in fp32."""
-    _two_stream(vlm, "grounding")
     if len(images) != len(texts):
         raise ValueError(f"grounding pairs images with texts: got {len(images)} images and {len(texts)} texts")
-    attn = _cross_attention(vlm, layer)
+    vlm.warn_untrained("grounding", ["itm"])
+    attn, last = _attention_at(vlm, layer)
     pixels = vlm._image_tensor(images)
     ids, mask = vlm._texts(texts)
+    length = ids.shape[1]
     attn.record = True
     try:
         with torch.enable_grad():
@@ -251,7 +264,9 @@ def grounding_maps(vlm: VLM, images: Sequence[ImageLike], texts: Sequence[str], 
             logits = vlm.model.itm_logits(fused).float()
             probs = attn.probs
             logits[:, 1].sum().backward(inputs=[probs])
-            cam = (probs.detach() * probs.grad.clamp(min=0)).mean(1)[:, :, 1:]  # (B, L, N), image CLS dropped
+            cam = (probs.detach() * probs.grad.clamp(min=0)).mean(1)
+            # (B, L, N): text rows over image patches, the image CLS left out
+            cam = cam[:, :, 1:] if attn.is_cross else cam[:, :length, length + 1:]
     finally:
         attn.record = False
         attn.probs = None
@@ -259,7 +274,7 @@ def grounding_maps(vlm: VLM, images: Sequence[ImageLike], texts: Sequence[str], 
     words = mask.clone().float()
     words[:, 0] = 0  # [CLS]
     words[torch.arange(len(texts)), mask.sum(1) - 1] = 0  # [SEP]
-    if attn is vlm.model.text_cross_encoder.layer[-1].crossattention.attn:
+    if last:
         words = torch.zeros_like(words)
         words[:, 0] = 1
     cam = (cam * words.unsqueeze(-1)).sum(1) / words.sum(1, keepdim=True).clamp(min=1)
@@ -340,7 +355,7 @@ def pointing_game(vlm: VLM, annotations: Path, image_root: Optional[Path] = None
             "uniform_random_point": 100.0 * random_rate / n, "image_centre": 100.0 * centre / n,
             "multi_object_phrases": multi, "multi_object_accuracy": 100.0 * multi_hits / max(multi, 1),
             "multi_object_other_object": 100.0 * wrong / max(multi, 1),
-            "layer": default_layer(vlm) if layer is None else layer}
+            "layer": default_layer(vlm) if layer is None else layer, "attention": grounding_layer_name(vlm, layer)}
 
 
 # --- cross-modal dependence ----------------------------------------------------------------------------
@@ -355,7 +370,7 @@ def cross_modal_dependence(vlm: VLM, annotations: Path, image_root: Optional[Pat
     the same in every condition (seeded)."""
     from tqdm import tqdm
 
-    _two_stream(vlm, "evaluate cross-modal")
+    vlm.warn_untrained("cross-modal dependence", ["mlm", "mim"])
     entries = json.loads(Path(annotations).read_text())
     if len(entries) < 2:
         raise ValueError(f"{annotations}: needs at least 2 images (mismatched pairs come from other images)")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import Config, merge_into, parse_overrides
+from .config import Config, merge_into, objectives_train, parse_overrides, trained_heads
 from .data.formats import PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer, train_wordpiece
 from .data.transforms import ImageTransform
@@ -64,7 +64,19 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
     if checkpoint is None and list_checkpoints(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output-dir")
+    if checkpoint is None:
+        record_trained_heads(config)
     return output_dir, checkpoint, config
+
+
+def record_trained_heads(config: Config) -> None:
+    """``task.trained`` of a run that starts now: the heads its objectives train plus those its starting
+    model (``task.init``) had trained; unknown (None) when the starting model's record is."""
+    inherited: Optional[set[str]] = set()
+    if config.task.init:
+        from .finetune import model_folder
+        inherited = trained_heads(read_config(model_folder(config.task.init)))
+    config.task.trained = None if inherited is None else sorted(inherited | objectives_train(config))
 
 
 def modality_aware(config: Config):

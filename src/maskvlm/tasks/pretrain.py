@@ -141,14 +141,15 @@ def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_pa
     """A zero-argument function returning zero-shot retrieval metrics on ``annotation_path``."""
     from ..data.formats import RetrievalDataset
     from ..runtime import resolve_device
-    from .retrieval import evaluate_retrieval, protocol_k
+    from .retrieval import choose_score, evaluate_retrieval, protocol_k
 
     dataset = RetrievalDataset(annotation_path, config.data.image_root, eval_transform(config))
     device = resolve_device(config.train.device)
     k = protocol_k(annotation_path, config.eval.k, config.eval.k_auto)
+    score = choose_score(config)
 
     def run() -> dict:
         return evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
-                                  config.eval.score, config.eval.batch_size, device, config.train.precision,
+                                  score, config.eval.batch_size, device, config.train.precision,
                                   progress=progress)
     return run

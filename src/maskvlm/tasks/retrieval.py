@@ -3,6 +3,7 @@ re-rank each query's top-k with the ITM head in batches, and report R@1/5/10 bot
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -10,10 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..config import Config, untrained_heads, untrained_note
 from ..data.formats import RetrievalDataset
 from ..data.tokenizer import TextTokenizer
 from ..models.model import MaskVLM
 from ..runtime import autocast
+
+log = logging.getLogger("maskvlm")
 
 _OUTSIDE_TOP_K = 1e4  # candidates outside the top-k keep their ITC order, below every re-ranked one
 
@@ -27,6 +31,21 @@ def protocol_k(path: str, k: int, auto: bool = True) -> int:
     if auto and ("flickr" in name or "f30k" in name):
         return 128
     return k
+
+
+def choose_score(config: Config, score: Optional[str] = None) -> str:
+    """The ranking to use: ``score`` when given, else ``eval.score``. When no training run of this
+    model trained the ITM head, the default falls back to ITC ranking (an explicit ``score`` is kept),
+    and an untrained head in use is logged as a warning."""
+    chosen = score or config.eval.score
+    if chosen != "itc" and score is None and untrained_heads(config, ["itm"]):
+        log.warning("%s: ranking by ITC only (`maskvlm evaluate retrieval --score itm` re-ranks anyway)",
+                    untrained_note(config, ["itm"]))
+        chosen = "itc"
+    note = untrained_note(config, ["itc", "itm"] if chosen != "itc" else ["itc"])
+    if note:
+        log.warning("retrieval: %s; expect figures near chance", note)
+    return chosen
 
 
 @torch.no_grad()
@@ -153,12 +172,14 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
 def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") -> str:
     """Plain-text table of R@1/5/10 in both directions (ITC ranking and after ITM re-ranking)."""
     lines = [title, f"{'':22s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}"]
-    rows = [("itc_", "ITC rank"), ("", f"ITM re-rank k={int(metrics.get('k', 0))}")]
+    k = int(metrics.get("k", 0))
+    rows = [("itc_", "ITC rank")] + ([("", f"ITM re-rank k={k}")] if k > 0 else [])
     for prefix, name in rows:
         for direction, label in (("txt", "text (image->text)"), ("img", "image (text->image)")):
             vals = [metrics[f"{prefix}{direction}_r{k}"] for k in (1, 5, 10)]
             lines.append(f"{label:22s}" + "".join(f"{v:8.1f}" for v in vals) + f"   [{name}]")
-    lines.append(f"mean R@1 (TR, IR) after re-rank: {metrics['r1_mean']:.1f}   mean of all six: {metrics['r_mean']:.1f}")
+    lines.append(f"mean R@1 (TR, IR){' after re-rank' if k > 0 else ''}: {metrics['r1_mean']:.1f}   "
+                 f"mean of all six: {metrics['r_mean']:.1f}")
     if "chance_r1" in metrics:
         lines.append(f"chance level R@1 (TR, IR mean): {metrics['chance_r1']:.2f}")
     return "\n".join(lines)
