@@ -123,6 +123,28 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
         t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    z = tasks.add_parser(
+        "classification", help="zero-shot image classification from class-name prompts (ITC, optional ITM re-rank)",
+        description="Zero-shot classification of an image folder (ROOT/<class>/<images>): each class name is put into "
+                    "prompt templates, the ITC features of its prompts are averaged into a class embedding, and each "
+                    "image takes the most similar class; --rerank K re-scores each image's top K classes with the "
+                    "ITM head. With no --data, synthetic colour-shape classes are generated (once) under the "
+                    "checkpoint's data.synthetic.dir.")
+    z.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
+    z.add_argument("--data", default=None, help="image folder with one sub-folder per class (folder names, '_' as "
+                                                "space, are the class names)")
+    z.add_argument("--classnames", default=None, help="class names in sorted-folder order: a JSON list or a text "
+                                                      "file with one name per line")
+    z.add_argument("--template", action="append", default=None, metavar="TEXT",
+                   help="a prompt template with {} for the class name, e.g. 'a photo of a {}.' (repeat for several; "
+                        "default: four general ones)")
+    z.add_argument("--rerank", type=int, default=0, metavar="K", help="re-score the top K classes with ITM (0: off)")
+    z.add_argument("--batch-size", type=int, default=64)
+    z.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    z.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+                   help="fp32 (default, exact numbers) or bf16 autocast")
+    z.add_argument("--out", default=None, help="also write the metrics and every prediction as JSON to this file")
+    z.add_argument("--no-progress", action="store_true", help="no progress bars")
     from .cli_insight import add_evaluate_parsers
     add_evaluate_parsers(tasks)
 
@@ -158,6 +180,15 @@ def _add_data(sub) -> None:
     w.add_argument("--image-root", default=None, help="its image root (default: its folder)")
     w.add_argument("--out", required=True, help="output folder")
     w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    k = tools.add_parser("synthetic-classes", help="an image folder of synthetic one-object scenes per class "
+                                                   "(for zero-shot classification)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--out", default="data/synthetic/classes", help="output folder (OUT/<class>/<i>.png)")
+    k.add_argument("--attribute", default="color-shape", choices=("shape", "color", "color-shape"),
+                   help="what the classes name: 5 shapes, 7 colours or their 35 pairs")
+    k.add_argument("--per-class", type=int, default=20, help="images per class")
+    k.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    k.add_argument("--seed", type=int, default=0, help="random seed")
     n = tools.add_parser("inspect", help="count the samples of tar shards and show a few",
                          description="SHARDS: a path, a glob or a brace pattern such as 'shards/{00000..00009}.tar'.")
     n.add_argument("shards")
@@ -290,10 +321,37 @@ def _evaluate(args) -> int:
     if args.task in ("grounding", "cross-modal"):
         from . import cli_insight
         return cli_insight.evaluate(args)
+    if args.task == "classification":
+        return _evaluate_classification(args)
     from .finetune import evaluate_task
 
     metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
                             args.batch_size, args.predictions, progress=not args.no_progress)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _evaluate_classification(args) -> int:
+    from .data.synthetic_tasks import generate_classes
+    from .inference import VLM
+    from .tasks.zeroshot import DEFAULT_TEMPLATES, evaluate_zero_shot, format_report, load_image_folder, read_classnames
+
+    vlm = VLM.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
+    data = args.data
+    if data is None:
+        syn = vlm.config.data.synthetic
+        data = generate_classes(Path(syn.dir) / "classes", image_size=syn.image_size, seed=syn.seed,
+                                progress=not args.no_progress)
+    names = read_classnames(Path(args.classnames)) if args.classnames else None
+    folder = load_image_folder(data, names)
+    templates = args.template or list(DEFAULT_TEMPLATES)
+    metrics = evaluate_zero_shot(vlm, folder, templates, args.rerank, args.batch_size, progress=not args.no_progress)
+    how = f"ITM re-rank of the top {args.rerank}" if args.rerank else "ITC"
+    print(format_report(metrics, f"zero-shot classification of {data} ({metrics['images']} images, "
+                                 f"{metrics['classes']} classes, {len(templates)} templates, {how})"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
@@ -340,6 +398,11 @@ def _data(args) -> int:
         from .data.shards import write_shards
         summary = write_shards(Path(args.data), args.image_root, Path(args.out), args.shard_size)
         print(f"wrote {summary['samples']} samples in {summary['shards']} shards: {summary['pattern']}")
+        return 0
+    if args.tool == "synthetic-classes":
+        from .data.synthetic_tasks import class_names, generate_classes
+        out = generate_classes(args.out, args.attribute, args.per_class, args.image_size, args.seed)
+        print(f"{out}: {len(class_names(args.attribute))} classes x {args.per_class} images")
         return 0
     if args.tool == "inspect":
         from .data.shards import inspect_shards

@@ -289,3 +289,56 @@ def generate_task(task: str, out_dir: str | Path, sizes: dict | None = None, ima
     with open(marker, "w") as f:  # written last: marks a complete dataset
         json.dump(wanted, f)
     return out
+
+
+# --- zero-shot classification: one object per image, a class folder per attribute value -------------
+CLASS_ATTRIBUTES = ("shape", "color", "color-shape")
+
+
+def class_names(attribute: str) -> list[str]:
+    """The classes of ``attribute``: the shapes, the colours, or every "colour shape" pair."""
+    if attribute == "shape":
+        return list(SHAPES)
+    if attribute == "color":
+        return list(COLORS)
+    if attribute == "color-shape":
+        return [f"{c} {s}" for c in COLORS for s in SHAPES]
+    raise ValueError(f"unknown class attribute {attribute!r}; expected one of {', '.join(CLASS_ATTRIBUTES)}")
+
+
+def generate_classes(out_dir: str | Path, attribute: str = "color-shape", per_class: int = 20,
+                     image_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+    """An image folder for zero-shot classification: ``out_dir/<class>/<i>.png`` (class names with
+    ``_`` for spaces), ``per_class`` single-object scenes per class over random textured
+    backgrounds; attributes the class leaves open (size, position, and colour or shape) are drawn
+    at random. The draws use their own seeds, apart from the pre-training splits'."""
+    from tqdm import tqdm
+
+    from .synthetic import SIZES, _texture, render, SUPERSAMPLE
+
+    names = class_names(attribute)
+    out = Path(out_dir)
+    marker = out / "synthetic.json"
+    wanted = dict(task="classes", version=TASK_FORMAT_VERSION, attribute=attribute, per_class=per_class,
+                  seed=seed, image_size=image_size)
+    if marker.exists():
+        with open(marker) as f:
+            if json.load(f) == wanted:
+                return out
+        marker.unlink()
+    log.info("generating synthetic %s classes in %s (%d classes x %d images)", attribute, out, len(names), per_class)
+    for index, name in enumerate(tqdm(names, desc="synthetic classes", disable=not progress, leave=False)):
+        rng = np.random.default_rng([seed, 1000 + index])
+        folder = out / name.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            background, _ = _texture(rng, image_size * SUPERSAMPLE // 4)
+            color = name.split()[0] if attribute != "shape" else _pick(rng, COLORS)
+            shape = name.split()[-1] if attribute != "color" else _pick(rng, SHAPES)
+            obj = SceneObject(shape, color, _pick(rng, SIZES), 0, 0)
+            r = SIZES[obj.size]
+            obj.cx, obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
+            render([obj], image_size, background).save(folder / f"{i:04d}.png")
+    with open(marker, "w") as f:  # written last: marks a complete folder
+        json.dump(wanted, f)
+    return out
