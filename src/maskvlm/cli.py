@@ -145,6 +145,26 @@ def _add_evaluate(sub) -> None:
                    help="fp32 (default, exact numbers) or bf16 autocast")
     z.add_argument("--out", default=None, help="also write the metrics and every prediction as JSON to this file")
     z.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lp = tasks.add_parser(
+        "linear-probe", help="linear-probe accuracy of the frozen image features on an image folder",
+        description="Fit a multinomial logistic regression on frozen image features of a training image folder "
+                    "(ROOT/<class>/<images>; the L2 strength is chosen on a held-out share of it, then refitted on "
+                    "all of it) and report accuracy on a test folder with the same classes. With no --train / "
+                    "--test, synthetic colour-shape classes are generated (once) under the checkpoint's "
+                    "data.synthetic.dir (classes-train with seed + 1, classes).")
+    lp.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
+    lp.add_argument("--train", default=None, help="training image folder, one sub-folder per class")
+    lp.add_argument("--test", default=None, help="test image folder with the same class sub-folders")
+    lp.add_argument("--features", choices=("cls", "mean", "itc"), default="cls",
+                    help="image encoder [CLS] output (default), mean of its patch tokens, or the ITC embedding")
+    lp.add_argument("--val-fraction", type=float, default=0.2,
+                    help="share of each training class held out to choose the L2 strength")
+    lp.add_argument("--batch-size", type=int, default=64)
+    lp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    lp.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+                    help="fp32 (default, exact numbers) or bf16 autocast")
+    lp.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+    lp.add_argument("--no-progress", action="store_true", help="no progress bars")
     from .cli_insight import add_evaluate_parsers
     add_evaluate_parsers(tasks)
 
@@ -321,8 +341,8 @@ def _evaluate(args) -> int:
     if args.task in ("grounding", "cross-modal"):
         from . import cli_insight
         return cli_insight.evaluate(args)
-    if args.task == "classification":
-        return _evaluate_classification(args)
+    if args.task in ("classification", "linear-probe"):
+        return _evaluate_image_folders(args)
     from .finetune import evaluate_task
 
     metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
@@ -334,24 +354,38 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _evaluate_classification(args) -> int:
+def _evaluate_image_folders(args) -> int:
+    """Zero-shot classification or a linear probe, on image folders (synthetic ones by default)."""
     from .data.synthetic_tasks import generate_classes
     from .inference import VLM
     from .tasks.zeroshot import DEFAULT_TEMPLATES, evaluate_zero_shot, format_report, load_image_folder, read_classnames
 
     vlm = VLM.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
-    data = args.data
-    if data is None:
-        syn = vlm.config.data.synthetic
-        data = generate_classes(Path(syn.dir) / "classes", image_size=syn.image_size, seed=syn.seed,
-                                progress=not args.no_progress)
-    names = read_classnames(Path(args.classnames)) if args.classnames else None
-    folder = load_image_folder(data, names)
-    templates = args.template or list(DEFAULT_TEMPLATES)
-    metrics = evaluate_zero_shot(vlm, folder, templates, args.rerank, args.batch_size, progress=not args.no_progress)
-    how = f"ITM re-rank of the top {args.rerank}" if args.rerank else "ITC"
-    print(format_report(metrics, f"zero-shot classification of {data} ({metrics['images']} images, "
-                                 f"{metrics['classes']} classes, {len(templates)} templates, {how})"))
+    syn, progress = vlm.config.data.synthetic, not args.no_progress
+
+    def folder(path, name: str, seed: int):
+        if path is not None:
+            return path
+        return generate_classes(Path(syn.dir) / name, image_size=syn.image_size, seed=seed, progress=progress)
+
+    if args.task == "linear-probe":
+        from .tasks.probe import evaluate_probe
+        train, test = folder(args.train, "classes-train", syn.seed + 1), folder(args.test, "classes", syn.seed)
+        metrics = evaluate_probe(vlm, load_image_folder(train), load_image_folder(test), args.features,
+                                 args.val_fraction, args.batch_size, progress)
+        m = metrics
+        print(format_report(m, f"linear probe on {args.features} features: trained on {train} ({m['train_images']} "
+                               f"images), tested on {test} ({m['images']} images, {m['classes']} classes); "
+                               f"weight decay {m['weight_decay']:g}"))
+    else:
+        data = folder(args.data, "classes", syn.seed)
+        names = read_classnames(Path(args.classnames)) if args.classnames else None
+        templates = args.template or list(DEFAULT_TEMPLATES)
+        metrics = evaluate_zero_shot(vlm, load_image_folder(data, names), templates, args.rerank, args.batch_size,
+                                     progress)
+        how = f"ITM re-rank of the top {args.rerank}" if args.rerank else "ITC"
+        print(format_report(metrics, f"zero-shot classification of {data} ({metrics['images']} images, "
+                                     f"{metrics['classes']} classes, {len(templates)} templates, {how})"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:

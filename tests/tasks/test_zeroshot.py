@@ -146,3 +146,57 @@ def test_vlm_features_feed_the_classifier(model_dir, classes):
     emb = vlm.encode_texts([f"a {n}" for n in folder.classnames])
     expected = vlm.encode_images(folder.paths[:4]) @ emb.t()
     assert torch.allclose(scores, expected, atol=1e-5)
+
+
+# --- linear probe -------------------------------------------------------------------------------------
+def test_logistic_probe_separates_separable_classes_and_not_random_labels():
+    from maskvlm.tasks.probe import _held_out, linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=gen)
+    def draw(n):
+        y = torch.arange(4).repeat_interleave(n)
+        return centres[y] + torch.randn(len(y), 16, generator=gen), y.tolist()
+    (tx, ty), (sx, sy) = draw(15), draw(10)
+    names = ["a", "b", "c", "d"]
+    m = linear_probe(tx, ty, sx, sy, names)
+    assert m["top1"] >= 95 and m["train_top1"] >= 95 and m["weight_decay"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    assert len(m["val_top1"]) == 7 and m["classes"] == 4 and m["images"] == 40
+    shuffled = torch.as_tensor(sy)[torch.randperm(40, generator=gen)].tolist()
+    assert linear_probe(tx, ty, sx, shuffled, names)["top1"] <= 50  # chance is 25
+    held = _held_out(torch.as_tensor(ty), 0.2, 0)
+    assert [int(held[torch.as_tensor(ty) == c].sum()) for c in range(4)] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="val_fraction"):
+        linear_probe(tx, ty, sx, sy, names, val_fraction=1.0)
+
+
+def test_probe_features_of_both_architectures(model_dir, classes, tokenizer, tmp_path):
+    from maskvlm.models.model import build_model
+    from maskvlm.tasks.probe import evaluate_probe, image_features
+
+    vlm = VLM.from_pretrained(model_dir, device="cpu", precision="fp32")
+    folder = zeroshot.load_image_folder(classes)
+    cls = image_features(vlm, folder.paths[:3], "cls", batch_size=2)
+    with torch.no_grad():
+        hidden = vlm.model.encode_image(vlm._image_tensor(folder.paths[:3])).hidden
+    assert torch.allclose(cls, hidden[:, 0], atol=1e-5)
+    assert torch.allclose(image_features(vlm, folder.paths[:3], "mean"), hidden[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(image_features(vlm, folder.paths[:3], "itc"), vlm.encode_images(folder.paths[:3]))
+    cfg = micro_config("model.single_layers=2", "train.precision=fp32", recipe="mlim")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    single = VLM(build_model(cfg), cfg, tokenizer, device="cpu", precision="fp32")
+    assert image_features(single, folder.paths[:3], "cls").shape == (3, 32)
+    other = generate_classes(tmp_path / "colours", "color", per_class=1, image_size=32, progress=False)
+    with pytest.raises(ValueError, match="same class folders; only in training: circle"):
+        evaluate_probe(vlm, folder, zeroshot.load_image_folder(other), progress=False)
+    with pytest.raises(ValueError, match="unknown feature kind 'pool'"):
+        image_features(vlm, folder.paths[:1], "pool")
+
+
+def test_cli_linear_probe(model_dir, classes, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main(["evaluate", "linear-probe", "--checkpoint", str(model_dir), "--train", str(classes), "--test",
+                 str(classes), "--features", "mean", "--out", str(out), "--no-progress"]) == 0
+    assert "linear probe on mean features" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert metrics["features"] == "mean" and metrics["train_images"] == 15 and 0 <= metrics["top1"] <= 100

@@ -63,6 +63,10 @@ class MaskVLM(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         return self.text_encoder(input_ids, attention_mask)
 
+    def image_tokens(self, image: VisionOutput) -> torch.Tensor:
+        """The image encoder's output tokens (B, 1 + n, D), CLS first, from the image alone."""
+        return image.hidden
+
     def image_features(self, image: VisionOutput) -> torch.Tensor:
         return self.itc_head.image_features(image.hidden[:, 0])
 

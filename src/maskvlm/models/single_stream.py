@@ -193,8 +193,12 @@ class SingleStreamVLM(nn.Module):
         return self.itm_head(fused_text[:, 0])
 
     # --- unimodal passes (ITC features) ----------------------------------------------------------
+    def image_tokens(self, image: VisionOutput) -> torch.Tensor:
+        """The joint transformer's output over the image alone (B, 1 + N, D), CLS first."""
+        return self._transform(image.hidden, None)
+
     def image_features(self, image: VisionOutput) -> torch.Tensor:
-        return self.itc_head.image_features(self._transform(image.hidden, None)[:, 0])
+        return self.itc_head.image_features(self.image_tokens(image)[:, 0])
 
     def text_features(self, text: TextOutput) -> torch.Tensor:
         return self.itc_head.text_features(self._transform(text.hidden, text.attention_mask)[:, 0])
