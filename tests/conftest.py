@@ -64,3 +64,12 @@ def batch(config, synthetic_dir, tokenizer):
     dataset = PairDataset(synthetic_dir / "train.json", None, transform)
     collator = PretrainCollator(tokenizer, config.data.max_text_len, 0.3, 0.6, (m.image_size // m.patch_size,) * 2, 2)
     return collator([dataset[i] for i in range(8)])
+
+
+def save_micro_model(folder: Path, tokenizer, *overrides: str) -> Path:
+    """A micro model with its initial weights (seed 0) saved as a pretrained folder."""
+    cfg = micro_config(*overrides)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    build_model(cfg).save_pretrained(folder, cfg, tokenizer)
+    return folder

@@ -139,12 +139,7 @@ def _add_evaluate(sub) -> None:
                    help="a prompt template with {} for the class name, e.g. 'a photo of a {}.' (repeat for several; "
                         "default: four general ones)")
     z.add_argument("--rerank", type=int, default=0, metavar="K", help="re-score the top K classes with ITM (0: off)")
-    z.add_argument("--batch-size", type=int, default=64)
-    z.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    z.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
-                   help="fp32 (default, exact numbers) or bf16 autocast")
-    z.add_argument("--out", default=None, help="also write the metrics and every prediction as JSON to this file")
-    z.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _image_folder_options(z, "also write the metrics and every prediction as JSON to this file")
     lp = tasks.add_parser(
         "linear-probe", help="linear-probe accuracy of the frozen image features on an image folder",
         description="Fit a multinomial logistic regression on frozen image features of a training image folder "
@@ -159,14 +154,19 @@ def _add_evaluate(sub) -> None:
                     help="image encoder [CLS] output (default), mean of its patch tokens, or the ITC embedding")
     lp.add_argument("--val-fraction", type=float, default=0.2,
                     help="share of each training class held out to choose the L2 strength")
-    lp.add_argument("--batch-size", type=int, default=64)
-    lp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    lp.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
-                    help="fp32 (default, exact numbers) or bf16 autocast")
-    lp.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
-    lp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _image_folder_options(lp, "also write the metrics as JSON to this file")
     from .cli_insight import add_evaluate_parsers
     add_evaluate_parsers(tasks)
+
+
+def _image_folder_options(p, out_help: str) -> None:
+    """The options zero-shot classification and the linear probe share."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+                   help="fp32 (default, exact numbers) or bf16 autocast")
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_data(sub) -> None:

@@ -27,15 +27,9 @@ def task_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, tokenizer):
-    from tests.conftest import micro_config
-    from maskvlm.models.model import build_model
+    from tests.conftest import save_micro_model
 
-    cfg = micro_config()
-    cfg.model.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("pretrained")
-    build_model(cfg).save_pretrained(folder, cfg, tokenizer)
-    return folder
+    return save_micro_model(tmp_path_factory.mktemp("pretrained"), tokenizer)
 
 
 def _files(task, task_data):

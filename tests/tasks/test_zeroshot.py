@@ -10,7 +10,7 @@ from maskvlm.cli import main
 from maskvlm.data.synthetic_tasks import class_names, generate_classes
 from maskvlm.inference import VLM
 from maskvlm.tasks import zeroshot
-from tests.conftest import micro_config
+from tests.conftest import micro_config, save_micro_model
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,7 @@ def classes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    from maskvlm.models.model import build_model
-
-    cfg = micro_config("train.precision=fp32")
-    cfg.model.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model")
-    build_model(cfg).save_pretrained(folder, cfg, tokenizer)
-    return folder
+    return save_micro_model(tmp_path_factory.mktemp("model"), tokenizer, "train.precision=fp32")
 
 
 def test_synthetic_class_folders_are_complete_deterministic_and_reused(classes, tmp_path):
