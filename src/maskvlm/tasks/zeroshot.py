@@ -119,7 +119,7 @@ def classify(vlm: VLM, images: Sequence[ImageLike], classnames: Sequence[str],
         if rerank > 0:
             sim = _itm_rerank(vlm, chunk, sim, classnames, templates, min(rerank, len(classnames)), batch_size)
         scores.append(sim)
-    return torch.cat(scores)
+    return torch.cat(scores) if scores else torch.zeros(0, len(classnames))
 
 
 def _itm_rerank(vlm: VLM, images: list, sim: torch.Tensor, classnames: Sequence[str], templates: list[str],
