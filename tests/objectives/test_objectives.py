@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from maskvlm.masking import IGNORE_INDEX
@@ -128,6 +129,23 @@ def test_joint_masking_conditions_on_the_masked_other_modality(model, batch, con
     assert state.text_context is state.masked_text
     loss, _ = task(batch)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("off", ["loss.mim=0", "loss.mlm=0"])
+def test_joint_masking_masks_both_modalities_with_one_objective_off(off, synthetic_dir, tmp_path):
+    """In joint mode the masked caption attends to the masked image and vice versa, so both masks
+    are drawn even when only MLM or only MIM is on (this stopped with 'the collator drew none')."""
+    from maskvlm.pipeline import pretrain
+    from maskvlm.tasks.pretrain import needs_image_mask, needs_text_mask
+    from tests.conftest import micro_config
+
+    cfg = micro_config("masking.mode=joint", off, f"data.train={synthetic_dir / 'train.json'}", "data.val=null",
+                       "data.test=null", "train.max_steps=2", f"train.output_dir={tmp_path}", "data.vocab_size=200")
+    assert needs_text_mask(cfg) and needs_image_mask(cfg)
+    result = pretrain(cfg)
+    assert result["step"] == 2 and math.isfinite(result["train"]["loss"])
+    separate = micro_config(off)
+    assert needs_text_mask(separate) != needs_image_mask(separate)  # separate passes: only the one in use
 
 
 def test_itc_objective_reports_temperature(model, batch):

@@ -51,14 +51,28 @@ def patch_text_relevance(state: StepState) -> torch.Tensor:
     return torch.einsum("bnd,bd->bn", patches, state.teacher_features[1])
 
 
-def needs_text_mask(config: Config) -> bool:
+def _text_objective(config: Config) -> bool:
     return config.loss.mlm > 0 or config.loss.mrm > 0
 
 
-def needs_image_mask(config: Config) -> bool:
+def _image_objective(config: Config) -> bool:
     lo = config.loss
     recon_masked = lo.recon > 0 and lo.recon_region == "masked"
     return lo.mim > 0 or lo.mim_feat > 0 or lo.mrm > 0 or lo.proto_mim > 0 or recon_masked
+
+
+def needs_text_mask(config: Config) -> bool:
+    """Whether the collator masks captions: for a text objective, and in joint mode also for an image
+    objective alone (the masked image then attends to the masked caption)."""
+    joint = config.masking.mode == "joint"
+    return _text_objective(config) or (joint and _image_objective(config))
+
+
+def needs_image_mask(config: Config) -> bool:
+    """Whether the collator masks images: for an image objective, and in joint mode also for a text
+    objective alone (the masked caption then attends to the masked image)."""
+    joint = config.masking.mode == "joint"
+    return _image_objective(config) or (joint and _text_objective(config))
 
 
 def optimizer_steps_per_epoch(config: Config, num_samples: int) -> int:
