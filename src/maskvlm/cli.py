@@ -132,7 +132,10 @@ def _add_evaluate(sub) -> None:
                     "checkpoint's data.synthetic.dir.")
     z.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
     z.add_argument("--data", default=None, help="image folder with one sub-folder per class (folder names, '_' as "
-                                                "space, are the class names)")
+                                                "space, are the class names), or a JSON list of "
+                                                "{\"image\": path, \"label\": class name}")
+    z.add_argument("--image-root", default=None, help="folder the JSON list's image paths are relative to "
+                                                      "(default: the JSON file's folder)")
     z.add_argument("--classnames", default=None, help="class names in sorted-folder order: a JSON list or a text "
                                                       "file with one name per line")
     z.add_argument("--template", action="append", default=None, metavar="TEXT",
@@ -148,8 +151,9 @@ def _add_evaluate(sub) -> None:
                     "--test, synthetic colour-shape classes are generated (once) under the checkpoint's "
                     "data.synthetic.dir (classes-train with seed + 1, classes).")
     lp.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
-    lp.add_argument("--train", default=None, help="training image folder, one sub-folder per class")
-    lp.add_argument("--test", default=None, help="test image folder with the same class sub-folders")
+    lp.add_argument("--train", default=None, help="training image folder, one sub-folder per class (or a JSON list "
+                                                  "of {\"image\", \"label\"}, paths relative to its folder)")
+    lp.add_argument("--test", default=None, help="test image folder (or JSON list) with the same classes")
     lp.add_argument("--features", choices=("cls", "mean", "itc"), default="cls",
                     help="image encoder [CLS] output (default), mean of its patch tokens, or the ITC embedding")
     lp.add_argument("--val-fraction", type=float, default=0.2,
@@ -381,8 +385,8 @@ def _evaluate_image_folders(args) -> int:
         data = folder(args.data, "classes", syn.seed)
         names = read_classnames(Path(args.classnames)) if args.classnames else None
         templates = args.template or list(DEFAULT_TEMPLATES)
-        metrics = evaluate_zero_shot(vlm, load_image_folder(data, names), templates, args.rerank, args.batch_size,
-                                     progress)
+        metrics = evaluate_zero_shot(vlm, load_image_folder(data, names, args.image_root), templates, args.rerank,
+                                     args.batch_size, progress)
         how = f"ITM re-rank of the top {args.rerank}" if args.rerank else "ITC"
         print(format_report(metrics, f"zero-shot classification of {data} ({metrics['images']} images, "
                                      f"{metrics['classes']} classes, {len(templates)} templates, {how})"))

@@ -193,3 +193,23 @@ def test_cli_linear_probe(model_dir, classes, tmp_path, capsys):
     assert "linear probe on mean features" in capsys.readouterr().out
     metrics = json.loads(out.read_text())
     assert metrics["features"] == "mean" and metrics["train_images"] == 15 and 0 <= metrics["top1"] <= 100
+
+
+def test_a_labelled_json_list_is_read_like_a_folder(classes, tmp_path, model_dir, capsys):
+    folder = zeroshot.load_image_folder(classes)
+    listing = tmp_path / "labels.json"
+    listing.write_text(json.dumps([{"image": str(p.relative_to(classes)), "label": folder.classnames[y]}
+                                   for p, y in zip(folder.paths, folder.labels)]))
+    read = zeroshot.load_image_folder(listing, image_root=classes)
+    assert read.classnames == folder.classnames and read.labels == folder.labels and read.paths == folder.paths
+    fixed = zeroshot.load_image_folder(listing, ["triangle", "square", "diamond", "cross", "circle"], classes)
+    assert fixed.classnames[fixed.labels[0]] == "circle" and fixed.labels[0] == 4  # the given order
+    with pytest.raises(ValueError, match="labels not among the 2 class names: circle, cross"):
+        zeroshot.load_image_folder(listing, ["square", "triangle"], classes)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "a.png"}]))
+    with pytest.raises(ValueError, match="entry 0 needs string fields 'image' and 'label'"):
+        zeroshot.load_image_folder(bad)
+    assert main(["evaluate", "classification", "--checkpoint", str(model_dir), "--data", str(listing),
+                 "--image-root", str(classes), "--no-progress"]) == 0
+    assert "15 images, 5 classes" in capsys.readouterr().out

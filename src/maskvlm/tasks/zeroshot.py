@@ -5,7 +5,8 @@ each image's top-k classes (match probability averaged over the templates).
 
 The data is an image folder: one sub-folder per class (``root/<class>/<image>``), the layout of
 ImageNet-style evaluation sets; sub-folder names become class names (``_`` read as a space) unless
-a class-name file gives them.
+a class-name file gives them. Or a JSON list of ``{"image": path, "label": class name}`` (paths
+relative to the file's folder, or to ``image_root``), for sets whose images share one folder.
 """
 
 from __future__ import annotations
@@ -54,10 +55,40 @@ def read_classnames(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def load_image_folder(root: str | Path, classnames: Optional[Sequence[str]] = None) -> ImageFolder:
+def load_labelled_list(path: Path, classnames: Optional[Sequence[str]] = None,
+                       image_root: Optional[str | Path] = None) -> ImageFolder:
+    """A JSON list of ``{"image": path, "label": class name}``. The classes are ``classnames`` when
+    given (every label must be one of them), else the sorted distinct labels."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{\"image\": ..., \"label\": ...}}")
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("label"), str)
+                and e["label"].strip()):
+            raise ValueError(f"{path}: entry {i} needs string fields 'image' and 'label' (non-empty); got {e!r}")
+    names = list(classnames) if classnames is not None else sorted({e["label"].strip() for e in entries})
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({e["label"].strip() for e in entries} - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels not among the {len(names)} class names: {', '.join(unknown[:5])}")
+    if len(names) < 2:
+        raise ValueError(f"{path}: needs at least 2 classes; found {len(names)}")
+    root = Path(image_root) if image_root else Path(path).parent
+    return ImageFolder([root / e["image"] for e in entries], [index[e["label"].strip()] for e in entries], names,
+                       names)
+
+
+def load_image_folder(root: str | Path, classnames: Optional[Sequence[str]] = None,
+                      image_root: Optional[str | Path] = None) -> ImageFolder:
     """Every image under ``root/<class>/`` (sub-folders sorted by name give the class order).
-    ``classnames`` replaces the folder names, in the same order."""
+    ``classnames`` replaces the folder names, in the same order. A ``.json`` file is read by
+    :func:`load_labelled_list` instead."""
     root = Path(root)
+    if root.suffix == ".json" and root.is_file():
+        return load_labelled_list(root, classnames, image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
