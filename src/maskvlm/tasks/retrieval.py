@@ -39,13 +39,23 @@ def choose_score(config: Config, score: Optional[str] = None) -> str:
     and an untrained head in use is logged as a warning."""
     chosen = score or config.eval.score
     if chosen != "itc" and score is None and untrained_heads(config, ["itm"]):
-        log.warning("%s: ranking by ITC only (`maskvlm evaluate retrieval --score itm` re-ranks anyway)",
-                    untrained_note(config, ["itm"]))
+        _warn_once(f"{untrained_note(config, ['itm'])}: ranking by ITC only (`maskvlm evaluate retrieval "
+                   "--score itm` re-ranks anyway)")
         chosen = "itc"
     note = untrained_note(config, ["itc", "itm"] if chosen != "itc" else ["itc"])
     if note:
-        log.warning("retrieval: %s; expect figures near chance", note)
+        _warn_once(f"retrieval: {note}; expect figures near chance")
     return chosen
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning logged once per process (a run builds a val and a test evaluation)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 @torch.no_grad()
