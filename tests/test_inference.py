@@ -39,6 +39,19 @@ def test_itm_scores_are_probabilities_of_pairs(vlm, pairs):
         vlm.itm_score(images[:2], texts)
 
 
+def test_itm_scores_encode_repeated_images_and_texts_once_with_the_same_result(vlm, pairs, monkeypatch):
+    images, texts = pairs
+    grid_images = [im for im in images for _ in texts]  # every image with every text
+    grid_texts = [t for _ in images for t in texts]
+    one_by_one = torch.cat([vlm.itm_score([i], [t]) for i, t in zip(grid_images, grid_texts)])
+    encoded = []
+    original = vlm.model.encode_image
+    monkeypatch.setattr(vlm.model, "encode_image", lambda x, **kw: encoded.append(len(x)) or original(x, **kw))
+    batched = vlm.itm_score(grid_images, grid_texts, batch_size=6)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    assert encoded == [2, 1]  # 9 pairs in batches of 6: images 0-1 once each, then image 2 (not 6 + 3)
+
+
 def test_fill_mask_ranks_tokens_for_each_mask(vlm, pairs):
     images, _ = pairs
     out = vlm.fill_mask(images[0], "a [MASK] circle left of a [MASK] square", top_k=3)

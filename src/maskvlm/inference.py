@@ -113,16 +113,25 @@ class VLM:
 
     @torch.no_grad()
     def itm_score(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair."""
-        self.warn_untrained("itm_score", ["itm"])
+        """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair. Within a
+        batch of pairs each distinct image (same path, or the same PIL object) and each distinct text
+        is encoded once, and the fusion reads only [CLS], so scoring one image against many texts
+        (or one text against many images) costs little more than the fusion itself."""
         if len(images) != len(texts):
             raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
+        self.warn_untrained("itm_score", ["itm"])
         scores = []
         for start in range(0, len(images), batch_size):
+            image_rows, image_index = _distinct(images[start:start + batch_size])
+            text_rows, text_index = _distinct(texts[start:start + batch_size])
             with autocast(self.device, self.precision):
-                image = self.model.encode_image(self._image_tensor(images[start:start + batch_size]))
-                text = self.model.encode_text(*self._texts(texts[start:start + batch_size]))
-                logits = self.model.itm_logits(self.model.fuse_text(text, image.hidden)).float()
+                image = self.model.encode_image(self._image_tensor(image_rows))
+                text = self.model.encode_text(*self._texts(text_rows))
+                t = text_index.to(self.device)
+                cls = torch.zeros(len(t), 1, dtype=torch.long, device=self.device)
+                fused = self.model.fuse(text.hidden[t], text.attention_mask[t], image.hidden,
+                                        image_index=image_index.to(self.device), output_positions=cls)
+                logits = self.model.itm_logits(fused).float()
             scores.append(logits.softmax(dim=-1)[:, 1])
         return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
@@ -164,3 +173,12 @@ class VLM:
             arr = (self.transform.denormalize(t[0].float().cpu()) * 255).round().byte().permute(1, 2, 0).numpy()
             return Image.fromarray(arr)
         return to_pil(pixels), to_pil(masked_view), to_pil(composed)
+
+
+def _distinct(items: Sequence) -> tuple[list, torch.Tensor]:
+    """(the distinct items in first-seen order, each item's index into them). Paths and strings
+    count as equal by value, PIL images by identity."""
+    first: dict = {}
+    index = [first.setdefault(item if isinstance(item, (str, Path)) else id(item), len(first)) for item in items]
+    rows = list({key: item for key, item in zip(index, items)}.values())
+    return rows, torch.tensor(index, dtype=torch.long)
