@@ -10,7 +10,7 @@ model these come from its joint transformer run over the image alone.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,31 +78,34 @@ def _held_out(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 
 def linear_probe(train_x: torch.Tensor, train_y: Sequence[int], test_x: torch.Tensor, test_y: Sequence[int],
                  classnames: Sequence[str], val_fraction: float = 0.2, weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, device: Optional[torch.device] = None) -> dict:
     """Choose the L2 strength on a held-out share of the training features, refit on all of them,
     and report :func:`accuracy_metrics` on the test features, plus ``weight_decay`` and ``val_top1``
-    (the held-out accuracy of each strength tried)."""
+    (the held-out accuracy of each strength tried). The fits run in float32 on ``device`` (default:
+    where the features are), on standardised features."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
-    x64, t64 = train_x.double(), test_x.double()
-    mean, std = x64.mean(0), x64.std(0).clamp(min=1e-6)
-    xs, ts = (x64 - mean) / std, (t64 - mean) / std
-    y = torch.as_tensor(list(train_y))
+    device = device or train_x.device
+    tx, sx = train_x.float().to(device), test_x.float().to(device)
+    mean, std = tx.mean(0), tx.std(0).clamp(min=1e-6)
+    xs, ts = (tx - mean) / std, (sx - mean) / std
+    y = torch.as_tensor(list(train_y), device=device)
     c = len(classnames)
-    held = _held_out(y, val_fraction, seed)
+    held = _held_out(y.cpu(), val_fraction, seed).to(device)
     val_top1 = {}
     if held.any():
         for wd in weight_decays:
             w, b = fit_logistic(xs[~held], y[~held], c, wd)
-            val_top1[wd] = 100.0 * float(((xs[held] @ w + b).argmax(1) == y[held]).double().mean())
+            val_top1[wd] = 100.0 * float(((xs[held] @ w + b).argmax(1) == y[held]).float().mean())
+            log.info("linear probe: weight decay %g, held-out top-1 %.1f", wd, val_top1[wd])
         best = max(val_top1, key=lambda wd: (val_top1[wd], wd))  # ties: the stronger regulariser
     else:
         best = 1e-3
         log.warning("linear probe: too few training images per class to hold any out; weight decay %g", best)
     w, b = fit_logistic(xs, y, c, best)
-    metrics = accuracy_metrics((ts @ w + b).float(), test_y, classnames)
+    metrics = accuracy_metrics((ts @ w + b).cpu(), test_y, classnames)
     metrics.update(weight_decay=best, val_top1={str(k): v for k, v in val_top1.items()},
-                   train_top1=100.0 * float(((xs @ w + b).argmax(1) == y).double().mean()))
+                   train_top1=100.0 * float(((xs @ w + b).argmax(1) == y).float().mean()))
     return metrics
 
 
@@ -119,6 +122,7 @@ def evaluate_probe(vlm: VLM, train: ImageFolder, test: ImageFolder, kind: str = 
         vlm.warn_untrained("linear probe on ITC features", ["itc"])
     train_x = image_features(vlm, train.paths, kind, batch_size, progress)
     test_x = image_features(vlm, test.paths, kind, batch_size, progress)
-    metrics = linear_probe(train_x, train.labels, test_x, test.labels, train.classnames, val_fraction, seed=seed)
+    metrics = linear_probe(train_x, train.labels, test_x, test.labels, train.classnames, val_fraction, seed=seed,
+                           device=vlm.device)
     metrics.update(features=kind, train_images=len(train.paths))
     return metrics
