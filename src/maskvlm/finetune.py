@@ -26,7 +26,7 @@ from .tasks.pretrain import (PretrainTask, eval_transform, make_retrieval_eval, 
                              prepare_data_paths)
 from .tasks.retrieval import format_table
 from .train.checkpoint import resolve_resume
-from .train.distributed import is_main
+from .train.distributed import init_from_env, is_main
 from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
@@ -96,6 +96,8 @@ def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[l
     from .pipeline import resolve_run
 
     setup_logging()
+    if init_from_env() and not is_main():  # under torchrun: DDP (or FSDP), rank 0 reports
+        logging.getLogger("maskvlm").setLevel(logging.WARNING)
     wanted = config.task.name
     output_dir, checkpoint, config = resolve_run(config, resume, overrides)
     if config.task.name != wanted:
@@ -130,7 +132,9 @@ def _train_transform(config: Config) -> ImageTransform:
 
 
 def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
-    prepare_task_data(config, progress=config.train.progress)
+    from .pipeline import main_rank_first
+
+    main_rank_first(lambda progress: prepare_task_data(config, progress), config.train.progress)
     model, tokenizer = _load_start(config, checkpoint)
     name, d = config.task.name, config.data
     if name == "retrieval":
@@ -169,22 +173,29 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     result = {"task": name, "train": train_metrics, "train_seconds": time.perf_counter() - start,
               "step": trainer.step, "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
-    if trainer.interrupted or not is_main():
+    # rank 0 evaluates; with FSDP every rank takes part (the parameters are gathered)
+    main = is_main()
+    if trainer.interrupted or not (main or trainer.fsdp):
         return result
     for split, path in (("val", d.val), ("test", d.test if evaluate_test else None)):
         if not path:
             continue
         if name == "retrieval":
-            metrics = make_retrieval_eval(model, tokenizer, config, path, progress=config.train.progress)()
-            print(format_table(metrics, f"fine-tuned retrieval on {path}"))
+            metrics = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, path,
+                                                                 progress=config.train.progress and main))
+            title = f"fine-tuned retrieval on {path}"
         else:
             run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
-                                                 predictions=output_dir / f"predictions_{split}.json")
-            metrics = run()
+                                                 predictions=output_dir / f"predictions_{split}.json" if main else None)
+            metrics = trainer.run_evaluation(run)
             if name == "vqa":
                 metrics["vqa_prior_acc"] = question_prior_accuracy(train_examples, examples)
-            print(format_metrics(spec, metrics, f"{spec.title} on {path}"))
+            title = f"{spec.title} on {path}"
+        if main:
+            print(format_table(metrics, title) if name == "retrieval" else format_metrics(spec, metrics, title))
         result[split] = metrics
+    if not main:
+        return result
     with open(output_dir / "results.json", "w") as f:
         json.dump(result, f, indent=2)
     return result

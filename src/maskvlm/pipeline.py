@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Config, merge_into, objectives_train, parse_overrides, trained_heads
 from .data.formats import PairDataset, PretrainCollator
@@ -84,13 +84,18 @@ def modality_aware(config: Config):
     return (mk.modality_probs, mk.heavy_ratio, mk.light_ratio) if mk.modality_aware else None
 
 
-def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
-    # the synthetic data is generated once, by rank 0; the others wait and then find it complete
+def main_rank_first(prepare: Callable[[bool], None], progress: bool) -> None:
+    """Run ``prepare(progress)`` on rank 0, then on the other ranks: data generated once by rank 0 is
+    complete when the others look for it."""
     if is_main():
-        prepare_data_paths(config, progress=config.train.progress)
+        prepare(progress)
     barrier()
     if not is_main():
-        prepare_data_paths(config, progress=False)
+        prepare(False)
+
+
+def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:
+    main_rank_first(lambda progress: prepare_data_paths(config, progress), config.train.progress)
 
 
     d, m = config.data, config.model
