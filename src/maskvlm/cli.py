@@ -130,7 +130,6 @@ def _add_evaluate(sub) -> None:
                     "image takes the most similar class; --rerank K re-scores each image's top K classes with the "
                     "ITM head. With no --data, synthetic colour-shape classes are generated (once) under the "
                     "checkpoint's data.synthetic.dir.")
-    z.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
     z.add_argument("--data", default=None, help="image folder with one sub-folder per class (folder names, '_' as "
                                                 "space, are the class names), or a JSON list of "
                                                 "{\"image\": path, \"label\": class name}")
@@ -150,7 +149,6 @@ def _add_evaluate(sub) -> None:
                     "all of it) and report accuracy on a test folder with the same classes. With no --train / "
                     "--test, synthetic colour-shape classes are generated (once) under the checkpoint's "
                     "data.synthetic.dir (classes-train with seed + 1, classes).")
-    lp.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
     lp.add_argument("--train", default=None, help="training image folder, one sub-folder per class (or a JSON list "
                                                   "of {\"image\", \"label\"}, paths relative to its folder)")
     lp.add_argument("--test", default=None, help="test image folder (or JSON list) with the same classes")
@@ -165,6 +163,7 @@ def _add_evaluate(sub) -> None:
 
 def _image_folder_options(p, out_help: str) -> None:
     """The options zero-shot classification and the linear probe share."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",

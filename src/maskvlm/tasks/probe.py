@@ -118,8 +118,6 @@ def evaluate_probe(vlm: VLM, train: ImageFolder, test: ImageFolder, kind: str = 
         only_test = sorted(set(test.folders) - set(train.folders))
         raise ValueError("the training and test folders must hold the same class folders; only in training: "
                          f"{', '.join(only_train[:5]) or '-'}; only in test: {', '.join(only_test[:5]) or '-'}")
-    if kind == "itc":
-        vlm.warn_untrained("linear probe on ITC features", ["itc"])
     train_x = image_features(vlm, train.paths, kind, batch_size, progress)
     test_x = image_features(vlm, test.paths, kind, batch_size, progress)
     metrics = linear_probe(train_x, train.labels, test_x, test.labels, train.classnames, val_fraction, seed=seed,

@@ -137,12 +137,12 @@ def class_embeddings(vlm: VLM, classnames: Sequence[str], templates: Sequence[st
 @torch.no_grad()
 def classify(vlm: VLM, images: Sequence[ImageLike], classnames: Sequence[str],
              templates: Sequence[str] = DEFAULT_TEMPLATES, rerank: int = 0, batch_size: int = 64,
-             progress: bool = False, class_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+             progress: bool = False) -> torch.Tensor:
     """(N, C) class scores of each image, higher is better: cosine similarity to the class
     embeddings; with ``rerank`` = k > 0, each image's top-k classes are scored by the ITM match
     probability averaged over the templates instead (placed above the rest, whose ITC order stays)."""
     templates = _check_templates(templates)
-    emb = class_embeddings(vlm, classnames, templates) if class_emb is None else class_emb
+    emb = class_embeddings(vlm, classnames, templates)
     scores = []
     for start in tqdm(range(0, len(images), batch_size), desc="classify", disable=not progress):
         chunk = list(images[start:start + batch_size])
