@@ -327,10 +327,10 @@ def _finetune(args) -> int:
     from .finetune import build_finetune_config, finetune
 
     overrides = _flag_overrides(args, _RUN_FLAGS) + list(args.overrides)
-    if args.checkpoint is None and args.resume is None:
-        raise FileNotFoundError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH "
-                                "(or --resume to continue a fine-tuning run)")
     config = build_finetune_config(args.task, args.checkpoint, args.config, overrides)
+    if not config.task.init and args.resume is None:
+        raise FileNotFoundError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH, or task.init "
+                                "in --config or as an override (or --resume to continue a fine-tuning run)")
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

@@ -51,6 +51,12 @@ def build_finetune_config(task: str, init: Optional[str], config_file: Optional[
     if task not in DOWNSTREAM:
         raise ConfigError(f"unknown task '{task}'; available: {', '.join(DOWNSTREAM)}")
     recipe = load_yaml(finetune_recipe(task))
+    user = load_yaml(config_file) if config_file else {}
+    if init is None:  # a saved --print-config (or task.init=PATH) names the pre-trained model itself
+        for source in (user, parse_overrides(overrides or [])):
+            task_keys = source.get("task")
+            if isinstance(task_keys, dict) and task_keys.get("init"):
+                init = str(task_keys["init"])
     if init is None:
         cfg = Config()  # resuming: the checkpoint's own config replaces this one
     else:
@@ -63,8 +69,7 @@ def build_finetune_config(task: str, init: Optional[str], config_file: Optional[
                               synthetic=base.data.synthetic)
         cfg.task.init = str(init)
     cfg.task.name = task
-    for source, data in ((str(finetune_recipe(task)), recipe), (config_file, load_yaml(config_file) if config_file
-                                                                   else {})):
+    for source, data in ((str(finetune_recipe(task)), recipe), (config_file, user)):
         try:
             merge_into(cfg, data)
         except ConfigError as e:

@@ -135,6 +135,23 @@ def test_finetune_config_and_errors(pretrained, task_data, tmp_path):
         build_finetune_config("ve", str(tmp_path / "nope"))
 
 
+def test_a_printed_config_names_its_pretrained_model(pretrained, tmp_path, capsys):
+    """`finetune TASK --print-config > f.yaml` then `finetune TASK --config f.yaml` (or task.init=PATH)
+    starts from the model the saved config names, with the same settings."""
+    from maskvlm.cli import main
+
+    assert main(["finetune", "ve", "--checkpoint", str(pretrained), "--print-config", "train.lr=3e-5",
+                 "data.max_text_len=24"]) == 0
+    saved = tmp_path / "ve.yaml"
+    saved.write_text(capsys.readouterr().out)
+    assert main(["finetune", "ve", "--config", str(saved), "--print-config"]) == 0
+    assert capsys.readouterr().out == saved.read_text()
+    by_override = build_finetune_config("ve", None, overrides=[f"task.init={pretrained}", "data.max_text_len=24"])
+    assert by_override.task.init == str(pretrained) and by_override.model.vision_width == 32
+    assert main(["finetune", "ve", "--print-config"]) == 2
+    assert "task.init in --config" in capsys.readouterr().err
+
+
 def test_layerwise_lr_scale(config):
     scale = layerwise_lr_scale(config.model, 0.5, 10.0)
     # micro: vision 2 + image-cross 1 layers -> depth 3; text 1 + cross 1 -> depth 2
