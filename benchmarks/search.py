@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from maskvlm.finetune import model_folder
+from maskvlm.train.checkpoint import model_folder
 from maskvlm.inference import VLM
 from maskvlm.runtime import report_header
 from maskvlm.search import ImageIndex, build_index, search

@@ -25,7 +25,11 @@ def _add_pretrain(sub) -> None:
                "  maskvlm pretrain --steps 200 loss.mim=0 masking.text_ratio=0.15\n"
                "  maskvlm pretrain --preset base --data cc3m.json --image-root images/ --test-data coco_test.json\n"
                "  maskvlm pretrain --output-dir runs/a --resume auto train.max_steps=900\n"
-               "On --resume the checkpoint's own configuration is used; key=value overrides still apply.",
+               "  maskvlm pretrain --checkpoint runs/a --data my_domain.json --steps 2000   # continued pre-training\n"
+               "On --resume the checkpoint's own configuration is used; key=value overrides still apply.\n"
+               "--checkpoint starts a new run from a model's weights (architecture, tokenizer and image\n"
+               "normalisation come with them) with a fresh optimizer, schedule and data order; the recipe\n"
+               "and the rest of the settings are this command's.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="maskvlm", help="recipe name (see `maskvlm recipes`) or a recipe YAML path "
                                                        "(default: maskvlm)")
@@ -41,6 +45,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<recipe>-<preset>-<time>)")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint folder, a run folder, or 'auto' (newest in --output-dir)")
+    p.add_argument("--checkpoint", default=None,
+                   help="start from this model's weights (a run folder, checkpoint or exported model) with a "
+                        "fresh optimizer and schedule: continued pre-training; sets task.init")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps; sets train.max_steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto; sets train.device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -298,7 +305,8 @@ def _pretrain(args) -> int:
     from .config import build_config
     from .pipeline import pretrain
 
-    overrides = _flag_overrides(args, _RUN_FLAGS + (("shards", "data.shards"),)) + list(args.overrides)
+    overrides = _flag_overrides(args, _RUN_FLAGS + (("shards", "data.shards"), ("checkpoint", "task.init"))) + \
+        list(args.overrides)
     config = build_config(args.recipe, args.preset, args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -469,7 +477,7 @@ def _recipes(args) -> int:
 
 
 def _index(args) -> int:
-    from .finetune import model_folder
+    from .train.checkpoint import model_folder
     from .inference import VLM
     from .search import build_index
 
@@ -505,7 +513,7 @@ def _export(args) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from .finetune import model_folder
+    from .train.checkpoint import model_folder
     from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, model_weights, read_config
     from .tasks.downstream import CLASSES_FILE
 

@@ -197,7 +197,9 @@ TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
 @dataclass
 class TaskConfig:
     name: str = "pretrain"  # or a downstream task: retrieval, vqa, nlvr2, ve
-    init: Optional[str] = None  # fine-tuning: the pre-trained checkpoint or model folder it starts from
+    # the checkpoint, run folder or exported model a run starts from: fine-tuning's pre-trained model, or
+    # (pre-training) a model whose training goes on with a fresh optimizer, schedule and data order
+    init: Optional[str] = None
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) in each encoder tower (1: off)
     head_lr_mult: float = 1.0  # lr multiplier of the newly initialised task head
     head_hidden: int = 0  # hidden width of the classifier head (0: twice the text width)
@@ -451,17 +453,51 @@ def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_f
             merge_into(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{source} '{preset if source == 'preset' else recipe}': {e}") from None
+    user_file, user_overrides = (load_yaml(config_file) if config_file else {}), parse_overrides(overrides or [])
     if config_file:
         try:
-            merge_into(cfg, load_yaml(config_file))
+            merge_into(cfg, user_file)
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
-    merge_into(cfg, parse_overrides(overrides or []))
+    merge_into(cfg, user_overrides)
+    if cfg.task.init:
+        apply_init_model(cfg, recipe_data.get("model") or {}, [user_file, user_overrides])
     if cfg.model.text_init or cfg.model.image_init:
         from .models.init_sizes import apply_init_sizes
         apply_init_sizes(cfg)
     cfg.validate()
     return cfg
+
+
+def apply_init_model(cfg: Config, recipe_model: dict, user: list[dict]) -> None:
+    """Pre-training that starts from a whole maskvlm model (``task.init``): its architecture (the
+    ``model`` section) and image normalisation come from that model, the preset's sizes give way, and
+    the user's own ``model.*`` / ``data.mean`` / ``data.std`` keys still apply on top. A recipe that
+    needs another architecture (e.g. MLIM's single stream) is an error."""
+    from .train.checkpoint import model_folder
+    from .models.io import read_config
+
+    def user_keys(section: str) -> dict:
+        out: dict = {}
+        for source in user:
+            if isinstance(source.get(section), dict):
+                out.update(source[section])
+        return out
+
+    if cfg.model.text_init or cfg.model.image_init or cfg.data.tokenizer:
+        raise ConfigError("task.init starts from a whole maskvlm model with its tokenizer; model.text_init, "
+                          "model.image_init and data.tokenizer cannot be combined with it")
+    base = read_config(model_folder(cfg.task.init))
+    user_model, user_data = user_keys("model"), user_keys("data")
+    clash = [f"model.{k}={v!r} (that model: {getattr(base.model, k)!r})" for k, v in recipe_model.items()
+             if k not in user_model and hasattr(base.model, k) and getattr(base.model, k) != v]
+    if clash:
+        raise ConfigError(f"recipe {cfg.recipe} needs {', '.join(clash)}, but task.init={cfg.task.init} has "
+                          "another architecture")
+    cfg.model = base.model
+    merge_into(cfg, {"model": user_model, "data": {k: base_v for k, base_v in
+                                                    (("mean", base.data.mean), ("std", base.data.std))
+                                                    if k not in user_data}})
 
 
 # --- which heads a model's training has trained ---------------------------------------------------------

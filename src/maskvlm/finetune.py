@@ -25,23 +25,13 @@ from .tasks.downstream import CLASSES_FILE, CLASSIFICATION_TASKS, Classification
 from .tasks.pretrain import (PretrainTask, eval_transform, make_retrieval_eval, optimizer_steps_per_epoch,
                              prepare_data_paths)
 from .tasks.retrieval import format_table
-from .train.checkpoint import resolve_resume
+from .train.checkpoint import model_folder
 from .train.distributed import init_from_env, is_main
 from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
 log = logging.getLogger("maskvlm")
 DOWNSTREAM = ("retrieval",) + tuple(CLASSIFICATION_TASKS)
-
-
-def model_folder(path: str | Path) -> Path:
-    """A folder holding ``model.safetensors``: the path itself, or a run folder's newest checkpoint."""
-    folder = Path(path)
-    if (folder / MODEL_FILE).is_file():
-        return folder
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint not found: {folder}")
-    return resolve_resume(str(folder), None)
 
 
 def build_finetune_config(task: str, init: Optional[str], config_file: Optional[str] = None,

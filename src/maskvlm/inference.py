@@ -50,7 +50,7 @@ class VLM:
         from .models.io import TOKENIZER_FILE
         from .models.model import build_model
 
-        from .finetune import model_folder
+        from .train.checkpoint import model_folder
 
         folder = model_folder(path)
         config = read_config(folder)

@@ -13,12 +13,12 @@ from .config import Config, merge_into, objectives_train, parse_overrides, train
 from .data.formats import PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer, train_wordpiece
 from .data.transforms import ImageTransform
-from .models.io import TOKENIZER_FILE, read_config
+from .models.io import MODEL_FILE, TOKENIZER_FILE, load_state, model_weights, read_config, unique_state_dict
 from .models.model import build_model
 from .tasks.pretrain import (PretrainTask, make_retrieval_eval, needs_image_mask, needs_text_mask,
                              optimizer_steps_per_epoch, prepare_data_paths)
 from .tasks.retrieval import format_table
-from .train.checkpoint import list_checkpoints, resolve_resume
+from .train.checkpoint import list_checkpoints, model_folder, resolve_resume
 from .train.distributed import barrier, broadcast_object, init_from_env, is_main
 from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
@@ -74,9 +74,19 @@ def record_trained_heads(config: Config) -> None:
     model (``task.init``) had trained; unknown (None) when the starting model's record is."""
     inherited: Optional[set[str]] = set()
     if config.task.init:
-        from .finetune import model_folder
         inherited = trained_heads(read_config(model_folder(config.task.init)))
     config.task.trained = None if inherited is None else sorted(inherited | objectives_train(config))
+
+
+def init_from_model(model, source: Path) -> None:
+    """Continued pre-training: ``model`` starts from the weights of the maskvlm model in ``source``.
+    A tensor of another shape is an error; tensors only one side has are listed (new ones keep their
+    initial weights, e.g. a mask token that visible-only training never had)."""
+    missing, unexpected = load_state(model, model_weights(source), str(source / MODEL_FILE), strict=False)
+    loaded = len(unique_state_dict(model)) - len(missing)
+    log.info("initialised from %s: %d tensors loaded%s%s", source, loaded,
+             f"; new (initial weights): {', '.join(missing)}" if missing else "",
+             f"; not used by this model: {', '.join(unexpected)}" if unexpected else "")
 
 
 def modality_aware(config: Config):
@@ -110,8 +120,9 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         dataset = PairDataset(d.train, d.image_root, transform, seed=config.train.seed,
                               two_views=config.loss.proto > 0, max_pixels=d.max_image_pixels)
 
-    if checkpoint is not None:
-        tokenizer = load_tokenizer(checkpoint / TOKENIZER_FILE)
+    init = model_folder(config.task.init) if config.task.init and checkpoint is None else None
+    if checkpoint is not None or init is not None:
+        tokenizer = load_tokenizer((checkpoint or init) / TOKENIZER_FILE)
     elif m.text_init:
         tokenizer = load_tokenizer(m.text_init)  # the text weights come with their vocabulary
     elif d.tokenizer:
@@ -132,6 +143,8 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         from .models.hf_vision import init_vision
         report = init_vision(model.visual_encoder, m.image_init, prefix="visual_encoder.")
         log.info("image initialisation from %s", report.summary())
+    if init is not None:
+        init_from_model(model, init)
     task = PretrainTask(model, config, optimizer_steps_per_epoch(config, len(dataset)))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("recipe %s, preset %s: %.1fM parameters, objectives %s", config.recipe, config.preset, n_params / 1e6,

@@ -118,6 +118,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def model_folder(path: str | Path) -> Path:
+    """A folder holding ``model.safetensors`` (an exported model or a checkpoint): the path itself, or
+    a run folder's newest checkpoint."""
+    folder = Path(path)
+    if (folder / MODEL_FILE).is_file():
+        return folder
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint not found: {folder}")
+    return resolve_resume(str(folder), None)
+
+
 def resolve_resume(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
     """``auto``: newest complete checkpoint in ``output_dir`` (None if there is none); else a path:
     a checkpoint folder or a run folder (its newest checkpoint)."""
