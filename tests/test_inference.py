@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from maskvlm.inference import VLM
 
@@ -60,6 +61,29 @@ def test_fill_mask_ranks_tokens_for_each_mask(vlm, pairs):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     with pytest.raises(ValueError, match="no \\[MASK\\] token"):
         vlm.fill_mask(images[0], "a red circle")
+
+
+def test_one_item_arrays_and_bad_inputs(vlm, pairs):
+    """A lone string or image is one item (not a sequence of characters); uint8 arrays are images;
+    anything else is an error naming the item and what was expected."""
+    images, texts = pairs
+    assert torch.equal(vlm.encode_texts(texts[0]), vlm.encode_texts([texts[0]]))
+    assert torch.equal(vlm.encode_images(images[0]), vlm.encode_images([images[0]]))
+    array = np.asarray(Image.open(images[0]).convert("RGB"))
+    assert torch.equal(vlm.encode_images([array]), vlm.encode_images(images[:1]))
+    assert torch.equal(vlm.encode_images(np.stack([array, array])), vlm.encode_images([images[0]] * 2))
+    assert torch.equal(vlm.itm_score(images[0], texts[0]), vlm.itm_score(images[:1], texts[:1]))
+    with pytest.raises(TypeError, match=r"texts\[1\]: expected a string, got NoneType"):
+        vlm.encode_texts([texts[0], None])
+    with pytest.raises(TypeError, match=r"images\[0\]: .* uint8 array, got an array of shape \(32, 32, 3\)"):
+        vlm.encode_images([array.astype(np.float32)])
+    with pytest.raises(TypeError, match="got Tensor"):
+        vlm.encode_images([torch.zeros(3, 32, 32)])
+    assert len(vlm.fill_mask(images[0], "a [MASK] circle", top_k=10**6)[0]) == vlm.tokenizer.vocab_size
+    with pytest.raises(ValueError, match="top_k=-1"):
+        vlm.fill_mask(images[0], "a [MASK] circle", top_k=-1)
+    with pytest.raises(ValueError, match="mask_ratio=1.5"):
+        vlm.reconstruct(images[0], texts[0], mask_ratio=1.5)
 
 
 def test_reconstruction_keeps_visible_patches(vlm, pairs):

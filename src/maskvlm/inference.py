@@ -7,6 +7,7 @@ masked-image reconstruction, batched, without gradients, under autocast.
     txt = vlm.encode_texts(["a red circle", "a blue square"])
     vlm.similarity(img, txt)                                # (2, 2) cosine similarities
     vlm.itm_score(["a.png"], ["a red circle"])              # match probability of each pair
+    vlm.encode_texts("a red circle")                        # (1, E): one string is one text
     vlm.fill_mask("a.png", "a [MASK] circle left of a blue square")
     vlm.reconstruct("a.png", "a red circle ...", mask_ratio=0.6)
 """
@@ -17,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,7 +30,45 @@ from .runtime import autocast, resolve_device
 
 log = logging.getLogger("maskvlm")
 
-ImageLike = Union[str, Path, Image.Image]
+# a path, a PIL image, or an (H, W) / (H, W, 3 or 4) uint8 array
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+
+
+def _one_or_many(items, single: tuple) -> list:
+    """A list of the inputs: a lone item (a string, a path, a PIL image, one image array) is a list of one;
+    a (N, H, W, C) array is N images."""
+    if isinstance(items, np.ndarray) and items.ndim == 4:
+        return list(items)
+    return [items] if isinstance(items, single) else list(items)
+
+
+def _images(images) -> list:
+    images = _one_or_many(images, (str, Path, Image.Image, np.ndarray))
+    for i, image in enumerate(images):
+        if not (isinstance(image, (str, Path, Image.Image)) or (
+                isinstance(image, np.ndarray) and image.dtype == np.uint8 and
+                (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))))):
+            what = (f"an array of shape {image.shape} and dtype {image.dtype}" if isinstance(image, np.ndarray)
+                    else type(image).__name__)
+            raise TypeError(f"images[{i}]: expected a path, a PIL image or an (H, W) / (H, W, 3 or 4) uint8 "
+                            f"array, got {what}")
+    return images
+
+
+def _strings(texts) -> list[str]:
+    texts = _one_or_many(texts, (str,))
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}]: expected a string, got {type(text).__name__}")
+    return texts
+
+
+def _to_pil(image: ImageLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    return open_image(Path(image))
 
 
 class VLM:
@@ -70,14 +110,11 @@ class VLM:
 
     # --- inputs ---------------------------------------------------------------------------------
     def _image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        out = []
-        for image in images:
-            pil = image if isinstance(image, Image.Image) else open_image(Path(image))
-            out.append(self.transform(pil)[0])
+        out = [self.transform(_to_pil(image))[0] for image in _images(images)]
         return torch.stack(out).to(self.device)
 
     def _texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenizer(list(texts), self.max_len)
+        ids, mask = self.tokenizer(_strings(texts), self.max_len)
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
@@ -87,21 +124,21 @@ class VLM:
 
     # --- embeddings -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, images: Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
-        """(N, embed_dim) L2-normalised ITC image features, on the CPU in float32."""
+    def encode_images(self, images: Sequence[ImageLike] | ImageLike, batch_size: int = 64) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised ITC image features, on the CPU in float32 (N = 1 for one image)."""
         self.warn_untrained("encode_images", ["itc"])
         feats = []
-        for chunk in self._batches(list(images), batch_size):
+        for chunk in self._batches(_images(images), batch_size):
             with autocast(self.device, self.precision):
                 feats.append(self.model.image_features(self.model.encode_image(self._image_tensor(chunk))).float())
         return torch.cat(feats).cpu() if feats else torch.zeros(0, self.config.model.embed_dim)
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """(N, embed_dim) L2-normalised ITC text features, on the CPU in float32."""
+    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised ITC text features, on the CPU in float32 (N = 1 for one string)."""
         self.warn_untrained("encode_texts", ["itc"])
         feats = []
-        for chunk in self._batches(list(texts), batch_size):
+        for chunk in self._batches(_strings(texts), batch_size):
             with autocast(self.device, self.precision):
                 feats.append(self.model.text_features(self.model.encode_text(*self._texts(chunk))).float())
         return torch.cat(feats).cpu() if feats else torch.zeros(0, self.config.model.embed_dim)
@@ -112,11 +149,13 @@ class VLM:
         return image_features @ text_features.t()
 
     @torch.no_grad()
-    def itm_score(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    def itm_score(self, images: Sequence[ImageLike] | ImageLike, texts: Sequence[str] | str,
+                  batch_size: int = 64) -> torch.Tensor:
         """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair. Within a
         batch of pairs each distinct image (same path, or the same PIL object) and each distinct text
         is encoded once, and the fusion reads only [CLS], so scoring one image against many texts
         (or one text against many images) costs little more than the fusion itself."""
+        images, texts = _images(images), _strings(texts)
         if len(images) != len(texts):
             raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
         self.warn_untrained("itm_score", ["itm"])
@@ -140,6 +179,8 @@ class VLM:
     def fill_mask(self, image: ImageLike, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """For each ``[MASK]`` in ``text`` (in order), the ``top_k`` (token, probability) predictions
         of the image-conditioned MLM head."""
+        if top_k < 0:
+            raise ValueError(f"fill_mask: top_k={top_k}: expected 0 or more")
         self.warn_untrained("fill_mask", ["mlm"])
         ids, mask = self._texts([text])
         positions = (ids[0] == self.tokenizer.mask_id).nonzero().flatten()
@@ -152,7 +193,7 @@ class VLM:
             probs = self.model.mlm_head(fused[0, positions]).float().softmax(dim=-1)
         out = []
         for row in probs:
-            p, idx = row.topk(top_k)
+            p, idx = row.topk(min(top_k, row.numel()))
             out.append([(self.tokenizer.id_to_token(int(i)), float(v)) for v, i in zip(p, idx)])
         return out
 
@@ -164,6 +205,8 @@ class VLM:
         reconstruction keeps the visible patches and shows predictions in the masked ones."""
         from .insight import _masked_view, fill_masked_patches, image_masks
 
+        if not 0 <= mask_ratio <= 1:
+            raise ValueError(f"reconstruct: mask_ratio={mask_ratio}: expected a value in [0, 1]")
         pixels = self._image_tensor([image])
         mask = image_masks(self, 1, mask_ratio, seed).to(self.device)
         composed = fill_masked_patches(self, pixels, mask, [text]).recon
