@@ -70,6 +70,30 @@ def test_finetune_help_and_missing_checkpoint(capsys):
     assert "pass --checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "retrieval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size: 0: expected an integer of 1"),
+    (["evaluate", "retrieval", "--checkpoint", "x", "--k", "-1"], "--k: -1: expected an integer of 0 or more"),
+    (["search", "--index", "x", "--query", "red", "--top-k", "two"], "--top-k: 'two': expected an integer"),
+    (["reconstruct", "--checkpoint", "x", "--out", "y.png", "--mask-ratio", "1.5"], "--mask-ratio: 1.5: expected a "
+                                                                                     "value in [0, 1]"),
+    (["evaluate", "linear-probe", "--checkpoint", "x", "--val-fraction", "0"], "--val-fraction: 0: expected a value "
+                                                                               "in (0, 1)"),
+    (["data", "synthetic", "--out", "x", "--num-train", "0"], "--num-train: 0: expected an integer of 1 or more"),
+])
+def test_out_of_range_numbers_are_refused_by_the_parser(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_or_empty_checkpoint_folders_are_named(tmp_path, capsys):
+    assert main(["evaluate", "retrieval", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"checkpoint not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert main(["fill-mask", "--checkpoint", str(tmp_path), "--image", "a.png", "--text", "a [MASK]"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: not a model folder (no model.safetensors) and no complete checkpoint" in err
+
+
 def test_evaluate_task_on_a_malformed_file_exits_2_naming_it(tmp_path, capsys):
     bad = tmp_path / "dev.json"
     bad.write_text('{"identifier": "dev-1-0-0", "sentence": "s", "label": 1}\n')

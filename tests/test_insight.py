@@ -152,6 +152,15 @@ def test_pointing_game_and_cross_modal_figures(vlm, synthetic_dir, tmp_path):
     no_boxes.write_text(json.dumps([{"image": "a.png", "caption": ["x"]}]))
     with pytest.raises(ValueError, match="object boxes"):
         insight.pointing_game(vlm, no_boxes, progress=False)
+    bad_box = tmp_path / "bad_box.json"
+    bad_box.write_text(json.dumps([{"image": "a.png", "caption": "x", "objects": [{"color": "red", "box": [1, 2]}]}]))
+    with pytest.raises(ValueError, match=r"bad_box.json: entry 0: objects\[0\] must be .* 'box' of 4 numbers"):
+        insight.pointing_game(vlm, bad_box, progress=False)
+    not_a_list = tmp_path / "dict.json"
+    not_a_list.write_text('{"image": "a.png"}')
+    for evaluation in (insight.pointing_game, insight.cross_modal_dependence):
+        with pytest.raises(ValueError, match="dict.json: expected a JSON list of entries, got dict"):
+            evaluation(vlm, not_a_list, progress=False)
 
 
 def test_cli_commands_write_pictures(trained, synthetic_dir, entries, tmp_path, capsys):

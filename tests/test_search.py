@@ -56,6 +56,10 @@ def test_exact_top_k_matches_brute_force(exported, image_folder, tmp_path):
     assert len(results) == 2 and all(0 <= s <= 1 for _, s in results)
     by_image = search(vlm, index, image=folder / index.paths[0], top_k=1)
     assert by_image[0][0] == index.paths[0]  # an image finds itself
+    with pytest.raises(ValueError, match="the text query is empty"):
+        search(vlm, index, text="  ")
+    with pytest.raises(ValueError, match="top_k=0"):
+        search(vlm, index, text="a red circle", top_k=0)
 
 
 def test_an_index_refuses_another_model(exported, image_folder, tmp_path, model, config, tokenizer):

@@ -11,6 +11,24 @@ from pathlib import Path
 
 import yaml
 
+def _number(kind, low, high=None, open_ends=False, what=""):
+    """An argparse type: ``kind`` (int or float) in [low, high], or (low, high) with ``open_ends``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {'an integer' if kind is int else 'a number'}")
+        if value < low or (high is not None and value > high) or (open_ends and value in (low, high)):
+            raise argparse.ArgumentTypeError(f"{text}: expected {what}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, what="an integer of 1 or more")
+NON_NEGATIVE = _number(int, 0, what="an integer of 0 or more")
+SHARE = _number(float, 0.0, 1.0, what="a value in [0, 1]")
+
+
 OVERRIDES_HELP = ("configuration overrides as key.sub=value (YAML values), e.g. train.max_steps=200 "
                   "masking.image_ratio=0.5 loss.mim=0; --print-config lists every key")
 
@@ -48,7 +66,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="start from this model's weights (a run folder, checkpoint or exported model) with a "
                         "fresh optimizer and schedule: continued pre-training; sets task.init")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps; sets train.max_steps")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps; sets train.max_steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto; sets train.device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -84,7 +102,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<recipe>-<preset>-<time>)")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint folder, a run folder, or 'auto' (newest in --output-dir)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps; sets train.max_steps")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps; sets train.max_steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto; sets train.device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -105,10 +123,11 @@ def _add_evaluate(sub) -> None:
                                                 "(default: the checkpoint's data.test)")
     r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to "
                    "(default: the JSON file's folder, or the checkpoint's data.image_root with its data.test)")
-    r.add_argument("--k", type=int, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
+    r.add_argument("--k", type=NON_NEGATIVE, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
     r.add_argument("--score", choices=("itm", "itm+itc", "itc"), default=None,
                    help="re-ranking score (itc: no re-ranking); default eval.score")
-    r.add_argument("--batch-size", type=int, default=None, help="encoding / ITM batch size; default eval.batch_size")
+    r.add_argument("--batch-size", type=POSITIVE, default=None,
+                   help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
     r.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
@@ -125,7 +144,7 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--image-root", default=None, help="image folder (default: the data file's folder)")
         t.add_argument("--predictions", default=None, help="write the predictions here"
                        + (" ([{question_id, answer}], the eval-server format)" if name == "vqa" else ""))
-        t.add_argument("--batch-size", type=int, default=None, help="default eval.batch_size")
+        t.add_argument("--batch-size", type=POSITIVE, default=None, help="default eval.batch_size")
         t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
         t.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
         t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
@@ -147,7 +166,8 @@ def _add_evaluate(sub) -> None:
     z.add_argument("--template", action="append", default=None, metavar="TEXT",
                    help="a prompt template with {} for the class name, e.g. 'a photo of a {}.' (repeat for several; "
                         "default: four general ones)")
-    z.add_argument("--rerank", type=int, default=0, metavar="K", help="re-score the top K classes with ITM (0: off)")
+    z.add_argument("--rerank", type=NON_NEGATIVE, default=0, metavar="K",
+                   help="re-score the top K classes with ITM (0: off)")
     _image_folder_options(z, "also write the metrics and every prediction as JSON to this file")
     lp = tasks.add_parser(
         "linear-probe", help="linear-probe accuracy of the frozen image features on an image folder",
@@ -161,7 +181,8 @@ def _add_evaluate(sub) -> None:
     lp.add_argument("--test", default=None, help="test image folder (or JSON list) with the same classes")
     lp.add_argument("--features", choices=("cls", "mean", "itc"), default="cls",
                     help="image encoder [CLS] output (default), mean of its patch tokens, or the ITC embedding")
-    lp.add_argument("--val-fraction", type=float, default=0.2,
+    lp.add_argument("--val-fraction", type=_number(float, 0.0, 1.0, open_ends=True, what="a value in (0, 1)"),
+                    default=0.2,
                     help="share of each training class held out to choose the L2 strength")
     _image_folder_options(lp, "also write the metrics as JSON to this file")
     from .cli_insight import add_evaluate_parsers
@@ -171,7 +192,7 @@ def _add_evaluate(sub) -> None:
 def _image_folder_options(p, out_help: str) -> None:
     """The options zero-shot classification and the linear probe share."""
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
                    help="fp32 (default, exact numbers) or bf16 autocast")
@@ -185,10 +206,10 @@ def _add_data(sub) -> None:
     s = tools.add_parser("synthetic", help="generate the built-in synthetic scenes dataset",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--out", default="data/synthetic", help="output folder")
-    s.add_argument("--num-train", type=int, default=4000, help="training images (5 captions each)")
-    s.add_argument("--num-val", type=int, default=100, help="validation images")
-    s.add_argument("--num-test", type=int, default=200, help="test images")
-    s.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--num-train", type=POSITIVE, default=4000, help="training images (5 captions each)")
+    s.add_argument("--num-val", type=NON_NEGATIVE, default=100, help="validation images")
+    s.add_argument("--num-test", type=NON_NEGATIVE, default=200, help="test images")
+    s.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     c = tools.add_parser("corrupt", help="a copy of a dataset with a share of broken samples (for testing)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -200,7 +221,7 @@ def _add_data(sub) -> None:
     c.add_argument("--data", default="data/synthetic/train.json", help="annotation JSON to copy")
     c.add_argument("--image-root", default=None, help="its image root (default: its folder)")
     c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--rate", type=float, default=0.005, help="share of entries broken")
+    c.add_argument("--rate", type=SHARE, default=0.005, help="share of entries broken")
     c.add_argument("--seed", type=int, default=0)
     w = tools.add_parser("shard", help="write an annotation JSON as webdataset tar shards",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -209,20 +230,20 @@ def _add_data(sub) -> None:
     w.add_argument("--data", default="data/synthetic/train.json", help="annotation JSON")
     w.add_argument("--image-root", default=None, help="its image root (default: its folder)")
     w.add_argument("--out", required=True, help="output folder")
-    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    w.add_argument("--shard-size", type=POSITIVE, default=1000, help="samples per shard")
     k = tools.add_parser("synthetic-classes", help="an image folder of synthetic one-object scenes per class "
                                                    "(for zero-shot classification)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     k.add_argument("--out", default="data/synthetic/classes", help="output folder (OUT/<class>/<i>.png)")
     k.add_argument("--attribute", default="color-shape", choices=("shape", "color", "color-shape"),
                    help="what the classes name: 5 shapes, 7 colours or their 35 pairs")
-    k.add_argument("--per-class", type=int, default=20, help="images per class")
-    k.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    k.add_argument("--per-class", type=POSITIVE, default=20, help="images per class")
+    k.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
     k.add_argument("--seed", type=int, default=0, help="random seed")
     n = tools.add_parser("inspect", help="count the samples of tar shards and show a few",
                          description="SHARDS: a path, a glob or a brace pattern such as 'shards/{00000..00009}.tar'.")
     n.add_argument("shards")
-    n.add_argument("--show", type=int, default=3, help="samples to show")
+    n.add_argument("--show", type=NON_NEGATIVE, default=3, help="samples to show")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +276,7 @@ def _add_search(sub) -> None:
     i.add_argument("--checkpoint", required=True, help="model folder, checkpoint or run folder")
     i.add_argument("--images", required=True, help="folder of images")
     i.add_argument("--out", required=True, help="index folder")
-    i.add_argument("--batch-size", type=int, default=256)
+    i.add_argument("--batch-size", type=POSITIVE, default=256)
     i.add_argument("--device", default="auto")
     i.add_argument("--rebuild", action="store_true", help="discard the index and encode everything again")
     i.add_argument("--no-progress", action="store_true")
@@ -266,9 +287,9 @@ def _add_search(sub) -> None:
     group = q.add_mutually_exclusive_group(required=True)
     group.add_argument("--query", help="text query")
     group.add_argument("--image", help="image query (a file)")
-    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--top-k", type=POSITIVE, default=10)
     q.add_argument("--rerank", action="store_true", help="ITM re-ranking of the top candidates (text queries)")
-    q.add_argument("--candidates", type=int, default=0, help="candidates re-ranked (default 4 x top-k)")
+    q.add_argument("--candidates", type=NON_NEGATIVE, default=0, help="candidates re-ranked (default 4 x top-k)")
     q.add_argument("--checkpoint", default=None, help="model (default: the one the index was built with)")
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -288,10 +309,12 @@ def _add_ablate(sub) -> None:
                    help=f"configs to run (default all: {', '.join(CONFIGS)})")
     p.add_argument("--fractions", nargs="+", type=float, default=d.fractions, help="pre-training data fractions")
     p.add_argument("--seeds", nargs="+", type=int, default=d.seeds, help="seeds (each a full set of runs)")
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="steps per pre-training run")
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="retrieval fine-tuning steps (0: none)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--num-train", type=int, default=d.num_train, help="synthetic training images (5 captions each)")
+    p.add_argument("--pretrain-steps", type=POSITIVE, default=d.pretrain_steps, help="steps per pre-training run")
+    p.add_argument("--finetune-steps", type=NON_NEGATIVE, default=d.finetune_steps,
+                   help="retrieval fine-tuning steps (0: none)")
+    p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
+    p.add_argument("--num-train", type=POSITIVE, default=d.num_train,
+                   help="synthetic training images (5 captions each)")
     p.add_argument("--size", choices=("small", "recipe"), default="small",
                    help="small: a 32 px model sized for CPUs (default); recipe: each recipe's own preset")
     p.add_argument("--report", default=None, metavar="FILE.md",
@@ -410,11 +433,9 @@ def _evaluate_retrieval(args) -> int:
     from .runtime import resolve_device
     from .tasks.pretrain import eval_transform
     from .tasks.retrieval import choose_score, evaluate_retrieval, format_table, protocol_k
-    from .train.checkpoint import resolve_resume
+    from .train.checkpoint import model_folder
 
-    folder = Path(args.checkpoint)
-    if not (folder / "model.safetensors").exists():
-        folder = resolve_resume(str(folder), None)
+    folder = model_folder(args.checkpoint)
     device = resolve_device(args.device or "auto")
     model, config, tokenizer = load_pretrained(folder, device)
     if tokenizer is None:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import POSITIVE, SHARE
+
 CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
 
 
@@ -32,8 +34,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--mismatched-text", default=None, help="a caption of something else (default: an empty caption)")
     r.add_argument("--data", help="batch mode: a retrieval JSON (one entry per image with captions), e.g. test.json")
     r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to")
-    r.add_argument("--num", type=int, default=8, help="batch mode: images in the grid")
-    r.add_argument("--mask-ratio", type=float, default=None, help="share of patches masked (default: the recipe's)")
+    r.add_argument("--num", type=POSITIVE, default=8, help="batch mode: images in the grid")
+    r.add_argument("--mask-ratio", type=SHARE, default=None, help="share of patches masked (default: the recipe's)")
     r.add_argument("--seed", type=int, default=0, help="mask seed")
     r.add_argument("--out", required=True, help="PNG file to write")
 
@@ -46,7 +48,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--text", required=True, help='text with [MASK] tokens, e.g. "a small [MASK] circle"')
     f.add_argument("--mismatched-image", default=None,
                    help="another image (default: the next image file in --image's folder)")
-    f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("--top-k", type=POSITIVE, default=5)
     f.add_argument("--out", default=None, help="also write the tables as markdown to this file")
 
     g = sub.add_parser(
@@ -80,15 +82,15 @@ def add_evaluate_parsers(tasks) -> None:
         _common(t, precision=name == "cross-modal")
         t.add_argument("--data", default=None, help="retrieval JSON (default: the checkpoint's data.test)")
         t.add_argument("--image-root", default=None, help="image folder (default: the JSON file's folder)")
-        t.add_argument("--batch-size", type=int, default=32)
+        t.add_argument("--batch-size", type=POSITIVE, default=32)
         if name == "grounding":
             t.add_argument("--layer", type=int, default=None,
                            help="cross-attention layer (single-stream models: joint-transformer layer; "
                                 "default: the middle one, rounded down)")
         else:
             t.add_argument("--seed", type=int, default=0, help="mask seed")
-            t.add_argument("--text-ratio", type=float, default=None, help="caption tokens masked (default: recipe's)")
-            t.add_argument("--image-ratio", type=float, default=None, help="patches masked (default: recipe's)")
+            t.add_argument("--text-ratio", type=SHARE, default=None, help="caption tokens masked (default: recipe's)")
+            t.add_argument("--image-ratio", type=SHARE, default=None, help="patches masked (default: recipe's)")
         t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true")
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .data.formats import DataError, load_annotations
 from .inference import VLM, ImageLike
 from .masking import block_mask, mask_to_indices
 from .runtime import autocast
@@ -313,10 +314,16 @@ def _box_fraction(box: Sequence[float], image_size: int) -> float:
     return max(0, x1 - x0 + 1) * max(0, y1 - y0 + 1) / image_size ** 2
 
 
-def referring_phrases(entry: dict) -> list[tuple[str, list[float], list[list[float]]]]:
+def referring_phrases(entry: dict, where: str = "entry") -> list[tuple[str, list[float], list[list[float]]]]:
     """("the red circle", box, other objects' boxes) for each object whose colour and shape no other
-    object in the scene shares."""
+    object in the scene shares. A malformed ``objects`` list is an error naming ``where``."""
     objects = entry.get("objects") or []
+    for j, o in enumerate(objects if isinstance(objects, list) else [objects]):
+        box = o.get("box") if isinstance(o, dict) else None
+        if not (isinstance(o, dict) and isinstance(o.get("color"), str) and isinstance(o.get("shape"), str)
+                and isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise DataError(f"{where}: objects[{j}] must be an object with string 'color' and 'shape' and a 'box' "
+                            "of 4 numbers [x0, y0, x1, y1]")
     names = [f"{o['color']} {o['shape']}" for o in objects]
     return [(f"the {n}", o["box"], [b["box"] for b in objects if b is not o])
             for n, o in zip(names, objects) if names.count(n) == 1]
@@ -328,10 +335,10 @@ def pointing_game(vlm: VLM, annotations: Path, image_root: Optional[Path] = None
     JSON whose entries list ``objects`` with boxes (the synthetic scenes do)."""
     from tqdm import tqdm
 
-    entries = json.loads(Path(annotations).read_text())
+    entries = load_annotations(annotations, strict=False)
     root = Path(image_root) if image_root else Path(annotations).parent
-    queries = [(root / e["image"], phrase, box, others) for e in entries
-               for phrase, box, others in referring_phrases(e)]
+    queries = [(root / e["image"], phrase, box, others) for i, e in enumerate(entries)
+               for phrase, box, others in referring_phrases(e, f"{annotations}: entry {i}")]
     if not queries:
         raise ValueError(f"{annotations}: no entry lists 'objects' with 'color', 'shape' and 'box'; the pointing "
                          "game needs object boxes (the synthetic scenes have them)")
@@ -371,7 +378,7 @@ def cross_modal_dependence(vlm: VLM, annotations: Path, image_root: Optional[Pat
     from tqdm import tqdm
 
     vlm.warn_untrained("cross-modal dependence", ["mlm", "mim"])
-    entries = json.loads(Path(annotations).read_text())
+    entries = load_annotations(annotations)
     if len(entries) < 2:
         raise ValueError(f"{annotations}: needs at least 2 images (mismatched pairs come from other images)")
     root = Path(image_root) if image_root else Path(annotations).parent

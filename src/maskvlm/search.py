@@ -164,6 +164,10 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
     ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match probability."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one query: a text or an image")
+    if text is not None and not text.strip():
+        raise ValueError("the text query is empty")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}: expected 1 or more")
     if text is not None:
         query = vlm.encode_texts([text])[0].numpy()
     else:

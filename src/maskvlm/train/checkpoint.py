@@ -126,7 +126,10 @@ def model_folder(path: str | Path) -> Path:
         return folder
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint not found: {folder}")
-    return resolve_resume(str(folder), None)
+    found = list_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"{folder}: not a model folder (no {MODEL_FILE}) and no complete checkpoint under it")
+    return found[-1]
 
 
 def resolve_resume(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
