@@ -240,6 +240,16 @@ def _add_data(sub) -> None:
     k.add_argument("--per-class", type=POSITIVE, default=20, help="images per class")
     k.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
     k.add_argument("--seed", type=int, default=0, help="random seed")
+    v = tools.add_parser("convert", help="convert a Karpathy split or COCO captions file into the ALBEF layout",
+                         description="A Karpathy split file (dataset_coco.json, dataset_flickr30k.json) becomes "
+                                     "OUT/NAME_karpathy_train.json (train + restval, one entry per caption), "
+                                     "OUT/NAME_karpathy_val.json and OUT/NAME_karpathy_test.json (one entry per "
+                                     "image with its captions), NAME being coco, flickr30k, ... A COCO captions "
+                                     "file (captions_val2014.json) becomes OUT/<its name>.json, one entry per image.")
+    v.add_argument("source", help="the JSON file to convert")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--image-prefix", default=None,
+                   help="a folder prepended to every image path, e.g. flickr30k-images or val2014")
     n = tools.add_parser("inspect", help="count the samples of tar shards and show a few",
                          description="SHARDS: a path, a glob or a brace pattern such as 'shards/{00000..00009}.tar'.")
     n.add_argument("shards")
@@ -469,6 +479,15 @@ def _data(args) -> int:
         from .data.synthetic_tasks import class_names, generate_classes
         out = generate_classes(args.out, args.attribute, args.per_class, args.image_size, args.seed)
         print(f"{out}: {len(class_names(args.attribute))} classes x {args.per_class} images")
+        return 0
+    if args.tool == "convert":
+        from .data.convert import convert
+        summary = convert(args.source, args.out, args.image_prefix)
+        for path, counts in summary["files"].items():
+            print(f"wrote {path}: {counts['images']} images, {counts['captions']} captions")
+        if summary["skipped"]:
+            print("skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+        print("image paths are relative to the folder to pass as --image-root")
         return 0
     if args.tool == "inspect":
         from .data.shards import inspect_shards

@@ -43,7 +43,9 @@ def load_annotations(path: str | Path, strict: bool = True) -> list[dict]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        from .convert import format_hint
+        raise DataError(format_hint(path, data) or
+                        f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     if not data:
         raise DataError(f"{path}: the annotation list is empty")
     for i, entry in enumerate(data):

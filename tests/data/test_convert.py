@@ -1,0 +1,80 @@
+"""`maskvlm data convert`: Karpathy split files and COCO captions files into the ALBEF layout."""
+
+import json
+
+import pytest
+
+from maskvlm.cli import main
+from maskvlm.data.convert import convert
+from maskvlm.data.formats import DataError, PairDataset, RetrievalDataset, load_annotations
+
+
+def _karpathy(synthetic_dir):
+    """The synthetic train and test splits written as a Karpathy split file (every 4th training image
+    as restval), with one blank caption and one image without captions."""
+    images = []
+    for split in ("train", "test"):
+        captions: dict = {}
+        for e in json.loads((synthetic_dir / f"{split}.json").read_text()):
+            captions.setdefault(e["image"], []).extend(e["caption"] if isinstance(e["caption"], list)
+                                                       else [e["caption"]])
+        for k, (image, texts) in enumerate(captions.items()):
+            folder, name = image.rsplit("/", 1)
+            images.append({"filepath": folder, "filename": name, "imgid": len(images), "cocoid": 1000 + len(images),
+                           "split": "restval" if split == "train" and k % 4 == 0 else split,
+                           "sentences": [{"raw": c, "tokens": c.split()} for c in texts]})
+    images[0]["sentences"].append({"raw": "   "})
+    images.append({"filepath": "x", "filename": "none.png", "split": "val", "imgid": 99, "sentences": []})
+    return {"images": images, "dataset": "synthetic"}
+
+
+def test_a_karpathy_file_becomes_the_splits_the_loaders_read(synthetic_dir, tmp_path, capsys):
+    source = tmp_path / "dataset_synthetic.json"
+    source.write_text(json.dumps(_karpathy(synthetic_dir)))
+    with pytest.raises(DataError, match="is a Karpathy split file; convert it first: maskvlm data convert"):
+        load_annotations(source)
+    assert main(["data", "convert", str(source), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: 1 empty or non-string caption, 1 image without a caption" in out
+    # the test split reads exactly like the file it came from: same images, captions and pairing
+    original = RetrievalDataset(synthetic_dir / "test.json", None, None)
+    converted = RetrievalDataset(tmp_path / "out" / "synthetic_karpathy_test.json", str(synthetic_dir), None)
+    assert (converted.images, converted.texts, converted.txt2img) == (original.images, original.texts,
+                                                                      original.txt2img)
+    # train + restval, one entry per caption, every training caption once
+    train = json.loads((tmp_path / "out" / "synthetic_karpathy_train.json").read_text())
+    assert all(isinstance(e["caption"], str) for e in train)
+    assert sorted(e["caption"] for e in train) == sorted(PairDataset(synthetic_dir / "train.json", None,
+                                                                     None).captions())
+    assert len(PairDataset(tmp_path / "out" / "synthetic_karpathy_train.json", str(synthetic_dir), None)
+               ) == len(train)
+    assert json.loads((tmp_path / "out" / "synthetic_karpathy_val.json").read_text()) == []
+    assert train[0]["image_id"] == 1000  # cocoid when there is one
+
+
+def test_a_coco_captions_file_becomes_one_file_of_caption_lists(tmp_path):
+    source = tmp_path / "captions_val2014.json"
+    source.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "COCO_val2014_000000000007.jpg"}, {"id": 9, "file_name": "b.jpg"}],
+        "annotations": [{"image_id": 7, "id": 1, "caption": "A cat  on a mat. "},
+                        {"image_id": 7, "id": 2, "caption": "a cat"}, {"image_id": 9, "id": 3, "caption": ""}]}))
+    summary = convert(source, tmp_path / "out", prefix="val2014")
+    entries = json.loads((tmp_path / "out" / "captions_val2014.json").read_text())
+    assert entries == [{"image": "val2014/COCO_val2014_000000000007.jpg", "caption": ["A cat on a mat.", "a cat"],
+                        "image_id": 7}]
+    assert summary["skipped"] == {"empty or non-string caption": 1, "image without a caption": 1}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}, r"images\[0\]: 'split' is 'dev'"),
+    ({"images": [{"split": "test", "sentences": []}]}, r"images\[0\]: expected an object with a string 'filename'"),
+    ({"images": [{"filename": "a.jpg", "split": "test", "sentences": "a cat"}]}, r"'sentences' must be a list"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]},
+     r"annotations\[0\]: expected an object whose 'image_id' is one of the images' 'id'"),
+    ([{"image": "a.jpg", "caption": "x"}], "neither a Karpathy split file"),
+])
+def test_malformed_files_are_errors_naming_the_entry(data, message, tmp_path):
+    source = tmp_path / "bad.json"
+    source.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        convert(source, tmp_path / "out")
