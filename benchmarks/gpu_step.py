@@ -45,6 +45,7 @@ VARIANTS = [  # (name, dtype, overrides)
     ("- fused AdamW", "bf16", ["train.fused_adamw=false"]),
     ("- visible-only masked pass", "bf16", ["masking.visible_only=false"]),
     ("fp32 (no autocast)", "fp32", []),
+    ("+ frozen image encoder", "bf16", ["train.freeze=[visual_encoder]"]),
     # not a switch: the fusion path before each image's keys/values were shared by its pairs
     ("- shared image keys (per pair)", "bf16", ["bench.per_pair_image_keys=true"]),
     # not a switch: last fusion layers computing every token instead of only those the losses read

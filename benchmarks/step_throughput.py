@@ -60,7 +60,7 @@ def _maskvlm_step(cfg, device, batch_size):
     m = cfg.model
     g = torch.Generator().manual_seed(0)
     from maskvlm.models.layers import set_activation_checkpointing
-    from maskvlm.train.optim import build_optimizer
+    from maskvlm.train.optim import build_optimizer, freeze_parameters
 
     t = cfg.train
     if t.keep_host_memory and device.type == "cpu":  # as the trainer does
@@ -68,6 +68,8 @@ def _maskvlm_step(cfg, device, batch_size):
         keep_freed_host_memory()
     task = PretrainTask(build_model(cfg), cfg).to(device)
     set_activation_checkpointing(task, t.activation_checkpointing)  # train.compile: see worker()
+    if t.freeze:
+        freeze_parameters(task.model, t.freeze)
     opt = build_optimizer(task, 1e-4, t.weight_decay, t.betas, fused=t.fused_adamw)  # as the trainer builds it
     grid = (m.image_size // m.patch_size,) * 2
     ids = torch.randint(5, VOCAB, (batch_size, TEXT_LEN), generator=g)

@@ -170,6 +170,9 @@ class TrainConfig:
     # under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2) instead of DDP
     fsdp: bool = False
     fused_adamw: bool = True  # one fused kernel for the AdamW update where the device supports it
+    # model parts kept at their starting weights: parameter-name prefixes such as visual_encoder (a
+    # pretrained image tower, as in locked-image tuning) or text_encoder.layer.0; no gradients, no updates
+    freeze: list[str] = field(default_factory=list)
     # on CPU: glibc keeps freed memory for the next step instead of returning it to the kernel
     # (runtime.keep_freed_host_memory); saves the page faults of re-allocating activations each step
     keep_host_memory: bool = True

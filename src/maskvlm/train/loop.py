@@ -28,7 +28,7 @@ from ..runtime import autocast, keep_freed_host_memory, resolve_device
 from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import any_rank, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, log
-from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
+from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
 
 STATE_VERSION = 1
 _NONFINITE, _TOO_MANY_BAD = 1, 2  # flags agreed over ranks after each micro-batch's forward
@@ -90,6 +90,8 @@ class Trainer:
             from ..models.layers import compile_encoders
             log.info("torch.compile (%s) of %d encoder stacks", t.compile_backend,
                      compile_encoders(task, t.compile_backend, t.compile_mode))
+        if t.freeze:
+            log.info("frozen (train.freeze): %s", freeze_parameters(task.model, t.freeze))
         self.fsdp = None  # FSDPTask when train.fsdp under torchrun
         if t.fsdp and world_size() > 1:
             from .fsdp import FSDPTask
@@ -165,7 +167,11 @@ class Trainer:
             self.fsdp.load(weights, state["optimizer"], self.optimizer)
         else:
             load_state(self.task, weights, str(checkpoint / MODEL_FILE))
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:  # other parameter groups: a changed train.freeze, say
+                raise ValueError(f"{checkpoint}: its optimizer state does not fit the parameters this run trains "
+                                 f"({e}); resume with the run's own train.freeze and weight settings") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]

@@ -65,6 +65,26 @@ def layerwise_lr_scale(model_config, layer_decay: float, head_lr_mult: float) ->
     return scale
 
 
+def freeze_parameters(model: nn.Module, prefixes: list[str]) -> str:
+    """Turn off gradients of ``model``'s parameters named by ``prefixes`` (a parameter name, or a
+    module path such as ``visual_encoder``); returns a summary for the log. A prefix that names no
+    parameter is an error listing the model's parts."""
+    params = dict(model.named_parameters())
+    parts = []
+    for prefix in prefixes:
+        hits = [n for n in params if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            top = sorted({n.split(".")[0] for n in params})
+            raise ValueError(f"train.freeze: {prefix!r} names no parameter of this model; its parts are "
+                             f"{', '.join(top)} (a prefix may go deeper, e.g. {top[0]}.<child>)")
+        for n in hits:
+            params[n].requires_grad_(False)
+        parts.append(f"{prefix} ({sum(params[n].numel() for n in hits) / 1e6:.2f}M)")
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(p.numel() for p in params.values())
+    return f"{', '.join(parts)}; {trainable / 1e6:.2f}M of the model's {total / 1e6:.2f}M parameters train"
+
+
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
                     lr_scale: Optional[Callable[[str], float]] = None, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW; ``fused`` uses the single-kernel update where every parameter's device has one (CUDA,
