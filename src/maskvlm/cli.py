@@ -553,19 +553,18 @@ def _export(args) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from .train.checkpoint import model_folder
-    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, model_weights, read_config
+    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
     from .tasks.downstream import CLASSES_FILE
+    from .train.checkpoint import model_folder, model_only
 
     source = model_folder(args.checkpoint)
     out = Path(args.out)
     if (out / MODEL_FILE).exists():
         raise FileExistsError(f"{out} already holds {MODEL_FILE}; choose another --out")
     config = read_config(source)
-    if config.task.name in ("pretrain", "retrieval"):
-        weights = model_weights(source)  # the model only, prefix removed
-    else:  # a fine-tuned classifier: the model and its head, as evaluate expects
-        weights = load_file(str(source / MODEL_FILE))
+    state = load_file(str(source / MODEL_FILE))
+    # an exported folder (no model. prefix) is copied as it is
+    weights = model_only(state, config.task.name) if any(k.startswith("model.") for k in state) else state
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / MODEL_FILE), metadata={"format": "pt"})
     for name in (CONFIG_FILE, TOKENIZER_FILE, CLASSES_FILE):

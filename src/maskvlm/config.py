@@ -192,6 +192,11 @@ class EvalConfig:
     k_auto: bool = True  # k=256 for files named *coco*, 128 for *flickr*/*f30k* (the usual protocol)
     score: str = "itm"  # "itm", "itm+itc", or "itc" (ITC ranking only, no re-ranking)
     batch_size: int = 128
+    # the val metric that picks the best weights (higher is better); null: the task's own (retrieval
+    # and pre-training r_mean, VQA vqa_acc, NLVR2 and SNLI-VE acc)
+    best_metric: Optional[str] = None
+    keep_best: bool = True  # write the best weights so far to OUTPUT/best (a model folder, with best.json)
+    test_on: str = "last"  # the weights the test file is evaluated with at the end: "last" or "best"
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
@@ -281,6 +286,12 @@ class Config:
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
         _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
+        _check_choice("eval.test_on", self.eval.test_on, ("last", "best"))
+        if self.eval.test_on == "best" and not self.eval.keep_best:
+            raise ConfigError("eval.test_on=best needs eval.keep_best=true (the best weights are read back from disk)")
+        if self.eval.test_on == "best" and self.train.fsdp:
+            raise ConfigError("eval.test_on=best is not available with train.fsdp yet; evaluate OUTPUT/best "
+                              "afterwards with `maskvlm evaluate`")
         _check_choice("task.name", self.task.name, TASKS)
         if not 0 < self.task.layer_decay <= 1:
             raise ConfigError(f"task.layer_decay={self.task.layer_decay}: expected a value in (0, 1]")
@@ -501,6 +512,12 @@ def apply_init_model(cfg: Config, recipe_model: dict, user: list[dict]) -> None:
     merge_into(cfg, {"model": user_model, "data": {k: base_v for k, base_v in
                                                     (("mean", base.data.mean), ("std", base.data.std))
                                                     if k not in user_data}})
+
+
+def best_metric(config: Config) -> str:
+    """The val metric that picks a run's best weights (``eval.best_metric`` or the task's own)."""
+    return config.eval.best_metric or {"pretrain": "r_mean", "retrieval": "r_mean", "vqa": "vqa_acc"}.get(
+        config.task.name, "acc")
 
 
 # --- which heads a model's training has trained ---------------------------------------------------------

@@ -175,6 +175,7 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     for split, path in (("val", d.val), ("test", d.test if evaluate_test else None)):
         if not path:
             continue
+        weights = trainer.use_best_for_test() if split == "test" else ""
         if name == "retrieval":
             metrics = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, path,
                                                                  progress=config.train.progress and main))
@@ -186,11 +187,15 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
             if name == "vqa":
                 metrics["vqa_prior_acc"] = question_prior_accuracy(train_examples, examples)
             title = f"{spec.title} on {path}"
+        title += weights
+        if split == "val":
+            trainer.consider_best(metrics)  # the final weights count too
         if main:
             print(format_table(metrics, title) if name == "retrieval" else format_metrics(spec, metrics, title))
         result[split] = metrics
     if not main:
         return result
+    result["best"] = trainer.best
     with open(output_dir / "results.json", "w") as f:
         json.dump(result, f, indent=2)
     return result

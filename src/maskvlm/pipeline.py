@@ -176,13 +176,20 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
               "output_dir": str(output_dir)}
     if evaluate_test and not d.test and aligned:
         log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")
-    if evaluate_test and d.test and aligned and (is_main() or trainer.fsdp) and not trainer.interrupted:
+    ends = (is_main() or trainer.fsdp) and not trainer.interrupted
+    if evaluate is not None and ends:  # the final weights' val figures, for the best-weights choice
+        val = trainer.run_evaluation(evaluate)
+        log.info("step %d val: %s", trainer.step, {k: round(v, 2) for k, v in val.items()})
+        trainer.consider_best(val)
+        result["best"] = trainer.best
+    if evaluate_test and d.test and aligned and ends:
+        weights = trainer.use_best_for_test()
         test = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, d.test,
                                                           progress=config.train.progress and is_main()))
         if not is_main():
             return result
         result["test"] = test
-        print(format_table(test, f"zero-shot retrieval on {d.test}"))
+        print(format_table(test, f"zero-shot retrieval on {d.test}{weights}"))
         with open(output_dir / "results.json", "w") as f:
             json.dump(result, f, indent=2)
     return result

@@ -93,6 +93,10 @@ def test_finetune_classification_tasks(task, pretrained, task_data, tmp_path):
         assert classes == list(CLASSIFICATION_TASKS[task].classes)
     again = evaluate_task(task, str(out), progress=False)  # reloads model, head and classes
     assert again[primary] == pytest.approx(result["test"][primary])
+    # the final val evaluation is the only one here, so the best weights are the last: same test figure
+    assert result["best"] == {"step": 24, "metric": primary, "value": result["val"][primary]}
+    from_best = evaluate_task(task, str(out / "best"), progress=False)
+    assert from_best[primary] == pytest.approx(result["test"][primary])
 
 
 def test_finetune_retrieval_starts_from_pretrained_weights(pretrained, synthetic_dir, tmp_path):

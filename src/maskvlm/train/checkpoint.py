@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.io import CONFIG_FILE, MODEL_FILE, write_model_folder
+from ..models.io import CONFIG_FILE, MODEL_FILE, unique_state_dict, write_model_folder
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE)
+BEST_DIR, BEST_FILE = "best", "best.json"
 
 
 def rng_state() -> dict:
@@ -78,6 +79,44 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def model_only(state: dict, task_name: str) -> dict:
+    """The weights a model folder keeps of a training task's state: the model alone (its ``model.``
+    prefix removed; no EMA teacher, queues or prototypes) for pre-training and retrieval, the model
+    and its head for a fine-tuned classifier (as ``maskvlm evaluate`` loads it)."""
+    if task_name in ("pretrain", "retrieval"):
+        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def save_best(output_dir: Path, task: nn.Module, config, tokenizer, info: dict,
+              extra_files: Optional[dict] = None, model_state: Optional[dict] = None) -> Path:
+    """Write ``output_dir/best``: a model folder (as ``maskvlm export`` writes) with ``best.json``
+    (``info``: the step, the metric and the val figures). Written beside and renamed into place, so a
+    crash leaves the previous best whole."""
+    output_dir = Path(output_dir)
+    final, tmp = output_dir / BEST_DIR, output_dir / f".tmp-best-{os.getpid()}"
+    old = output_dir / f".old-best-{os.getpid()}"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    state = model_only(unique_state_dict(task) if model_state is None else model_state, config.task.name)
+    try:
+        write_model_folder(tmp, task, config, tokenizer, state)
+        for name, content in {**(extra_files or {}), BEST_FILE: info}.items():
+            with open(tmp / name, "w") as f:
+                json.dump(content, f, indent=1)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, keep_freed_host_memory, resolve_device
-from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import BEST_DIR, load_trainer_state, rng_state, save_best, save_checkpoint, set_rng_state
 from .distributed import any_rank, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
@@ -130,6 +130,8 @@ class Trainer:
         self.samples_used = 0
         self.last_checkpoint: Optional[Path] = None
         self.interrupted = False
+        self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best val evaluation so far
+        self._best_metric_missing = False
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -137,7 +139,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "skipped_nonfinite": self.skipped_nonfinite,
                 "skipped_samples": dict(self.skipped_samples), "samples_used": self.samples_used,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "data_layout": self._data_layout()}
+                "rng": rng_state(), "data_layout": self._data_layout(), "best": self.best}
 
     def _data_layout(self) -> dict:
         """What the data position means: a streamed epoch is split by processes and workers."""
@@ -178,6 +180,7 @@ class Trainer:
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         self.skipped_samples = dict(state.get("skipped_samples", {}))
         self.samples_used = state.get("samples_used", 0)
+        self.best = state.get("best")
         set_rng_state(state["rng"])
         saved = state.get("data_layout")
         if saved is not None and saved != self._data_layout() and self.batch_in_epoch:
@@ -187,6 +190,50 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
+
+    def consider_best(self, val: dict) -> bool:
+        """Keep track of the best val evaluation by ``best_metric(config)`` (higher is better); with
+        ``eval.keep_best`` a new best's weights go to OUTPUT/best. Call it on the ranks that save (with
+        FSDP every rank: the weights are gathered). True when ``val`` is a new best."""
+        metric = best_metric(self.config)
+        if metric not in val:
+            if not self._best_metric_missing:
+                self._best_metric_missing = True
+                log.warning("eval.best_metric: the val evaluation has no %r (it has %s); no best weights are kept",
+                            metric, ", ".join(sorted(val)))
+            return False
+        value = float(val[metric])
+        if self.best is not None and not value > self.best["value"]:
+            return False
+        self.best = {"step": self.step, "metric": metric, "value": value}
+        if self.config.eval.keep_best:
+            model_state = self.fsdp.model_state() if self.fsdp is not None else None
+            if is_main():
+                path = save_best(self.output_dir, self.task, self.config, self.tokenizer, {**self.best, "val": val},
+                                 self.extra_files, model_state)
+                log.info("best val %s so far: %.2f at step %d, written to %s", metric, value, self.step, path)
+        return True
+
+    def load_best(self) -> None:
+        """Put the weights saved in OUTPUT/best back into the model (unsharded training only)."""
+        folder = self.output_dir / BEST_DIR
+        state = load_file(str(folder / MODEL_FILE))
+        if self.config.task.name in ("pretrain", "retrieval"):
+            load_state(self.task.model, state, str(folder / MODEL_FILE))
+        else:
+            load_state(self.task, state, str(folder / MODEL_FILE))
+        log.info("weights of the best val %s (%.2f, step %d) loaded from %s", self.best["metric"],
+                 self.best["value"], self.best["step"], folder)
+
+    def use_best_for_test(self) -> str:
+        """With ``eval.test_on=best``, load the best val weights unless they are the last; returns a
+        note for the test table's title ("" when the last weights are tested)."""
+        best = self.best
+        if self.config.eval.test_on != "best" or best is None:
+            return ""
+        if best["step"] != self.step:
+            self.load_best()
+        return f" (weights of the best val {best['metric']}, step {best['step']})"
 
     def run_evaluation(self, evaluate: Callable[[], dict]) -> dict:
         """Run ``evaluate`` (model methods, no grad). With FSDP every rank runs it, parameters gathered."""
@@ -362,6 +409,7 @@ class Trainer:
                     if main:
                         logger.log(self.step, "val", val)
                         log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
+                    self.consider_best(val)
                 if any_rank(stop.is_set()):  # every rank stops at the same step (no collective left waiting)
                     self.interrupted = True
                 if saves and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
