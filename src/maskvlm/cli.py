@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import PRECISIONS
+
 def _number(kind, low, high=None, open_ends=False, what=""):
     """An argparse type: ``kind`` (int or float) in [low, high], or (low, high) with ``open_ends``."""
     def parse(text: str):
@@ -129,7 +131,7 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
-    r.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+    r.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
     r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -146,7 +148,7 @@ def _add_evaluate(sub) -> None:
                        + (" ([{question_id, answer}], the eval-server format)" if name == "vqa" else ""))
         t.add_argument("--batch-size", type=POSITIVE, default=None, help="default eval.batch_size")
         t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
-        t.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
+        t.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the checkpoint's")
         t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true", help="no progress bars")
     z = tasks.add_parser(
@@ -194,7 +196,7 @@ def _image_folder_options(p, out_help: str) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or pretrained folder")
     p.add_argument("--batch-size", type=POSITIVE, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default, exact numbers) or bf16 autocast")
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli import POSITIVE, SHARE
+from .config import PRECISIONS
 
 CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
 
@@ -16,7 +17,7 @@ def _common(p, precision: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     if precision:
-        p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32 (default, exact numbers) or bf16 autocast")
 
 

@@ -176,7 +176,8 @@ class TrainConfig:
     # on CPU: glibc keeps freed memory for the next step instead of returning it to the kernel
     # (runtime.keep_freed_host_memory); saves the page faults of re-allocating activations each step
     keep_host_memory: bool = True
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    # "bf16" autocast; "fp16" autocast with dynamic loss scaling (GPUs without bf16, e.g. V100, T4); "fp32"
+    precision: str = "bf16"
     device: str = "auto"
     log_every: int = 10
     save_every: int = 500  # 0: only at the end
@@ -200,6 +201,7 @@ class EvalConfig:
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -284,7 +286,10 @@ class Config:
         if self.data.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer={self.data.shuffle_buffer}: expected at least 1")
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
-        _check_choice("train.precision", self.train.precision, ("bf16", "fp32"))
+        _check_choice("train.precision", self.train.precision, PRECISIONS)
+        if self.train.precision == "fp16" and self.train.fsdp:
+            raise ConfigError("train.precision=fp16 (loss scaling) is not available with train.fsdp yet; use bf16 "
+                              "on GPUs that have it, or DDP")
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
         _check_choice("eval.test_on", self.eval.test_on, ("last", "best"))
         if self.eval.test_on == "best" and not self.eval.keep_best:

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .config import PRECISIONS
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -44,11 +46,12 @@ def keep_freed_host_memory() -> bool:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or GPU for precision 'bf16'; a no-op for 'fp32'."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast on CPU or GPU for precision 'bf16' / 'fp16'; a no-op for 'fp32'. (fp16
+    training also needs loss scaling: the trainer's ``torch.amp.GradScaler``.)"""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     if precision != "fp32":
-        raise ValueError(f"precision {precision!r}: expected 'bf16' or 'fp32'")
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return contextlib.nullcontext()
 
 

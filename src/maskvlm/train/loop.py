@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -104,6 +105,12 @@ class Trainer:
         if job.name != "pretrain" and (job.layer_decay != 1 or job.head_lr_mult != 1):
             lr_scale = layerwise_lr_scale(config.model, job.layer_decay, job.head_lr_mult)
         self.optimizer = build_optimizer(task, t.lr, t.weight_decay, t.betas, lr_scale, t.fused_adamw)
+        # fp16: dynamic loss scaling; a step whose scaled gradients overflow is skipped and the scale halved
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.skipped_overflow = 0  # fp16 steps skipped by the loss scaler
+        if t.precision == "fp16" and self.device.type == "cpu":
+            log.warning("train.precision=fp16 on a CPU: correct but slow (CPUs rarely have fp16 arithmetic); bf16 "
+                        "is the fast choice here")
         self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
         self.streaming = isinstance(dataset, IterableDataset)  # webdataset shards (data/stream.py)
@@ -139,7 +146,9 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "skipped_nonfinite": self.skipped_nonfinite,
                 "skipped_samples": dict(self.skipped_samples), "samples_used": self.samples_used,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "data_layout": self._data_layout(), "best": self.best}
+                "rng": rng_state(), "data_layout": self._data_layout(), "best": self.best,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "skipped_overflow": self.skipped_overflow}
 
     def _data_layout(self) -> dict:
         """What the data position means: a streamed epoch is split by processes and workers."""
@@ -181,6 +190,9 @@ class Trainer:
         self.skipped_samples = dict(state.get("skipped_samples", {}))
         self.samples_used = state.get("samples_used", 0)
         self.best = state.get("best")
+        self.skipped_overflow = state.get("skipped_overflow", 0)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         saved = state.get("data_layout")
         if saved is not None and saved != self._data_layout() and self.batch_in_epoch:
@@ -348,19 +360,29 @@ class Trainer:
                         if flags & _NONFINITE:
                             finite = False
                             break
-                        (loss / t.grad_accum).backward()
+                        scaled = loss / t.grad_accum
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                     for k, v in metrics.items():
                         step_metrics[k] += float(v) / t.grad_accum
                     window_samples += len(batch)
                 grad_norm = float("nan")
                 if self.fsdp is not None:
                     self.fsdp.reduce_replicated()
+                overflow = False
                 if finite:
-                    if t.clip_grad > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad)
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)
+                    if t.clip_grad > 0 or self.scaler is not None:  # fp16: the norm tells an overflow
+                        norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), t.clip_grad or math.inf)
                         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP
                         finite = math.isfinite(grad_norm)
-                if finite:
+                        overflow = not finite and self.scaler is not None
+                if self.scaler is not None and not (flags & _NONFINITE):
+                    self.scaler.update()  # after unscale_: halves the scale on an overflow, grows it over time
+                if overflow:  # a loss-scale overflow: expected now and then in fp16, not a training fault
+                    self.skipped_overflow += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                elif finite:
                     self.nonfinite_in_row = 0
                     self.optimizer.step()
                     after_step = getattr(self.task, "after_step", None)
@@ -372,7 +394,9 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     log.warning("step %d: non-finite loss or gradient; update skipped (%d so far, %d in a row)",
                                 self.step, self.skipped_nonfinite, self.nonfinite_in_row)
-                self.scheduler.step()
+                with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                    self.scheduler.step()
                 self.step += 1
                 if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                     # the weights are those of the last good step: every update since was skipped
@@ -395,6 +419,8 @@ class Trainer:
                                 skipped_samples=sum(self.skipped_samples.values()))
                     if t.clip_grad > 0:
                         last["grad_norm"] = grad_norm
+                    if self.scaler is not None:
+                        last.update(loss_scale=self.scaler.get_scale(), skipped_overflow=self.skipped_overflow)
                     if logger:
                         logger.log(self.step, "train", last)
                     bar.set_postfix({k: f"{last[k]:.3f}" for k in last if k.endswith("_loss")} |
