@@ -55,7 +55,8 @@ def _add_pretrain(sub) -> None:
                                                        "(default: maskvlm)")
     p.add_argument("--preset", default=None, help="model size preset (tiny, base) or YAML path; default: the recipe's")
     p.add_argument("--config", default=None, help="a YAML file of settings applied over the recipe")
-    p.add_argument("--data", default=None, help="training annotation JSON (ALBEF layout); sets data.train")
+    p.add_argument("--data", default=None, help="training annotation JSON (ALBEF layout), or several joined by "
+                                                "'::' (concatenated); sets data.train")
     p.add_argument("--shards", default=None, help="train from webdataset tar shards instead: a path, glob or "
                                                   "brace pattern; sources separated by '::'; sets data.shards")
     p.add_argument("--val-data", default=None, help="validation retrieval JSON for periodic evaluation; data.val")

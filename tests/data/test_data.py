@@ -165,3 +165,35 @@ def test_trained_tokenizer_is_the_same_in_every_process(tmp_path, synthetic_dir)
     assert tok.tokenizer.encode("a [MASK] circle").tokens == ["[CLS]", "a", "[MASK]", "circle", "[SEP]"]
     small = train_wordpiece(["a red circle"] * 3 + ["two tiny triangles"], vocab_size=40)  # subword trainer path
     assert small.vocab_size <= 40 and small.tokenizer.encode("red").tokens[1:-1]
+
+
+def test_several_training_files_are_concatenated_each_with_its_own_image_folder(synthetic_dir, tmp_path):
+    """data.train="a.json::b.json": entries of both, images relative to each file's folder, image ids
+    kept apart, and a bad sample's message names its own file and line."""
+    import shutil
+
+    entries = load_annotations(synthetic_dir / "train.json")
+    files = []
+    # b reuses a's image_id values for its own, different images (ids are per dataset)
+    b_part = [{**e, "image_id": entries[0]["image_id"]} for e in entries[10:25]]
+    for name, part in (("a", entries[:10]), ("b", b_part)):
+        folder = tmp_path / name
+        for e in part:
+            (folder / e["image"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(synthetic_dir / e["image"], folder / e["image"])
+        files.append(folder / "train.json")
+        files[-1].write_text(json.dumps(part))
+    transform = ImageTransform(32, (0.5,) * 3, (0.5,) * 3, train=False)
+    both = PairDataset(f"{files[0]}::{files[1]}", None, transform)
+    assert len(both) == 25 and both.captions() == [e["caption"] for e in entries[:25]]
+    alone = [PairDataset(f, None, transform) for f in files]
+    assert torch.equal(both[(0, 12)]["image"], alone[1][(0, 2)]["image"])  # from b's own folder
+    # image ids: within a file as before, across files never shared (the same image_id means another image)
+    assert len(set(both.image_ids)) == len(set(alone[0].image_ids)) + len(set(alone[1].image_ids)) == 2 + 1
+    broken = json.loads(files[1].read_text())
+    broken[3]["caption"] = ""
+    files[1].write_text(json.dumps(broken))
+    with pytest.raises(Exception, match=f"{files[1]}: entry 3 has no usable caption"):
+        PairDataset(f"{files[0]}::{files[1]}", None, transform)._load(0, 13)
+    with pytest.raises(DataError, match="annotation file not found"):
+        PairDataset(f"{files[0]}::{tmp_path / 'missing.json'}", None, transform)

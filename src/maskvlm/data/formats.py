@@ -4,6 +4,7 @@ that tokenises captions and applies the masking policies."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import zlib
@@ -203,16 +204,31 @@ class PairDataset(Dataset):
                  seed: int = 0, swap_on_flip: bool = True, two_views: bool = False,
                  max_pixels: Optional[int] = None):
         self.two_views = two_views  # also return a second, independently augmented view as "image2"
-        self.annotation_path = Path(annotation_path)
-        self.entries = load_annotations(annotation_path, strict=False)
-        self.root = resolve_image_root(annotation_path, image_root)
+        # several files separated by "::" are concatenated (e.g. COCO, VG, CC3M and SBU, as ALBEF
+        # pre-trains); each file's image paths are relative to image_root, or else to its own folder
+        self.files = [Path(p) for p in str(annotation_path).split("::")]
+        self.annotation_path = self.files[0] if len(self.files) == 1 else Path(str(annotation_path))
+        self.entries, self.starts, self.roots = [], [], []
+        ids: dict[Any, int] = {}
+        self.image_ids = []
+        for number, path in enumerate(self.files):
+            entries = load_annotations(path, strict=False)
+            self.starts.append(len(self.entries))
+            self.roots.append(resolve_image_root(path, image_root))
+            self.entries += entries
+            prefix = f"{number}:" if len(self.files) > 1 else ""  # image ids of different files never collide
+            self.image_ids += [ids.setdefault(prefix + str(e.get("image_id", e["image"])), len(ids)) for e in entries]
+        self.root = self.roots[0]
         self.transform = transform
         self.max_pixels = max_pixels  # images above this are refused (data.max_image_pixels)
         self.max_tries = 32  # consecutive bad samples before giving up
         self.seed = seed
         self.swap_on_flip = swap_on_flip
-        ids: dict[Any, int] = {}
-        self.image_ids = [ids.setdefault(str(e.get("image_id", e["image"])), len(ids)) for e in self.entries]
+
+    def _source(self, index: int) -> tuple[Path, Path, int]:
+        """(annotation file, image root, index within that file) of entry ``index``."""
+        number = bisect.bisect_right(self.starts, index) - 1
+        return self.files[number], self.roots[number], index - self.starts[number]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -241,18 +257,19 @@ class PairDataset(Dataset):
                 _warn_bad_sample(e)
                 last = e
                 index = int(torch.randint(len(self.entries), (), generator=gen))
-        raise DataError(f"{self.annotation_path}: {self.max_tries} bad samples in a row ({skipped}), the last: "
+        raise DataError(f"{self._source(index)[0]}: {self.max_tries} bad samples in a row ({skipped}), the last: "
                         f"{last}. Is the image root right? Set it with --image-root / data.image_root")
 
     def _load(self, epoch: int, index: int) -> dict:
         entry = self.entries[index]
+        path, root, local = self._source(index)
         captions = valid_captions(entry.get("caption"))
         if not captions:
-            raise BadSample("bad caption", f"{self.annotation_path}: entry {index} has no usable caption "
+            raise BadSample("bad caption", f"{path}: entry {local} has no usable caption "
                             f"(got {entry.get('caption')!r}; expected a non-empty string or list of strings)")
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
-        pil = open_image(self.root / entry["image"], self.max_pixels)
+        pil = open_image(root / entry["image"], self.max_pixels)
 
         def pick(gen: torch.Generator) -> str:
             caption = entry["caption"]
