@@ -185,6 +185,25 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(model, config, tmp
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_disk_full_while_saving_the_best_weights_keeps_the_previous_best(model, config, tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from maskvlm.train import checkpoint
+
+    checkpoint.save_best(tmp_path, model, config, None, {"step": 1})
+    real = checkpoint.write_model_folder
+
+    def full(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write_model_folder", full)
+    with pytest.raises(OSError, match="no space left .*best weights \\(step 2\\).*previous best is intact"):
+        checkpoint.save_best(tmp_path, model, config, None, {"step": 2})
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
 def _cli_run(out, synthetic_dir, env=None):
     args = [sys.executable, "-c", "import sys; from maskvlm.cli import main; sys.exit(main())", "pretrain",
             "--output-dir", str(out), "--resume", "auto", *MICRO, f"data.train={synthetic_dir / 'train.json'}",

@@ -114,7 +114,16 @@ def save_best(output_dir: Path, task: nn.Module, config, tokenizer, info: dict,
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(output_dir)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the device while writing the best weights (step "
+                          f"{info.get('step')}) to {final}; the partial copy was removed"
+                          f"{' and the previous best is intact' if final.exists() or old.exists() else ''}. Free "
+                          "space, then continue with --resume auto") from None
+        raise
     finally:
+        if old.exists() and not final.exists():  # failed between the two renames: put the previous best back
+            os.rename(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return final
