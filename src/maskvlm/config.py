@@ -183,6 +183,10 @@ class TrainConfig:
     save_every: int = 500  # 0: only at the end
     keep_last: int = 2
     tensorboard: bool = True  # written when the tensorboard package is installed
+    # also log to a Weights & Biases run (pip install wandb; WANDB_MODE=offline needs no network or account)
+    wandb: bool = False
+    wandb_project: str = "maskvlm"
+    wandb_name: Optional[str] = None  # default: the run folder's name
     progress: bool = True
 
 

@@ -1,5 +1,5 @@
-"""Run logs: one JSON object per line in ``metrics.jsonl`` and, when the ``tensorboard``
-package is installed, TensorBoard event files in the same folder."""
+"""Run logs: one JSON object per line in ``metrics.jsonl``; when the ``tensorboard`` package is
+installed, TensorBoard event files in the same folder; with ``train.wandb``, a Weights & Biases run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("maskvlm")
 
@@ -54,10 +55,35 @@ def log_to_file(output_dir: Path):
         handler.close()
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def start_wandb(output_dir: Path, project: str, name: Optional[str], config: dict):
+    """A Weights & Biases run for ``output_dir``. Its id is kept in the run folder, so a resumed run
+    (``--resume``) continues the same W&B run. Offline (no network, no account) with WANDB_MODE=offline."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("train.wandb=true needs the wandb package: pip install wandb (or pip install -e "
+                          "'.[wandb]')") from None
+    id_file = Path(output_dir) / WANDB_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = f"{Path(output_dir).name[-40:]}-{int(time.time())}".replace("/", "-")
+        id_file.write_text(run_id + "\n")
+    run = wandb.init(project=project, name=name or Path(output_dir).name, id=run_id, resume="allow",
+                     dir=str(output_dir), config=config)
+    log.info("Weights & Biases run %s (project %s)", run_id, project)
+    return run
+
+
 class MetricsLogger:
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, tensorboard: bool = True, wandb: Optional[dict] = None):
+        """``wandb``: None, or the keyword arguments of :func:`start_wandb` (project, name, config)."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._wandb = start_wandb(self.output_dir, **wandb) if wandb is not None else None
         self._file = open(self.output_dir / "metrics.jsonl", "a")
         self._writer = None
         if tensorboard:
@@ -72,12 +98,16 @@ class MetricsLogger:
         record.update({k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        numbers = {f"{split}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._writer.add_scalar(f"{split}/{k}", v, step)
+            for k, v in numbers.items():
+                self._writer.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()

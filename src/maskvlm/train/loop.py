@@ -323,7 +323,8 @@ class Trainer:
         t = self.config.train
         main = is_main()
         saves = main or self.fsdp is not None  # ranks that take part in writing a checkpoint
-        logger = MetricsLogger(self.output_dir, t.tensorboard) if main else None
+        wandb = dict(project=t.wandb_project, name=t.wandb_name, config=self.config.to_dict()) if t.wandb else None
+        logger = MetricsLogger(self.output_dir, t.tensorboard, wandb) if main else None
         self.task.train()
         window: dict[str, float] = defaultdict(float)
         window_steps, window_samples, window_start = 0, 0, time.perf_counter()
