@@ -221,7 +221,8 @@ class Trainer:
         if self.config.eval.keep_best:
             model_state = self.fsdp.model_state() if self.fsdp is not None else None
             if is_main():
-                path = save_best(self.output_dir, self.task, self.config, self.tokenizer, {**self.best, "val": val},
+                figures = {k: float(v) for k, v in val.items() if isinstance(v, (int, float, np.floating, np.integer))}
+                path = save_best(self.output_dir, self.task, self.config, self.tokenizer, {**self.best, "val": figures},
                                  self.extra_files, model_state)
                 log.info("best val %s so far: %.2f at step %d, written to %s", metric, value, self.step, path)
         return True
