@@ -1,6 +1,6 @@
 import torch
 
-from maskvlm.tasks.retrieval import _rerank, format_table, recall_metrics
+from maskvlm.tasks.retrieval import _rerank, bootstrap_r1_mean, format_table, recall_metrics
 
 
 def test_recall_metrics_on_hand_made_scores():
@@ -78,3 +78,28 @@ def test_itm_scores_share_images_and_keep_the_pair_order(model):
         want = model.itm_logits(fused)[:, 1].float()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert itm_scores(model, enc, image_idx[:0], text_idx[:0], 6, torch.device("cpu"), "fp32").numel() == 0
+
+
+def test_the_bootstrap_interval_holds_the_estimate_narrows_with_more_images_and_is_seeded():
+    def ranks(n, hit_rate, captions=5):
+        g = torch.Generator().manual_seed(1)
+        tr = (torch.rand(n, generator=g) > hit_rate).long() * 3  # rank 0 (a hit) or 3
+        ir = (torch.rand(n * captions, generator=g) > hit_rate).long() * 3
+        return tr, ir, [i // captions for i in range(n * captions)]
+
+    small, large = ranks(100, 0.4), ranks(2000, 0.4)
+    low, high = bootstrap_r1_mean(*small)
+    estimate = 50 * (float((small[0] < 1).double().mean()) + float((small[1] < 1).double().mean()))
+    assert low < estimate < high and high - low > 5
+    big_low, big_high = bootstrap_r1_mean(*large)
+    assert big_high - big_low < (high - low) / 3  # about 1 / sqrt(20) as wide
+    assert bootstrap_r1_mean(*small) == (low, high)
+    perfect = bootstrap_r1_mean(torch.zeros(50, dtype=torch.long), torch.zeros(250, dtype=torch.long),
+                                [i // 5 for i in range(250)])
+    assert perfect == (100.0, 100.0)
+    # captions of one image move together: a resample draws images, not captions, so an interval over
+    # images whose captions all hit or all miss is wider than one over independent captions
+    tr = torch.tensor([0, 3] * 50)
+    together = bootstrap_r1_mean(tr, tr.repeat_interleave(5), [i // 5 for i in range(500)])
+    apart = bootstrap_r1_mean(tr, torch.tensor([0, 3] * 250), [i // 5 for i in range(500)])
+    assert together[1] - together[0] > apart[1] - apart[0]

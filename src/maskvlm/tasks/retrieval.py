@@ -142,7 +142,25 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: li
         m[f"{prefix}img_r{k}"] = 100.0 * float((ir < k).float().mean())
     m[f"{prefix}r1_mean"] = (m[f"{prefix}txt_r1"] + m[f"{prefix}img_r1"]) / 2
     m[f"{prefix}r_mean"] = sum(m[f"{prefix}{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)) / 6
+    m[f"{prefix}r1_mean_ci_low"], m[f"{prefix}r1_mean_ci_high"] = bootstrap_r1_mean(tr, ir, txt2img)
     return m
+
+
+def bootstrap_r1_mean(tr_ranks: torch.Tensor, ir_ranks: torch.Tensor, txt2img: list[int], samples: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean R@1 (in %) by the bootstrap over images: each resample draws the
+    test images with replacement, each with its own caption queries, so that captions of one image
+    are not counted as independent. Seeded: the same ranks give the same interval."""
+    n = len(tr_ranks)
+    image_of_text = torch.as_tensor(txt2img, dtype=torch.long)
+    tr_hit = (tr_ranks < 1).double()
+    ir_hits = torch.zeros(n, dtype=torch.double).index_add_(0, image_of_text, (ir_ranks < 1).double())
+    captions = torch.zeros(n, dtype=torch.double).index_add_(0, image_of_text, torch.ones(len(txt2img),
+                                                                                           dtype=torch.double))
+    drawn = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
+    r1 = 50.0 * (tr_hit[drawn].mean(1) + ir_hits[drawn].sum(1) / captions[drawn].sum(1).clamp(min=1))
+    low, high = torch.quantile(r1, torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    return low, high
 
 
 @torch.no_grad()
@@ -188,7 +206,9 @@ def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") 
         for direction, label in (("txt", "text (image->text)"), ("img", "image (text->image)")):
             vals = [metrics[f"{prefix}{direction}_r{k}"] for k in (1, 5, 10)]
             lines.append(f"{label:22s}" + "".join(f"{v:8.1f}" for v in vals) + f"   [{name}]")
-    lines.append(f"mean R@1 (TR, IR){' after re-rank' if k > 0 else ''}: {metrics['r1_mean']:.1f}   "
+    interval = (f" (95% CI {metrics['r1_mean_ci_low']:.1f}-{metrics['r1_mean_ci_high']:.1f}, bootstrap over images)"
+                if "r1_mean_ci_low" in metrics else "")
+    lines.append(f"mean R@1 (TR, IR){' after re-rank' if k > 0 else ''}: {metrics['r1_mean']:.1f}{interval}   "
                  f"mean of all six: {metrics['r_mean']:.1f}")
     if "chance_r1" in metrics:
         lines.append(f"chance level R@1 (TR, IR mean): {metrics['chance_r1']:.2f}")
