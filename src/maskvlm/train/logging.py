@@ -55,6 +55,19 @@ def log_to_file(output_dir: Path):
         handler.close()
 
 
+def metrics_line(step: int, split: str, metrics: dict) -> str:
+    """One ``metrics.jsonl`` record."""
+    record = {"step": step, "split": split, "time": round(time.time(), 3)}
+    record.update({k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
+    return json.dumps(record) + "\n"
+
+
+def append_metrics(output_dir: Path, step: int, split: str, metrics: dict) -> None:
+    """Add a record to ``metrics.jsonl`` after training has ended (e.g. the final weights' val figures)."""
+    with open(Path(output_dir) / "metrics.jsonl", "a") as f:
+        f.write(metrics_line(step, split, metrics))
+
+
 WANDB_ID_FILE = "wandb_id.txt"
 
 
@@ -94,9 +107,7 @@ class MetricsLogger:
                 log.info("tensorboard is not installed; writing metrics.jsonl only")
 
     def log(self, step: int, split: str, metrics: dict) -> None:
-        record = {"step": step, "split": split, "time": round(time.time(), 3)}
-        record.update({k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(metrics_line(step, split, metrics))
         self._file.flush()
         numbers = {f"{split}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._writer is not None:
