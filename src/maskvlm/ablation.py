@@ -109,7 +109,9 @@ def run_study(study: Study, progress: bool = False) -> list[dict]:
     base = build_config("maskvlm", overrides=study.size_overrides + study.extra_overrides)
     s = base.data.synthetic
     root = ensure_synthetic(s.dir, study.num_train, s.num_val, s.num_test, s.image_size, s.seed, progress=progress)
+    # eval.keep_best=false: the study reports the last weights, so no run needs a best copy or a final val pass
     common = [f"data.val={root / 'val.json'}", f"data.test={root / 'test.json'}", "eval.every_steps=0",
+              "eval.keep_best=false",
               f"train.batch_size={study.batch_size}", "train.save_every=0", "train.keep_last=1",
               f"train.progress={str(progress).lower()}", "data.num_workers=0"]
     runs = [(c, f, sd) for sd in study.seeds for f in study.fractions for c in study.configs]

@@ -177,7 +177,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     if evaluate_test and not d.test and aligned:
         log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")
     ends = (is_main() or trainer.fsdp) and not trainer.interrupted
-    if evaluate is not None and ends:  # the final weights' val figures, for the best-weights choice
+    if evaluate is not None and ends and config.eval.keep_best:  # the final weights' val figures, for the best choice
         val = trainer.run_evaluation(evaluate)
         if is_main():
             log.info("step %d val: %s", trainer.step, {k: round(v, 2) for k, v in val.items()})
