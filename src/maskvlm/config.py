@@ -202,6 +202,8 @@ class EvalConfig:
     best_metric: Optional[str] = None
     keep_best: bool = True  # write the best weights so far to OUTPUT/best (a model folder, with best.json)
     test_on: str = "last"  # the weights the test file is evaluated with at the end: "last" or "best"
+    # stop training when this many periodic val evaluations in a row bring no new best (0: never)
+    patience: int = 0
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
@@ -296,6 +298,9 @@ class Config:
                               "on GPUs that have it, or DDP")
         _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
         _check_choice("eval.test_on", self.eval.test_on, ("last", "best"))
+        if self.eval.patience < 0 or (self.eval.patience and not self.eval.every_steps):
+            raise ConfigError(f"eval.patience={self.eval.patience}: expected 0 (off) or a positive count of val "
+                              "evaluations, which needs eval.every_steps > 0")
         if self.eval.test_on == "best" and not self.eval.keep_best:
             raise ConfigError("eval.test_on=best needs eval.keep_best=true (the best weights are read back from disk)")
         if self.eval.test_on == "best" and self.train.fsdp:

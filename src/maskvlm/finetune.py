@@ -166,7 +166,8 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     start = time.perf_counter()
     train_metrics = trainer.fit()
     result = {"task": name, "train": train_metrics, "train_seconds": time.perf_counter() - start,
-              "step": trainer.step, "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
+              "step": trainer.step, "interrupted": trainer.interrupted, "stopped_early": trainer.stopped_early,
+              "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
     # rank 0 evaluates; with FSDP every rank takes part (the parameters are gathered)
     main = is_main()

@@ -172,7 +172,8 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     start = time.perf_counter()
     train_metrics = trainer.fit()
     result = {"train": train_metrics, "train_seconds": time.perf_counter() - start, "step": trainer.step,
-              "interrupted": trainer.interrupted, "checkpoint": str(trainer.last_checkpoint),
+              "interrupted": trainer.interrupted, "stopped_early": trainer.stopped_early,
+              "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
     if evaluate_test and not d.test and aligned:
         log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")

@@ -82,3 +82,14 @@ def test_best_metric_defaults_and_checks():
         micro_config("eval.test_on=first")
     with pytest.raises(ConfigError, match="needs eval.keep_best=true"):
         micro_config("eval.test_on=best", "eval.keep_best=false")
+
+
+def test_early_stopping_after_patience_evaluations_without_a_new_best(synthetic_dir, tmp_path, falling_val):
+    # val r_mean 49, 48, 47, ...: step 1 is the best, steps 2 and 3 bring nothing, so patience 2 stops at step 3
+    result = pretrain(_config(synthetic_dir, tmp_path / "run", "train.max_steps=10", "eval.patience=2",
+                              "eval.test_on=best"))
+    assert result["stopped_early"] and result["step"] == 3 and not result["interrupted"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-00000003"
+    assert result["best"]["step"] == 1 and "test" in result  # the run still ends with its evaluations
+    with pytest.raises(ConfigError, match="eval.patience=2: .* needs eval.every_steps > 0"):
+        micro_config("eval.every_steps=0", "eval.patience=2")

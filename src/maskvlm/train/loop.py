@@ -138,6 +138,8 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.interrupted = False
         self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best val evaluation so far
+        self.evals_since_best = 0  # periodic val evaluations since the last new best (eval.patience)
+        self.stopped_early = False
         self._best_metric_missing = False
 
     # --- state ------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "data_layout": self._data_layout(), "best": self.best,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "skipped_overflow": self.skipped_overflow}
+                "skipped_overflow": self.skipped_overflow, "evals_since_best": self.evals_since_best}
 
     def _data_layout(self) -> dict:
         """What the data position means: a streamed epoch is split by processes and workers."""
@@ -190,6 +192,7 @@ class Trainer:
         self.skipped_samples = dict(state.get("skipped_samples", {}))
         self.samples_used = state.get("samples_used", 0)
         self.best = state.get("best")
+        self.evals_since_best = state.get("evals_since_best", 0)
         self.skipped_overflow = state.get("skipped_overflow", 0)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -431,17 +434,27 @@ class Trainer:
                     window.clear()
                     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
                 is_last = self.step == t.max_steps
-                if self.evaluate and self.config.eval.every_steps and self.step % self.config.eval.every_steps == 0 \
-                        and not is_last and saves:
+                e = self.config.eval
+                evaluates = bool(self.evaluate and e.every_steps and self.step % e.every_steps == 0 and not is_last)
+                if evaluates and saves:
                     val = self.run_evaluation(self.evaluate)
                     if main:
                         logger.log(self.step, "val", val)
                         log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
-                    self.consider_best(val)
+                    self.evals_since_best = 0 if self.consider_best(val) else self.evals_since_best + 1
+                if evaluates and e.patience:  # every rank learns the deciding ranks' verdict
+                    self.stopped_early = any_rank(saves and self.evals_since_best >= e.patience)
                 if any_rank(stop.is_set()):  # every rank stops at the same step (no collective left waiting)
                     self.interrupted = True
-                if saves and (is_last or self.interrupted or (t.save_every and self.step % t.save_every == 0)):
+                if saves and (is_last or self.interrupted or self.stopped_early or
+                              (t.save_every and self.step % t.save_every == 0)):
                     self.save()
+                if self.stopped_early:
+                    log.info("early stop at step %d of %d: no better val %s in the last %d evaluations (best %.2f "
+                             "at step %d; eval.patience=%d)", self.step, t.max_steps, best_metric(self.config),
+                             e.patience, self.best["value"] if self.best else float("nan"),
+                             self.best["step"] if self.best else -1, e.patience)
+                    break
                 if self.interrupted:
                     launcher = f"torchrun ... -m maskvlm {self.command}" if world_size() > 1 else \
                         f"maskvlm {self.command}"
