@@ -134,6 +134,9 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")
     r.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast or fp32 (default: the checkpoint's train.precision)")
+    r.add_argument("--against", default=None, metavar="CHECKPOINT",
+                   help="also evaluate this second model on the same file and report the difference in mean R@1 "
+                        "with a paired bootstrap interval over images")
     r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, title, fmt in (("vqa", "VQA v2 accuracy (official metric) and the eval-server result file",
@@ -448,23 +451,39 @@ def _evaluate_retrieval(args) -> int:
     from .tasks.retrieval import choose_score, evaluate_retrieval, format_table, protocol_k
     from .train.checkpoint import model_folder
 
-    folder = model_folder(args.checkpoint)
     device = resolve_device(args.device or "auto")
-    model, config, tokenizer = load_pretrained(folder, device)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{folder}: no tokenizer.json next to the weights")
-    data = args.data or config.data.test
-    if not data:
-        raise ValueError("no --data given and the checkpoint's config has no data.test")
-    image_root = args.image_root if args.data else (args.image_root or config.data.image_root)
-    dataset = RetrievalDataset(data, image_root, eval_transform(config))
-    e = config.eval
-    k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
-    score = choose_score(config, args.score)
-    metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k, score,
-                                 args.batch_size or e.batch_size, device, args.precision or config.train.precision,
-                                 progress=not args.no_progress)
-    print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"))
+    data, image_root = args.data, args.image_root
+
+    def evaluate(checkpoint: str, ranks: dict):
+        nonlocal data, image_root
+        folder = model_folder(checkpoint)
+        model, config, tokenizer = load_pretrained(folder, device)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{folder}: no tokenizer.json next to the weights")
+        if data is None:  # the first model's test file (and its image root) serve both
+            data, image_root = config.data.test, image_root or config.data.image_root
+            if not data:
+                raise ValueError("no --data given and the checkpoint's config has no data.test")
+        dataset = RetrievalDataset(data, image_root, eval_transform(config))
+        e = config.eval
+        k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
+        metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
+                                     choose_score(config, args.score), args.batch_size or e.batch_size, device,
+                                     args.precision or config.train.precision, progress=not args.no_progress,
+                                     ranks_out=ranks)
+        print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"
+                                    f"{': ' + checkpoint if args.against else ''}"))
+        return metrics, dataset
+
+    ranks_a, ranks_b = {}, {}
+    metrics, dataset = evaluate(args.checkpoint, ranks_a)
+    if args.against:
+        from .tasks.retrieval import paired_r1_difference
+        metrics = {"model": metrics, "against": evaluate(args.against, ranks_b)[0]}
+        d = metrics["difference"] = paired_r1_difference(ranks_a, ranks_b, dataset.txt2img)
+        print(f"mean R@1, {args.checkpoint} minus {args.against}: {d['r1_mean_difference']:+.1f} (95% CI "
+              f"{d['ci_low']:+.1f} to {d['ci_high']:+.1f}, paired bootstrap over the {d['images']} images); the first "
+              f"is ahead in {100 * d['a_ahead_share']:.0f}% of the resamples")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:

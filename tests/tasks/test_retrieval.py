@@ -1,6 +1,6 @@
 import torch
 
-from maskvlm.tasks.retrieval import _rerank, bootstrap_r1_mean, format_table, recall_metrics
+from maskvlm.tasks.retrieval import _rerank, bootstrap_r1_mean, format_table, paired_r1_difference, recall_metrics
 
 
 def test_recall_metrics_on_hand_made_scores():
@@ -103,3 +103,37 @@ def test_the_bootstrap_interval_holds_the_estimate_narrows_with_more_images_and_
     together = bootstrap_r1_mean(tr, tr.repeat_interleave(5), [i // 5 for i in range(500)])
     apart = bootstrap_r1_mean(tr, torch.tensor([0, 3] * 250), [i // 5 for i in range(500)])
     assert together[1] - together[0] > apart[1] - apart[0]
+
+
+def test_the_paired_difference_of_two_models_on_the_same_images():
+    captions = [i // 5 for i in range(500)]
+    g = torch.Generator().manual_seed(2)
+    a = {"tr": (torch.rand(100, generator=g) > 0.5).long() * 2, "ir": (torch.rand(500, generator=g) > 0.5).long() * 2}
+    same = paired_r1_difference(a, a, captions)
+    assert (same["r1_mean_difference"], same["ci_low"], same["ci_high"], same["a_ahead_share"]) == (0, 0, 0, 0)
+    # B misses every query A gets right on the first 20 images, and matches A elsewhere
+    b = {"tr": a["tr"].clone(), "ir": a["ir"].clone()}
+    b["tr"][:20], b["ir"][:100] = 2, 2
+    d = paired_r1_difference(a, b, captions)
+    lost = 50 * (float((a["tr"][:20] < 1).sum()) / 100 + float((a["ir"][:100] < 1).sum()) / 500)
+    assert abs(d["r1_mean_difference"] - lost) < 1e-9 and 0 < d["ci_low"] < lost < d["ci_high"]
+    assert d["a_ahead_share"] > 0.97 and d["images"] == 100
+
+
+def test_cli_compares_two_checkpoints(synthetic_dir, tokenizer, tmp_path, capsys):
+    import json
+
+    from maskvlm.cli import main
+    from tests.conftest import save_micro_model
+
+    first = save_micro_model(tmp_path / "a", tokenizer)
+    second = save_micro_model(tmp_path / "b", tokenizer, "model.embed_dim=8")
+    out = tmp_path / "compare.json"
+    assert main(["evaluate", "retrieval", "--checkpoint", str(first), "--against", str(second), "--data",
+                 str(synthetic_dir / "test.json"), "--k", "2", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"mean R@1, {first} minus {second}:" in printed and "paired bootstrap over the 8 images" in printed
+    result = json.loads(out.read_text())
+    assert set(result) == {"model", "against", "difference"}
+    difference = result["model"]["r1_mean"] - result["against"]["r1_mean"]
+    assert abs(result["difference"]["r1_mean_difference"] - difference) < 1e-9

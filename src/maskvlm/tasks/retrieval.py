@@ -132,10 +132,13 @@ def _ranks_of_positives(scores: torch.Tensor, positives: list[list[int]], chunk:
 
 
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]],
-                   txt2img: list[int], prefix: str = "") -> dict[str, float]:
-    """R@1/5/10 (in %) for text retrieval (image query) and image retrieval (text query)."""
+                   txt2img: list[int], prefix: str = "", ranks_out: Optional[dict] = None) -> dict[str, float]:
+    """R@1/5/10 (in %) for text retrieval (image query) and image retrieval (text query); ``ranks_out``
+    (a dict) receives each query's rank ("tr": per image, "ir": per caption) for paired comparisons."""
     tr = _ranks_of_positives(score_i2t.cpu(), img2txt)
     ir = _ranks_of_positives(score_t2i.cpu(), [[i] for i in txt2img])
+    if ranks_out is not None:
+        ranks_out.update(tr=tr, ir=ir)
     m = {}
     for k in (1, 5, 10):
         m[f"{prefix}txt_r{k}"] = 100.0 * float((tr < k).float().mean())
@@ -146,30 +149,60 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: li
     return m
 
 
-def bootstrap_r1_mean(tr_ranks: torch.Tensor, ir_ranks: torch.Tensor, txt2img: list[int], samples: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean R@1 (in %) by the bootstrap over images: each resample draws the
-    test images with replacement, each with its own caption queries, so that captions of one image
-    are not counted as independent. Seeded: the same ranks give the same interval."""
+def _resampled_r1_mean(tr_ranks: torch.Tensor, ir_ranks: torch.Tensor, txt2img: list[int],
+                       drawn: torch.Tensor) -> torch.Tensor:
+    """The mean R@1 (in %) of each resample: row r of ``drawn`` lists the images it draws, each
+    with its own caption queries."""
     n = len(tr_ranks)
     image_of_text = torch.as_tensor(txt2img, dtype=torch.long)
     tr_hit = (tr_ranks < 1).double()
     ir_hits = torch.zeros(n, dtype=torch.double).index_add_(0, image_of_text, (ir_ranks < 1).double())
     captions = torch.zeros(n, dtype=torch.double).index_add_(0, image_of_text, torch.ones(len(txt2img),
                                                                                            dtype=torch.double))
-    drawn = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
-    r1 = 50.0 * (tr_hit[drawn].mean(1) + ir_hits[drawn].sum(1) / captions[drawn].sum(1).clamp(min=1))
-    low, high = torch.quantile(r1, torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    return 50.0 * (tr_hit[drawn].mean(1) + ir_hits[drawn].sum(1) / captions[drawn].sum(1).clamp(min=1))
+
+
+def _draws(n: int, samples: int, seed: int) -> torch.Tensor:
+    return torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _interval(values: torch.Tensor) -> tuple[float, float]:
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
     return low, high
+
+
+def bootstrap_r1_mean(tr_ranks: torch.Tensor, ir_ranks: torch.Tensor, txt2img: list[int], samples: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean R@1 (in %) by the bootstrap over images: each resample draws the
+    test images with replacement, each with its own caption queries, so that captions of one image
+    are not counted as independent. Seeded: the same ranks give the same interval."""
+    return _interval(_resampled_r1_mean(tr_ranks, ir_ranks, txt2img, _draws(len(tr_ranks), samples, seed)))
+
+
+def paired_r1_difference(a: dict, b: dict, txt2img: list[int], samples: int = 1000, seed: int = 0) -> dict:
+    """Mean R@1 of model A minus model B on the same test set (``a`` / ``b``: the ``ranks_out`` of
+    their evaluations), with a 95% interval from a paired bootstrap over images (both models scored
+    on the same resampled images) and the share of resamples in which A is ahead."""
+    drawn = _draws(len(a["tr"]), samples, seed)
+    diff = (_resampled_r1_mean(a["tr"], a["ir"], txt2img, drawn)
+            - _resampled_r1_mean(b["tr"], b["ir"], txt2img, drawn))
+    whole = torch.arange(len(a["tr"]))[None]
+    point = float(_resampled_r1_mean(a["tr"], a["ir"], txt2img, whole) - _resampled_r1_mean(b["tr"], b["ir"],
+                                                                                             txt2img, whole))
+    low, high = _interval(diff)
+    return {"r1_mean_difference": point, "ci_low": low, "ci_high": high,
+            "a_ahead_share": float((diff > 0).double().mean()), "images": len(a["tr"])}
 
 
 @torch.no_grad()
 def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: RetrievalDataset, max_len: int,
                        k: int = 16, score: str = "itm", batch_size: int = 128,
                        device: Optional[torch.device] = None, precision: str = "fp32",
-                       progress: bool = False, num_workers: int = 0) -> dict[str, float]:
+                       progress: bool = False, num_workers: int = 0,
+                       ranks_out: Optional[dict] = None) -> dict[str, float]:
     """Zero-shot (or fine-tuned) retrieval metrics: ``itc_*`` from ITC ranking alone, and the
-    main figures after ITM re-ranking of the top-``k`` (``k=0`` or ``score="itc"``: ITC only)."""
+    main figures after ITM re-ranking of the top-``k`` (``k=0`` or ``score="itc"``: ITC only).
+    ``ranks_out`` receives the ranks behind the main figures (see :func:`recall_metrics`)."""
     if score == "itc":
         k = 0
     device = device or next(model.parameters()).device
@@ -178,14 +211,15 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
     try:
         enc = encode_split(model, dataset, tokenizer, max_len, batch_size, device, precision, progress, num_workers)
         sim_i2t = (enc["image_feat"] @ enc["text_feat"].t()).float().cpu()
-        metrics = recall_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img, prefix="itc_")
+        metrics = recall_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img, prefix="itc_",
+                                 ranks_out=ranks_out)
         if k > 0:
             add_itc = score == "itm+itc"
             i2t = _rerank(sim_i2t, k, lambda img, txt: itm_scores(model, enc, img, txt, batch_size, device,
                                                                   precision).cpu(), add_itc)
             t2i = _rerank(sim_i2t.t().contiguous(), k, lambda txt, img: itm_scores(
                 model, enc, img, txt, batch_size, device, precision).cpu(), add_itc)
-            metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img))
+            metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img, ranks_out=ranks_out))
         else:
             metrics.update({key[4:]: v for key, v in metrics.items()})
         metrics["k"] = float(k)
