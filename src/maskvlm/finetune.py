@@ -27,7 +27,7 @@ from .tasks.pretrain import (PretrainTask, eval_transform, make_retrieval_eval, 
 from .tasks.retrieval import format_table
 from .train.checkpoint import model_folder
 from .train.distributed import init_from_env, is_main
-from .train.logging import append_metrics, log_to_file, setup_logging
+from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
 log = logging.getLogger("maskvlm")
@@ -190,9 +190,7 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
             title = f"{spec.title} on {path}"
         title += weights
         if split == "val":
-            if main:
-                append_metrics(output_dir, trainer.step, "val", metrics)
-            trainer.consider_best(metrics)  # the final weights count too
+            trainer.record_val(metrics)  # the final weights count too
         if main:
             print(format_table(metrics, title) if name == "retrieval" else format_metrics(spec, metrics, title))
         result[split] = metrics

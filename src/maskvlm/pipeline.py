@@ -20,7 +20,7 @@ from .tasks.pretrain import (PretrainTask, make_retrieval_eval, needs_image_mask
 from .tasks.retrieval import format_table
 from .train.checkpoint import list_checkpoints, model_folder, resolve_resume
 from .train.distributed import barrier, broadcast_object, init_from_env, is_main
-from .train.logging import append_metrics, log_to_file, setup_logging
+from .train.logging import log_to_file, setup_logging
 from .train.loop import Trainer, seed_everything
 
 log = logging.getLogger("maskvlm")
@@ -179,11 +179,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")
     ends = (is_main() or trainer.fsdp) and not trainer.interrupted
     if evaluate is not None and ends and config.eval.keep_best:  # the final weights' val figures, for the best choice
-        val = trainer.run_evaluation(evaluate)
-        if is_main():
-            log.info("step %d val: %s", trainer.step, {k: round(v, 2) for k, v in val.items()})
-            append_metrics(output_dir, trainer.step, "val", val)
-        trainer.consider_best(val)
+        trainer.record_val(trainer.run_evaluation(evaluate))
         result["best"] = trainer.best
     if evaluate_test and d.test and aligned and ends:
         weights = trainer.use_best_for_test()

@@ -57,12 +57,7 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
         write_model_folder(tmp, task, config, tokenizer, model_state)
         _fault_delay()
         torch.save(trainer_state, tmp / STATE_FILE)
-        for name, content in (extra_files or {}).items():  # e.g. a task's class names
-            with open(tmp / name, "w") as f:
-                json.dump(content, f)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        _finish_folder(tmp, extra_files)  # e.g. a task's class names
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -82,11 +77,27 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     return final
 
 
+def _finish_folder(folder: Path, json_files: Optional[dict]) -> None:
+    """Write ``json_files`` (name -> JSON-able object) into ``folder``, then fsync every file in it."""
+    for name, content in (json_files or {}).items():
+        with open(folder / name, "w") as f:
+            json.dump(content, f)
+    for name in os.listdir(folder):
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def keeps_model_only(task_name: str) -> bool:
+    """Whether a model folder of this task holds the model alone (pre-training, retrieval) rather than
+    the whole task module (a fine-tuned classifier: the model and its head)."""
+    return task_name in ("pretrain", "retrieval")
+
+
 def model_only(state: dict, task_name: str) -> dict:
     """The weights a model folder keeps of a training task's state: the model alone (its ``model.``
     prefix removed; no EMA teacher, queues or prototypes) for pre-training and retrieval, the model
     and its head for a fine-tuned classifier (as ``maskvlm evaluate`` loads it)."""
-    if task_name in ("pretrain", "retrieval"):
+    if keeps_model_only(task_name):
         return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     return state
 
@@ -104,12 +115,7 @@ def save_best(output_dir: Path, task: nn.Module, config, tokenizer, info: dict,
     state = model_only(unique_state_dict(task) if model_state is None else model_state, config.task.name)
     try:
         write_model_folder(tmp, task, config, tokenizer, state)
-        for name, content in {**(extra_files or {}), BEST_FILE: info}.items():
-            with open(tmp / name, "w") as f:
-                json.dump(content, f, indent=1)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        _finish_folder(tmp, {**(extra_files or {}), BEST_FILE: info})
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)

@@ -26,9 +26,10 @@ from ..config import Config, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, keep_freed_host_memory, resolve_device
-from .checkpoint import BEST_DIR, load_trainer_state, rng_state, save_best, save_checkpoint, set_rng_state
+from .checkpoint import (BEST_DIR, keeps_model_only, load_trainer_state, rng_state, save_best, save_checkpoint,
+                         set_rng_state)
 from .distributed import any_rank, global_max, is_main, rank, world_size
-from .logging import MetricsLogger, log
+from .logging import MetricsLogger, append_metrics, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
 
 STATE_VERSION = 1
@@ -230,14 +231,23 @@ class Trainer:
                 log.info("best val %s so far: %.2f at step %d, written to %s", metric, value, self.step, path)
         return True
 
+    def record_val(self, val: dict, logger: Optional[MetricsLogger] = None) -> bool:
+        """Log a val evaluation of the current weights (the log, and ``metrics.jsonl`` through ``logger``
+        or, after training, appended to it) and weigh it for the best weights; True for a new best."""
+        if is_main():
+            log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
+            if logger is not None:
+                logger.log(self.step, "val", val)
+            else:
+                append_metrics(self.output_dir, self.step, "val", val)
+        return self.consider_best(val)
+
     def load_best(self) -> None:
         """Put the weights saved in OUTPUT/best back into the model (unsharded training only)."""
         folder = self.output_dir / BEST_DIR
         state = load_file(str(folder / MODEL_FILE))
-        if self.config.task.name in ("pretrain", "retrieval"):
-            load_state(self.task.model, state, str(folder / MODEL_FILE))
-        else:
-            load_state(self.task, state, str(folder / MODEL_FILE))
+        target = self.task.model if keeps_model_only(self.config.task.name) else self.task
+        load_state(target, state, str(folder / MODEL_FILE))
         log.info("weights of the best val %s (%.2f, step %d) loaded from %s", self.best["metric"],
                  self.best["value"], self.best["step"], folder)
 
@@ -437,11 +447,8 @@ class Trainer:
                 e = self.config.eval
                 evaluates = bool(self.evaluate and e.every_steps and self.step % e.every_steps == 0 and not is_last)
                 if evaluates and saves:
-                    val = self.run_evaluation(self.evaluate)
-                    if main:
-                        logger.log(self.step, "val", val)
-                        log.info("step %d val: %s", self.step, {k: round(v, 2) for k, v in val.items()})
-                    self.evals_since_best = 0 if self.consider_best(val) else self.evals_since_best + 1
+                    improved = self.record_val(self.run_evaluation(self.evaluate), logger)
+                    self.evals_since_best = 0 if improved else self.evals_since_best + 1
                 if evaluates and e.patience:  # every rank learns the deciding ranks' verdict
                     self.stopped_early = any_rank(saves and self.evals_since_best >= e.patience)
                 if any_rank(stop.is_set()):  # every rank stops at the same step (no collective left waiting)
