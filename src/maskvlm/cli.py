@@ -385,19 +385,34 @@ def _finetune(args) -> int:
     return 0
 
 
+def _join_torchrun() -> bool:
+    """Under torchrun, join the job's process group (evaluations split their work over the ranks)
+    and leave the reporting to rank 0; returns whether this process reports."""
+    import logging
+
+    from .train.distributed import init_from_env, is_main
+
+    if init_from_env() and not is_main():
+        logging.getLogger("maskvlm").setLevel(logging.WARNING)
+        return False
+    return True
+
+
 def _evaluate(args) -> int:
-    if args.task == "retrieval":
-        return _evaluate_retrieval(args)
     if args.task in ("grounding", "cross-modal"):
         from . import cli_insight
         return cli_insight.evaluate(args)
     if args.task in ("classification", "linear-probe"):
         return _evaluate_image_folders(args)
+    reports = _join_torchrun()
+    if args.task == "retrieval":
+        return _evaluate_retrieval(args, reports)
     from .finetune import evaluate_task
 
     metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
-                            args.batch_size, args.predictions, progress=not args.no_progress)
-    if args.out:
+                            args.batch_size, args.predictions if reports else None,
+                            progress=not args.no_progress and reports, report=reports)
+    if args.out and reports:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(metrics, f, indent=2)
@@ -443,7 +458,7 @@ def _evaluate_image_folders(args) -> int:
     return 0
 
 
-def _evaluate_retrieval(args) -> int:
+def _evaluate_retrieval(args, reports: bool = True) -> int:
     from .data.formats import RetrievalDataset
     from .models.model import load_pretrained
     from .runtime import resolve_device
@@ -469,10 +484,11 @@ def _evaluate_retrieval(args) -> int:
         k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
         metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
                                      choose_score(config, args.score), args.batch_size or e.batch_size, device,
-                                     args.precision or config.train.precision, progress=not args.no_progress,
-                                     ranks_out=ranks)
-        print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} captions)"
-                                    f"{': ' + checkpoint if args.against else ''}"))
+                                     args.precision or config.train.precision,
+                                     progress=not args.no_progress and reports, ranks_out=ranks, split_over_ranks=True)
+        if reports:
+            print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} "
+                                        f"captions){': ' + checkpoint if args.against else ''}"))
         return metrics, dataset
 
     ranks_a, ranks_b = {}, {}
@@ -481,10 +497,11 @@ def _evaluate_retrieval(args) -> int:
         from .tasks.retrieval import paired_r1_difference
         metrics = {"model": metrics, "against": evaluate(args.against, ranks_b)[0]}
         d = metrics["difference"] = paired_r1_difference(ranks_a, ranks_b, dataset.txt2img)
-        print(f"mean R@1, {args.checkpoint} minus {args.against}: {d['r1_mean_difference']:+.1f} (95% CI "
+        if reports:
+            print(f"mean R@1, {args.checkpoint} minus {args.against}: {d['r1_mean_difference']:+.1f} (95% CI "
               f"{d['ci_low']:+.1f} to {d['ci_high']:+.1f}, paired bootstrap over the {d['images']} images); the first "
-              f"is ahead in {100 * d['a_ahead_share']:.0f}% of the resamples")
-    if args.out:
+                  f"is ahead in {100 * d['a_ahead_share']:.0f}% of the resamples")
+    if args.out and reports:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(metrics, f, indent=2)

@@ -169,9 +169,9 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
               "step": trainer.step, "interrupted": trainer.interrupted, "stopped_early": trainer.stopped_early,
               "checkpoint": str(trainer.last_checkpoint),
               "output_dir": str(output_dir)}
-    # rank 0 evaluates; with FSDP every rank takes part (the parameters are gathered)
+    # every rank evaluates (each a share of the work); rank 0 reports
     main = is_main()
-    if trainer.interrupted or not (main or trainer.fsdp):
+    if trainer.interrupted:
         return result
     for split, path in (("val", d.val), ("test", d.test if evaluate_test else None)):
         if not path:
@@ -224,7 +224,7 @@ def _classification_eval(spec: ClassificationTask, module: FusedClassifier, toke
 
     def run() -> dict:
         logits = predict(module, dataset, collator, config.eval.batch_size, device, config.train.precision,
-                         progress=progress)
+                         progress=progress, split_over_ranks=True)
         metrics, names = spec.score(logits, examples, classes)
         if predictions is not None:
             spec.write_predictions(predictions, names, examples)
@@ -263,8 +263,10 @@ def format_metrics(spec: ClassificationTask, metrics: dict, title: str) -> str:
 
 def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_root: Optional[str] = None,
                   device: Optional[str] = None, precision: Optional[str] = None, batch_size: Optional[int] = None,
-                  predictions: Optional[str] = None, progress: bool = True) -> dict:
-    """Evaluate a fine-tuned VQA / NLVR2 / SNLI-VE checkpoint on ``data`` (default: its data.test)."""
+                  predictions: Optional[str] = None, progress: bool = True, report: bool = True) -> dict:
+    """Evaluate a fine-tuned VQA / NLVR2 / SNLI-VE checkpoint on ``data`` (default: its data.test).
+    Under torchrun (every rank calling it) each rank predicts a share of the examples; ``report``:
+    print the figures (rank 0)."""
     spec = CLASSIFICATION_TASKS[task]
     folder = model_folder(checkpoint)
     config = read_config(folder)
@@ -292,5 +294,6 @@ def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_
     run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
                                          Path(predictions) if predictions else None, root, progress, examples)
     metrics = run()
-    print(format_metrics(spec, metrics, f"{spec.title} on {path} ({len(examples)} examples)"))
+    if report:
+        print(format_metrics(spec, metrics, f"{spec.title} on {path} ({len(examples)} examples)"))
     return metrics

@@ -177,7 +177,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
               "output_dir": str(output_dir)}
     if evaluate_test and not d.test and aligned:
         log.info("no test file (--test-data / data.test): zero-shot retrieval at the end is skipped")
-    ends = (is_main() or trainer.fsdp) and not trainer.interrupted
+    ends = not trainer.interrupted  # every rank evaluates: the work is split over the ranks
     if evaluate is not None and ends and config.eval.keep_best:  # the final weights' val figures, for the best choice
         trainer.record_val(trainer.run_evaluation(evaluate))
         result["best"] = trainer.best

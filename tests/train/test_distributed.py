@@ -299,8 +299,8 @@ def _spawned_finetune(rank: int, port: int, init: str, data: str, out: str, worl
 
 
 def test_two_process_fine_tuning_equals_one_process_with_the_whole_batch(tokenizer, tmp_path):
-    """torchrun -m maskvlm finetune: the ranks split each batch (DDP), rank 0 alone writes the
-    checkpoint and evaluates. Two ranks of 4 give the weights one process gets from batches of 8
+    """torchrun -m maskvlm finetune: the ranks split each batch (DDP) and each evaluation, rank 0
+    alone writes the checkpoint and the results. Two ranks of 4 give the weights one process gets from batches of 8
     (the fine-tuning used to ignore torchrun: each rank trained alone and they raced on the files)."""
     import socket
 
@@ -326,3 +326,26 @@ def test_two_process_fine_tuning_equals_one_process_with_the_whole_batch(tokeniz
     # 5e-5: attention key biases have a zero true gradient, and Adam scales its rounding noise up to ~1e-5
     bad = {k: float((two[k] - one[k]).abs().max()) for k in one if not torch.allclose(two[k], one[k], atol=5e-5)}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path, sharding):
+    """Val evaluations during and after training and the test evaluation run on both ranks (each
+    re-ranks half of the pairs); rank 0 records them, keeps the best weights and, with
+    eval.test_on=best, every rank loads them before the test."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = (f"data.val={synthetic_dir}/val.json", f"data.test={synthetic_dir}/test.json", "eval.every_steps=2",
+             *(("train.fsdp=true",) if sharding == "fsdp" else ("eval.test_on=best",)))
+    mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
+    run = tmp_path / "run"
+    vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("split") == "val"]
+    assert [v["step"] for v in vals] == [2, 4]  # the periodic one and the final weights', each once
+    results = json.loads((run / "results.json").read_text())
+    assert "txt_r1" in results["test"] and results["best"]["step"] in (2, 4)
+    assert (run / "best" / "best.json").is_file()

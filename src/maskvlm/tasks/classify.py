@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data.formats import TaskBatch, open_image, sample_seed
@@ -20,6 +20,7 @@ from ..data.transforms import ImageTransform
 from ..models.layers import init_weights
 from ..models.model import MaskVLM
 from ..runtime import autocast
+from ..train.distributed import gather_shares, rank_share
 
 
 @dataclass
@@ -128,10 +129,16 @@ class FusedClassifier(nn.Module):
 
 @torch.no_grad()
 def predict(module: FusedClassifier, dataset: ExampleDataset, collator: ExampleCollator, batch_size: int,
-            device: torch.device, precision: str, progress: bool = False, num_workers: int = 0) -> torch.Tensor:
-    """Logits (N, num_outputs) for every example of ``dataset``, in order."""
+            device: torch.device, precision: str, progress: bool = False, num_workers: int = 0,
+            split_over_ranks: bool = False) -> torch.Tensor:
+    """Logits (N, num_outputs) for every example of ``dataset``, in order. With ``split_over_ranks``
+    (every rank of a torchrun job calls this at the same time) each rank runs a 1/world share of
+    the examples and every rank gets all the logits."""
     was_training = module.training
     module.eval()
+    n = len(dataset)
+    if split_over_ranks:
+        dataset = Subset(dataset, rank_share(n)[0].tolist())
     # a private generator: evaluating during training must not shift the training RNG stream
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
                         generator=torch.Generator())
@@ -142,7 +149,8 @@ def predict(module: FusedClassifier, dataset: ExampleDataset, collator: ExampleC
                 out.append(module.logits(batch.to(device)).cpu())
     finally:
         module.train(was_training)
-    return torch.cat(out)
+    logits = torch.cat(out)
+    return gather_shares(logits, n) if split_over_ranks else logits
 
 
 def accuracy_by(predicted: list[int], examples: list[Example], names: list[str]) -> dict[str, float]:

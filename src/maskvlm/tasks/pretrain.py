@@ -152,7 +152,8 @@ def eval_transform(config: Config):
 
 
 def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_path: str, progress: bool = False):
-    """A zero-argument function returning zero-shot retrieval metrics on ``annotation_path``."""
+    """A zero-argument function returning zero-shot retrieval metrics on ``annotation_path``. Under
+    torchrun every rank calls it together: the ITM re-ranking is split over the ranks."""
     from ..data.formats import RetrievalDataset
     from ..runtime import resolve_device
     from .retrieval import choose_score, evaluate_retrieval, protocol_k
@@ -165,5 +166,5 @@ def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_pa
     def run() -> dict:
         return evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
                                   score, config.eval.batch_size, device, config.train.precision,
-                                  progress=progress)
+                                  progress=progress, split_over_ranks=True)
     return run

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, untrained_heads, untrained_note
@@ -16,6 +16,7 @@ from ..data.formats import RetrievalDataset
 from ..data.tokenizer import TextTokenizer
 from ..models.model import MaskVLM
 from ..runtime import autocast
+from ..train.distributed import broadcast_object, broadcast_tensor, gather_shares, rank_share
 
 log = logging.getLogger("maskvlm")
 
@@ -61,40 +62,59 @@ def _warn_once(message: str) -> None:
 @torch.no_grad()
 def encode_split(model: MaskVLM, dataset: RetrievalDataset, tokenizer: TextTokenizer, max_len: int,
                  batch_size: int, device: torch.device, precision: str, progress: bool = False,
-                 num_workers: int = 0) -> dict:
+                 num_workers: int = 0, split_over_ranks: bool = False) -> dict:
+    """Unimodal encodings of every image and text of ``dataset``. With ``split_over_ranks`` each rank
+    encodes a 1/world share of each and every rank gets all of them."""
     image_hidden, image_feat, text_hidden, text_mask, text_feat = [], [], [], [], []
+    n_images, n_texts = len(dataset), len(dataset.texts)
+    images = Subset(dataset, rank_share(n_images)[0].tolist()) if split_over_ranks else dataset
+    ids, mask = tokenizer(dataset.texts, max_len)  # one padded length for all texts
+    if split_over_ranks:
+        share = rank_share(n_texts)[0]
+        ids, mask = ids[share], mask[share]
     # a private generator: evaluating during training must not shift the training RNG stream
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
     with autocast(device, precision):
-        for images in tqdm(loader, desc="encode images", disable=not progress, leave=False):
-            out = model.encode_image(images.to(device))
+        for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+            out = model.encode_image(batch.to(device))
             image_hidden.append(out.hidden)
             image_feat.append(model.image_features(out))
-        ids, mask = tokenizer(dataset.texts, max_len)  # one padded length for all texts
-        for start in tqdm(range(0, len(dataset.texts), batch_size), desc="encode texts", disable=not progress,
-                          leave=False):
+        for start in tqdm(range(0, len(ids), batch_size), desc="encode texts", disable=not progress, leave=False):
             out = model.encode_text(ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device))
             text_hidden.append(out.hidden)
             text_mask.append(out.attention_mask)
             text_feat.append(model.text_features(out))
-    return dict(image_hidden=torch.cat(image_hidden), image_feat=torch.cat(image_feat),
-                text_hidden=torch.cat(text_hidden), text_mask=torch.cat(text_mask), text_feat=torch.cat(text_feat))
+    enc = dict(image_hidden=torch.cat(image_hidden), image_feat=torch.cat(image_feat),
+               text_hidden=torch.cat(text_hidden), text_mask=torch.cat(text_mask), text_feat=torch.cat(text_feat))
+    if split_over_ranks:
+        enc = {key: gather_shares(value, n_images if key.startswith("image") else n_texts)
+               for key, value in enc.items()}
+    return enc
 
 
 @torch.no_grad()
 def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int,
-               device: torch.device, precision: str) -> torch.Tensor:
+               device: torch.device, precision: str, split_over_ranks: bool = False,
+               progress: bool = False, desc: str = "ITM re-rank") -> torch.Tensor:
     """ITM match logit for each (image_idx[j], text_idx[j]) pair, in batches. The pairs are taken
     in image order, and each batch passes each of its images once with an index per pair, so an
     image's fusion keys/values are projected once however many of its pairs share the batch, and
-    the last fusion layer computes [CLS] alone."""
+    the last fusion layer computes [CLS] alone.
+
+    With ``split_over_ranks`` (every rank of a torchrun job calls this with the same pairs), each
+    rank scores a contiguous share of the pairs in image order and the scores are gathered, so
+    re-ranking takes 1/world of the time."""
     if not len(image_idx):
         return torch.zeros(0)
     order = torch.argsort(image_idx, stable=True)
     image_idx, text_idx = image_idx[order], text_idx[order]
+    n = len(image_idx)
+    if split_over_ranks:
+        share, _ = rank_share(n)
+        image_idx, text_idx = image_idx[share], text_idx[share]
     scores, where = [], enc["image_hidden"].device
     with autocast(device, precision):
-        for start in range(0, len(image_idx), batch_size):
+        for start in tqdm(range(0, len(image_idx), batch_size), desc=desc, disable=not progress, leave=False):
             ii, tt = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
             images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
             cls = torch.zeros(len(tt), 1, dtype=torch.long, device=where)  # the ITM head reads [CLS] alone
@@ -102,13 +122,21 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
                                image_index=pair_image.to(where), output_positions=cls)
             scores.append(model.itm_logits(fused)[:, 1].float())
     scores = torch.cat(scores)
+    if split_over_ranks:
+        scores = gather_shares(scores, n)
     return scores.new_empty(scores.shape).index_copy_(0, order.to(scores.device), scores)
 
 
-def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool) -> torch.Tensor:
-    """Score matrix where each row's top-k (by ``sim``) get the ITM score and the rest keep ITC order."""
+def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool, same_on_all_ranks: bool = False) -> torch.Tensor:
+    """Score matrix where each row's top-k (by ``sim``) get the ITM score and the rest keep ITC order.
+    With ``same_on_all_ranks`` rank 0's top-k is used everywhere: the ranks hold the same gathered
+    features, but ranks on different kinds of GPU could still round the similarities differently,
+    and then they would score different pairs."""
     k = min(k, sim.shape[1])
     top_sim, top_idx = sim.topk(k, dim=1)
+    if same_on_all_ranks:
+        top_idx = broadcast_tensor(top_idx)
+        top_sim = sim.gather(1, top_idx)
     rows = torch.arange(sim.shape[0]).repeat_interleave(k)
     itm = pair_scores_fn(rows, top_idx.reshape(-1)).view(-1, k)
     scores = sim - _OUTSIDE_TOP_K
@@ -199,26 +227,35 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
                        k: int = 16, score: str = "itm", batch_size: int = 128,
                        device: Optional[torch.device] = None, precision: str = "fp32",
                        progress: bool = False, num_workers: int = 0,
-                       ranks_out: Optional[dict] = None) -> dict[str, float]:
+                       ranks_out: Optional[dict] = None, split_over_ranks: bool = False) -> dict[str, float]:
     """Zero-shot (or fine-tuned) retrieval metrics: ``itc_*`` from ITC ranking alone, and the
     main figures after ITM re-ranking of the top-``k`` (``k=0`` or ``score="itc"``: ITC only).
-    ``ranks_out`` receives the ranks behind the main figures (see :func:`recall_metrics`)."""
+    ``ranks_out`` receives the ranks behind the main figures (see :func:`recall_metrics`).
+
+    ``split_over_ranks``: every rank of a torchrun job calls this at the same time; each encodes a
+    1/world share of the images and texts and re-ranks a 1/world share of the pairs, and every rank
+    returns rank 0's figures."""
     if score == "itc":
         k = 0
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        enc = encode_split(model, dataset, tokenizer, max_len, batch_size, device, precision, progress, num_workers)
+        enc = encode_split(model, dataset, tokenizer, max_len, batch_size, device, precision, progress, num_workers,
+                           split_over_ranks)
         sim_i2t = (enc["image_feat"] @ enc["text_feat"].t()).float().cpu()
         metrics = recall_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img, prefix="itc_",
                                  ranks_out=ranks_out)
         if k > 0:
             add_itc = score == "itm+itc"
-            i2t = _rerank(sim_i2t, k, lambda img, txt: itm_scores(model, enc, img, txt, batch_size, device,
-                                                                  precision).cpu(), add_itc)
-            t2i = _rerank(sim_i2t.t().contiguous(), k, lambda txt, img: itm_scores(
-                model, enc, img, txt, batch_size, device, precision).cpu(), add_itc)
+
+            def pair_scores(img: torch.Tensor, txt: torch.Tensor, desc: str) -> torch.Tensor:
+                return itm_scores(model, enc, img, txt, batch_size, device, precision, split_over_ranks,
+                                  progress, desc).cpu()
+            i2t = _rerank(sim_i2t, k, lambda img, txt: pair_scores(img, txt, "re-rank texts"), add_itc,
+                          split_over_ranks)
+            t2i = _rerank(sim_i2t.t().contiguous(), k, lambda txt, img: pair_scores(img, txt, "re-rank images"),
+                          add_itc, split_over_ranks)
             metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img, ranks_out=ranks_out))
         else:
             metrics.update({key[4:]: v for key, v in metrics.items()})
@@ -226,6 +263,10 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
         n_text, n_image = len(dataset.texts), len(dataset)
         chance_tr = 100.0 * sum(len(t) for t in dataset.img2txt) / n_text / n_image
         metrics["chance_r1"] = (chance_tr + 100.0 / n_image) / 2
+        if split_over_ranks:  # one set of figures for the whole job
+            metrics, ranks = broadcast_object((metrics, ranks_out))
+            if ranks_out is not None:
+                ranks_out.update(ranks)
         return metrics
     finally:
         model.train(was_training)

@@ -87,12 +87,58 @@ def broadcast_object(obj):
     return box[0]
 
 
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where a collective on ``tensor`` must run: the current GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_share(n: int) -> tuple[torch.Tensor, int]:
+    """This rank's share of ``n`` items for work split over the ranks: (indices, how many are its own).
+
+    The items are cut into contiguous runs of ``ceil(n / world)``, one per rank in rank order, so
+    only the last ranks' runs are short (or empty). Every rank gets exactly ``ceil(n / world)``
+    indices, a short run padded with repeats of an index near its end, so the ranks run the same
+    number of batches: under FSDP each batch's forward is a collective that all ranks must join.
+    :func:`gather_shares` puts the results back together in item order."""
+    world = world_size()
+    size = -(-n // world) if n else 0
+    start = min(n, rank() * size)
+    own = min(n, start + size) - start
+    indices = torch.arange(start, start + own)
+    if own < size:  # padding: repeats of a real item, whose results are dropped
+        indices = torch.cat([indices, torch.full((size - own,), max(0, min(n, start + own) - 1))])
+    return indices, own
+
+
+def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's results for its :func:`rank_share` (``local``: one row per index, padding included)
+    concatenated in item order and trimmed to the ``n`` items, on ``local``'s device."""
+    if world_size() == 1:
+        return local[:n]
+    moved = local.contiguous().to(_collective_device(local))
+    parts = [torch.empty_like(moved) for _ in range(world_size())]
+    dist.all_gather(parts, moved)
+    # the runs are full up to the last rank holding items, so the real rows are the first n
+    return torch.cat(parts)[:n].to(local.device)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``tensor`` (same shape and dtype on every rank) on every rank, on ``tensor``'s device."""
+    if world_size() == 1:
+        return tensor
+    moved = tensor.contiguous().to(_collective_device(tensor))
+    dist.broadcast(moved, src=src)
+    return moved.to(tensor.device)
+
+
 def global_max(value: int) -> int:
     """The largest ``value`` over all ranks."""
     if world_size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(value)], device=device)
+    t = torch.tensor([int(value)])
+    t = t.to(_collective_device(t))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

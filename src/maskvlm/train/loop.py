@@ -28,7 +28,7 @@ from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, keep_freed_host_memory, resolve_device
 from .checkpoint import (BEST_DIR, keeps_model_only, load_trainer_state, rng_state, save_best, save_checkpoint,
                          set_rng_state)
-from .distributed import any_rank, global_max, is_main, rank, world_size
+from .distributed import any_rank, barrier, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, append_metrics, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
 
@@ -209,8 +209,9 @@ class Trainer:
 
     def consider_best(self, val: dict) -> bool:
         """Keep track of the best val evaluation by ``best_metric(config)`` (higher is better); with
-        ``eval.keep_best`` a new best's weights go to OUTPUT/best. Call it on the ranks that save (with
-        FSDP every rank: the weights are gathered). True when ``val`` is a new best."""
+        ``eval.keep_best`` a new best's weights go to OUTPUT/best (written by rank 0; with FSDP every
+        rank takes part, the weights are gathered). Call it on every rank with the same figures (the
+        evaluations return rank 0's). True when ``val`` is a new best."""
         metric = best_metric(self.config)
         if metric not in val:
             if not self._best_metric_missing:
@@ -243,7 +244,9 @@ class Trainer:
         return self.consider_best(val)
 
     def load_best(self) -> None:
-        """Put the weights saved in OUTPUT/best back into the model (unsharded training only)."""
+        """Put the weights saved in OUTPUT/best back into the model (unsharded training only; under
+        torchrun every rank loads them, once rank 0 has finished writing them)."""
+        barrier()
         folder = self.output_dir / BEST_DIR
         state = load_file(str(folder / MODEL_FILE))
         target = self.task.model if keeps_model_only(self.config.task.name) else self.task
@@ -446,7 +449,7 @@ class Trainer:
                 is_last = self.step == t.max_steps
                 e = self.config.eval
                 evaluates = bool(self.evaluate and e.every_steps and self.step % e.every_steps == 0 and not is_last)
-                if evaluates and saves:
+                if evaluates:  # every rank takes part: the evaluations split their work over the ranks
                     improved = self.record_val(self.run_evaluation(self.evaluate), logger)
                     self.evals_since_best = 0 if improved else self.evals_since_best + 1
                 if evaluates and e.patience:  # every rank learns the deciding ranks' verdict
