@@ -38,6 +38,10 @@ class ModelConfig:
     image_cross_heads: int = 3
     embed_dim: int = 128  # ITC projection size
     temp: float = 0.07
+    # "softmax": InfoNCE over the batch (ALBEF, CLIP); "sigmoid": an independent binary loss per
+    # image-text pair with a learnable logit bias (SigLIP), which does not normalise over the batch
+    itc_loss: str = "softmax"
+    itc_bias_init: float = -10.0  # "sigmoid": starting logit bias (SigLIP's -10: most pairs are negatives)
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "auto"  # "sdpa", "math", or "auto": SDPA except bf16 on CPU (see benchmarks/RESULTS.md)
@@ -154,6 +158,10 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
+    # after the warm-up: "cosine" or "linear" decay to min_lr, "constant", or "cooldown" (constant,
+    # then linear decay to min_lr over the last cooldown_steps; a run can be lengthened before then)
+    schedule: str = "cosine"
+    cooldown_steps: int = -1  # "cooldown": the decaying tail (-1: a fifth of train.max_steps)
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     clip_grad: float = 1.0  # 0: no clipping
@@ -292,7 +300,15 @@ class Config:
         if self.data.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer={self.data.shuffle_buffer}: expected at least 1")
         _check_choice("model.attention", self.model.attention, ("auto", "sdpa", "math"))
+        _check_choice("model.itc_loss", self.model.itc_loss, ("softmax", "sigmoid"))
+        if self.model.itc_loss == "sigmoid" and (self.momentum.queue_size > 0 or self.momentum.alpha > 0):
+            raise ConfigError("model.itc_loss=sigmoid works with in-batch ITC only, not with the momentum queue or "
+                              "distillation (momentum.queue_size / momentum.alpha, as in the albef recipe)")
         _check_choice("train.precision", self.train.precision, PRECISIONS)
+        _check_choice("train.schedule", self.train.schedule, ("cosine", "linear", "constant", "cooldown"))
+        if self.train.cooldown_steps > self.train.max_steps:
+            raise ConfigError(f"train.cooldown_steps={self.train.cooldown_steps} is more than train.max_steps="
+                              f"{self.train.max_steps}")
         if self.train.precision == "fp16" and self.train.fsdp:
             raise ConfigError("train.precision=fp16 (loss scaling) is not available with train.fsdp yet; use bf16 "
                               "on GPUs that have it, or DDP")

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from maskvlm.objectives.itc import itc_loss
+from maskvlm.objectives.itc import itc_loss, sigmoid_itc_loss
 from maskvlm.train.distributed import all_gather_no_grad, all_gather_with_grad, shutdown
 
 B, D, E, WORLD = 4, 12, 8, 2
@@ -23,9 +23,12 @@ def _setup(seed: int = 0):
     return x_img, x_txt, ids, img_proj, txt_proj, temp
 
 
-def _loss(img_proj, txt_proj, temp, x_img, x_txt, ids, gather: bool):
+def _loss(img_proj, txt_proj, temp, x_img, x_txt, ids, gather: bool, kind: str = "softmax"):
     fi = torch.nn.functional.normalize(img_proj(x_img), dim=-1)
     ft = torch.nn.functional.normalize(txt_proj(x_txt), dim=-1)
+    if kind == "sigmoid":  # the bias is the temperature's stand-in here: any learnable scalar
+        pool = (all_gather_with_grad(ft), all_gather_no_grad(ids)) if gather else (None, None)
+        return sigmoid_itc_loss(fi, ft, ids, temp, -10 * temp, *pool)[0]
     if not gather:
         return itc_loss(fi, ft, ids, temp)[0]
     return itc_loss(fi, ft, ids, temp, all_gather_with_grad(fi), all_gather_with_grad(ft), all_gather_no_grad(ids))[0]
@@ -35,13 +38,13 @@ def _params(img_proj, txt_proj, temp):
     return [*img_proj.parameters(), *txt_proj.parameters(), temp]
 
 
-def _worker(rank: int, init_file: str, out_file: str):
+def _worker(rank: int, init_file: str, out_file: str, kind: str = "softmax"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     ok = False
     try:
         x_img, x_txt, ids, img_proj, txt_proj, temp = _setup()
         part = slice(rank * B, (rank + 1) * B)
-        loss = _loss(img_proj, txt_proj, temp, x_img[part], x_txt[part], ids[part], gather=True)
+        loss = _loss(img_proj, txt_proj, temp, x_img[part], x_txt[part], ids[part], gather=True, kind=kind)
         loss.backward()
         grads = []
         for p in _params(img_proj, txt_proj, temp):  # what DDP does: average the gradients over ranks
@@ -56,11 +59,12 @@ def _worker(rank: int, init_file: str, out_file: str):
         shutdown(ok)
 
 
-def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tmp_path):
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tmp_path, kind):
     out = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out), kind), nprocs=WORLD, join=True)
     x_img, x_txt, ids, img_proj, txt_proj, temp = _setup()
-    loss = _loss(img_proj, txt_proj, temp, x_img, x_txt, ids, gather=False)
+    loss = _loss(img_proj, txt_proj, temp, x_img, x_txt, ids, gather=False, kind=kind)
     loss.backward()
     got = torch.load(out, weights_only=True)
     assert torch.allclose(got["loss"], loss.detach(), atol=1e-6)

@@ -1,7 +1,9 @@
-"""Output heads on top of the encoders: ITC projections with a learnable temperature,
+"""Output heads on top of the encoders: ITC projections with a learnable temperature (and bias),
 the ITM binary head, the MLM head (decoder tied to the word embeddings) and the pixel head."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,12 +15,22 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
 
 class ITCHead(nn.Module):
-    def __init__(self, image_width: int, text_width: int, embed_dim: int, temp: float = 0.07):
+    """Projections of the image and text [CLS] to unit ITC features, the learnable temperature and,
+    for the sigmoid loss (``bias`` given), a learnable logit bias."""
+
+    def __init__(self, image_width: int, text_width: int, embed_dim: int, temp: float = 0.07,
+                 bias: Optional[float] = None):
         super().__init__()
         self.vision_proj = nn.Linear(image_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.apply(init_weights)
+
+    @classmethod
+    def from_config(cls, image_width: int, text_width: int, c) -> "ITCHead":
+        """The head ``c`` (a ModelConfig) describes: with ``itc_loss=sigmoid``, a logit bias too."""
+        return cls(image_width, text_width, c.embed_dim, c.temp, c.itc_bias_init if c.itc_loss == "sigmoid" else None)
 
     def image_features(self, image_cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(image_cls).float(), dim=-1)

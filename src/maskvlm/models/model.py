@@ -46,7 +46,7 @@ class MaskVLM(nn.Module):
         num_patches = (c.image_size // c.patch_size) ** 2
         self.image_cross_encoder = ImageCrossEncoder(c.vision_width, c.image_cross_layers, c.image_cross_heads,
                                                      c.text_width, num_patches, c.vision_mlp_ratio)
-        self.itc_head = ITCHead(c.vision_width, c.text_width, c.embed_dim, c.temp)
+        self.itc_head = ITCHead.from_config(c.vision_width, c.text_width, c)
         self.itm_head = ITMHead(c.text_width)
         self.mlm_head = MLMHead(c.text_width, self.text_encoder.embeddings.word_embeddings)
         self.pixel_head = PixelHead(c.vision_width, c.patch_size)

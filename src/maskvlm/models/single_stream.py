@@ -111,7 +111,7 @@ class SingleStreamVLM(nn.Module):
         self.blocks = nn.ModuleList(PreNormBlock(width, c.text_heads, c.vision_mlp_ratio, dropout=c.hidden_dropout)
                                     for _ in range(c.single_layers))
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.itc_head = ITCHead(width, width, c.embed_dim, c.temp)
+        self.itc_head = ITCHead.from_config(width, width, c)
         self.itm_head = ITMHead(width)
         self.mlm_head = MLMHead(width, self.text_embeddings.word_embeddings)
         self.decoder = DeconvDecoder(c.patch_size, width)

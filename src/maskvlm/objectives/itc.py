@@ -1,5 +1,6 @@
-"""Image-text contrastive loss (InfoNCE, both directions) with a learnable temperature.
-Captions that share an image id are all positives (multi-positive targets)."""
+"""Image-text contrastive loss (InfoNCE, both directions) with a learnable temperature, its
+momentum-distilled form (ALBEF) and the sigmoid form (SigLIP). Captions that share an image id
+are all positives (multi-positive targets)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ class ITC(nn.Module):
         loss, acc = itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,
                              all_img, all_txt, all_ids)
         return ObjectiveOutput(loss, {"itc_acc": acc, "temp": temp.detach()})
+
+
+def sigmoid_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor,
+                     bias: torch.Tensor, all_text_feat: torch.Tensor | None = None,
+                     all_image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid image-text loss (SigLIP): every (image, caption) pair is its own binary problem,
+    logit ``image . text / temp + bias``, label 1 when the caption belongs to the image (same image
+    id) and 0 otherwise. Summed over the captions and averaged over this rank's images, against the
+    captions of the whole pool (all ranks; defaults to the local batch): every pair of the global
+    batch counts once, and DDP's gradient averaging gives the gradient of the global loss.
+    Returns (loss, image-to-text accuracy)."""
+    all_text_feat = text_feat if all_text_feat is None else all_text_feat
+    all_image_ids = image_ids if all_image_ids is None else all_image_ids
+    positives = (image_ids[:, None] == all_image_ids[None, :]).float()
+    logits = image_feat @ all_text_feat.t() / temp + bias
+    loss = -F.logsigmoid((2 * positives - 1) * logits).sum(dim=1).mean()
+    hit = positives.gather(1, logits.argmax(dim=1, keepdim=True)).mean()
+    return loss, hit.detach()
+
+
+class SigmoidITC(nn.Module):
+    """ITC with the sigmoid loss (``model.itc_loss=sigmoid``); the head holds the logit bias."""
+
+    def forward(self, state: StepState) -> ObjectiveOutput:
+        _, all_txt, all_ids = state.gathered_features()
+        head = state.model.itc_head
+        if head.bias is None:
+            raise ValueError("the sigmoid ITC loss needs the ITC head's logit bias: build the model with "
+                             "model.itc_loss=sigmoid")
+        temp = head.temperature()
+        loss, acc = sigmoid_itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,
+                                     head.bias, all_txt, all_ids)
+        return ObjectiveOutput(loss, {"itc_acc": acc, "temp": temp.detach(), "itc_bias": head.bias.detach()})
 
 
 def soft_targets(positives: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from ..config import Config
 from ..data.formats import Batch
 from ..models.model import MaskVLM
 from ..objectives import ITC, ITM, MIM, MLM, StepState
-from ..objectives.itc import MomentumITC
+from ..objectives.itc import MomentumITC, SigmoidITC
 from ..objectives.latent import MRM, FeatureMIM
 from ..objectives.recon import RECON
 from ..objectives.prototypes import PrototypeSpace, ProtoAgreement, ProtoMIM
@@ -23,7 +23,8 @@ def build_objectives(config: Config) -> dict[str, nn.Module]:
     loss, mo, m = config.loss, config.momentum, config.model
     momentum_itc = mo.queue_size > 0 or mo.alpha > 0
     available = {
-        "itc": lambda: MomentumITC(mo.queue_size, m.embed_dim) if momentum_itc else ITC(),
+        "itc": lambda: (MomentumITC(mo.queue_size, m.embed_dim) if momentum_itc else
+                        SigmoidITC() if m.itc_loss == "sigmoid" else ITC()),
         "itm": lambda: ITM(global_negatives=loss.itm_negatives == "global"),
         "mlm": lambda: MLM(distill=mo.alpha > 0 and mo.distill_mlm),
         "mim": lambda: MIM(norm_pix=loss.norm_pix),

@@ -113,7 +113,8 @@ class Trainer:
             log.warning("train.precision=fp16 on a CPU: correct but slow (CPUs rarely have fp16 arithmetic); bf16 "
                         "is the fast choice here")
         self.command = "pretrain" if job.name == "pretrain" else f"finetune {job.name}"
-        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.lr, t.min_lr, t.schedule,
+                                         t.cooldown_steps)
         self.streaming = isinstance(dataset, IterableDataset)  # webdataset shards (data/stream.py)
         if self.streaming:
             dataset.configure(t.batch_size, rank(), world_size(), config.data.num_workers)
@@ -187,6 +188,7 @@ class Trainer:
                 raise ValueError(f"{checkpoint}: its optimizer state does not fit the parameters this run trains "
                                  f"({e}); resume with the run's own train.freeze and weight settings") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        self._check_schedule_continues(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
@@ -206,6 +208,20 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
+
+    def _check_schedule_continues(self, saved: dict) -> None:
+        """Warn when this run's schedule gives the resumed step another learning rate than the saved
+        run had (a longer train.max_steps recomputes a decaying schedule over the new length)."""
+        steps = saved.get("last_epoch", 0)
+        was = saved.get("_last_lr") or []
+        now = [base * fn(steps) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        if was and now and abs(now[0] - was[0]) > 0.01 * max(abs(was[0]), 1e-12):
+            t = self.config.train
+            log.warning("the learning rate at step %d was %.3g and is now %.3g: train.schedule=%s over "
+                        "train.max_steps=%d differs from the saved run's. To make a run longer without a jump, "
+                        "start it with train.schedule=cooldown (constant until its last train.cooldown_steps) "
+                        "and lengthen it before the cooldown begins", steps, was[0], now[0], t.schedule,
+                        t.max_steps)
 
     def consider_best(self, val: dict) -> bool:
         """Keep track of the best val evaluation by ``best_metric(config)`` (higher is better); with

@@ -1,4 +1,5 @@
-"""AdamW with weight-decay groups and a linear-warmup + cosine learning-rate schedule."""
+"""AdamW with weight-decay groups and a linear warm-up followed by a cosine, linear, constant or
+constant-then-cooldown learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -103,18 +104,44 @@ def _fused_on_cpu() -> bool:
         return False
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, lr: float, min_lr: float):
-    """Multiplier of ``lr`` at each step: linear 0 -> 1 over the warm-up, then cosine down to min_lr/lr."""
+SCHEDULES = ("cosine", "linear", "constant", "cooldown")
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int, lr: float, min_lr: float,
+              cooldown_steps: int = -1):
+    """Multiplier of ``lr`` at each step: linear 0 -> 1 over the warm-up, then
+
+    - ``cosine``: cosine down to min_lr/lr at ``total_steps``;
+    - ``linear``: straight down to min_lr/lr at ``total_steps``;
+    - ``constant``: 1 to the end;
+    - ``cooldown``: 1 until the last ``cooldown_steps`` (-1: a fifth of the steps), then straight
+      down to min_lr/lr. A run can be made longer before its cooldown starts without changing the
+      learning rate of any step done so far, which the other decaying schedules cannot offer."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
     floor = min_lr / lr if lr > 0 else 0.0
+    cooldown = total_steps // 5 if cooldown_steps < 0 else cooldown_steps
+    cooldown_start = max(warmup_steps, total_steps - cooldown)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "constant":
+            return 1.0
+        if schedule == "cooldown":
+            if step < cooldown_start:
+                return 1.0
+            progress = (step - cooldown_start) / max(1, total_steps - cooldown_start)
+            return floor + (1 - floor) * (1 - min(1.0, progress))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, lr: float,
-                    min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, lr, min_lr))
+                    min_lr: float, schedule: str = "cosine",
+                    cooldown_steps: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(schedule, warmup_steps, total_steps, lr, min_lr, cooldown_steps))
