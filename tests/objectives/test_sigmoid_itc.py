@@ -54,7 +54,8 @@ def test_a_sigmoid_run_learns_the_bias_and_saves_it(synthetic_dir, tmp_path):
     state = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert float(state["model.itc_head.bias"]) == pytest.approx(result["train"]["itc_bias"], abs=1e-3)
     model, config, _ = load_pretrained(tmp_path / "run" / "checkpoints" / "step-00000004")
-    assert config.model.itc_loss == "sigmoid" and float(model.itc_head.bias.detach()) == float(state["model.itc_head.bias"])
+    assert config.model.itc_loss == "sigmoid"
+    assert float(model.itc_head.bias.detach()) == float(state["model.itc_head.bias"])
 
 
 def test_softmax_models_have_no_bias_and_sigmoid_refuses_the_momentum_queue():
