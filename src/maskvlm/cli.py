@@ -246,13 +246,20 @@ def _add_data(sub) -> None:
     k.add_argument("--per-class", type=POSITIVE, default=20, help="images per class")
     k.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
     k.add_argument("--seed", type=int, default=0, help="random seed")
-    v = tools.add_parser("convert", help="convert a Karpathy split or COCO captions file into the ALBEF layout",
+    v = tools.add_parser("convert", help="convert a Karpathy split, COCO captions file or CSV/TSV table into the "
+                                         "ALBEF layout",
                          description="A Karpathy split file (dataset_coco.json, dataset_flickr30k.json) becomes "
                                      "OUT/NAME_karpathy_train.json (train + restval, one entry per caption), "
                                      "OUT/NAME_karpathy_val.json and OUT/NAME_karpathy_test.json (one entry per "
                                      "image with its captions), NAME being coco, flickr30k, ... A COCO captions "
-                                     "file (captions_val2014.json) becomes OUT/<its name>.json, one entry per image.")
-    v.add_argument("source", help="the JSON file to convert")
+                                     "file (captions_val2014.json) becomes OUT/<its name>.json, one entry per image. "
+                                     "So does a .csv or .tsv table with a header row (image path and caption "
+                                     "columns), one entry per row; rows of one image share its image_id.")
+    v.add_argument("source", help="the JSON file or table to convert")
+    v.add_argument("--image-column", default="filepath", help="a table's image-path column")
+    v.add_argument("--caption-column", default="title", help="a table's caption column")
+    v.add_argument("--separator", default=None,
+                   help="a table's column separator (default: from the suffix, ',' for .csv and tab for .tsv)")
     v.add_argument("--out", required=True, help="output folder")
     v.add_argument("--image-prefix", default=None,
                    help="a folder prepended to every image path, e.g. flickr30k-images or val2014")
@@ -521,7 +528,8 @@ def _data(args) -> int:
         return 0
     if args.tool == "convert":
         from .data.convert import convert
-        summary = convert(args.source, args.out, args.image_prefix)
+        separator = args.separator.encode().decode("unicode_escape") if args.separator else None  # "\t" typed
+        summary = convert(args.source, args.out, args.image_prefix, args.image_column, args.caption_column, separator)
         for path, counts in summary["files"].items():
             print(f"wrote {path}: {counts['images']} images, {counts['captions']} captions")
         if summary["skipped"]:

@@ -78,3 +78,54 @@ def test_malformed_files_are_errors_naming_the_entry(data, message, tmp_path):
     source.write_text(json.dumps(data))
     with pytest.raises(DataError, match=message):
         convert(source, tmp_path / "out")
+
+
+def _table_rows(synthetic_dir, split="train"):
+    rows = []
+    for e in json.loads((synthetic_dir / f"{split}.json").read_text()):
+        for c in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]]):
+            rows.append((e["image"], c))
+    return rows
+
+
+def test_a_csv_table_groups_the_captions_of_each_image(synthetic_dir, tmp_path, capsys):
+    import csv
+
+    rows = _table_rows(synthetic_dir)
+    source = tmp_path / "pairs.csv"
+    with open(source, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "url"])
+        w.writerows((image, caption, "x") for image, caption in rows)
+        w.writerow([rows[0][0], "  ", "x"])  # an empty caption
+        w.writerow(["", "a caption without an image", "x"])
+    assert main(["data", "convert", str(source), "--out", str(tmp_path / "out")]) == 0
+    assert "skipped: 1 empty or non-string caption, 1 row without an image path" in capsys.readouterr().out
+    entries = json.loads((tmp_path / "out" / "pairs.json").read_text())
+    assert [(e["image"], e["caption"]) for e in entries] == rows  # one training pair per row, in order
+    ids = {}
+    for e in entries:  # the captions of one image share its id (ITC positives), and only they do
+        assert ids.setdefault(e["image"], e["image_id"]) == e["image_id"]
+    assert len(set(ids.values())) == len(ids) == len({image for image, _ in rows})
+    assert len(PairDataset(tmp_path / "out" / "pairs.json", str(synthetic_dir), None)) == len(rows)
+
+
+def test_a_tsv_table_with_other_column_names(synthetic_dir, tmp_path):
+    rows = _table_rows(synthetic_dir, "test")
+    source = tmp_path / "test.tsv"
+    source.write_text("caption\timage\n" + "".join(f"{c}\t{i}\n" for i, c in rows))
+    with pytest.raises(DataError, match="no column 'filepath', 'title'; the header has 'caption', 'image'"):
+        convert(source, tmp_path / "out")
+    assert main(["data", "convert", str(source), "--out", str(tmp_path / "out"), "--image-column", "image",
+                 "--caption-column", "caption"]) == 0
+    got = RetrievalDataset(tmp_path / "out" / "test.json", str(synthetic_dir), None)
+    original = RetrievalDataset(synthetic_dir / "test.json", None, None)
+    assert got.texts == original.texts and got.img2txt == original.img2txt
+    plain = tmp_path / "test.txt"  # no table suffix: the separator is named
+    plain.write_text(source.read_text())
+    assert main(["data", "convert", str(plain), "--out", str(tmp_path / "txt"), "--separator", "\\t",
+                 "--image-column", "image", "--caption-column", "caption"]) == 0
+    assert json.loads((tmp_path / "txt" / "test.json").read_text()) == json.loads(
+        (tmp_path / "out" / "test.json").read_text())
+    with pytest.raises(DataError, match="expected one character"):
+        convert(plain, tmp_path / "bad", separator="::")

@@ -1,6 +1,6 @@
-"""The public caption files, converted into the ALBEF layout the loaders read.
+"""The public caption files and caption tables, converted into the ALBEF layout the loaders read.
 
-Two source formats are recognised by their shape:
+Three source formats are recognised, the JSON ones by their shape:
 
 - **Karpathy splits** (``dataset_coco.json``, ``dataset_flickr30k.json``, ``dataset_flickr8k.json``):
   ``{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw": ...}], "cocoid"? | "imgid"}]}``.
@@ -12,12 +12,19 @@ Two source formats are recognised by their shape:
   "annotations": [{"image_id", "caption"}]}``. Written as one file of per-image caption lists,
   named after the source.
 
+- **CSV / TSV tables** (``.csv``, ``.tsv``; the layout open_clip's CSV loader reads): a header
+  row, then one row per image-caption pair. The image column is ``filepath`` and the caption
+  column ``title`` unless named otherwise. Each row becomes an entry (a training pair, as in the
+  Karpathy train split); rows of the same image share its ``image_id``, so they count as positives
+  of each other, and retrieval evaluation groups them by image. Written as ``OUT/<its name>.json``.
+
 Image paths are ``[prefix/][filepath/]filename``; pass the folder they are relative to as
 ``--image-root`` when training or evaluating.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -104,13 +111,58 @@ def convert_coco_captions(data: dict, source: Path, prefix: Optional[str] = None
     return entries, skipped
 
 
-def convert(source: str | Path, out: str | Path, prefix: Optional[str] = None) -> dict:
+TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def convert_table(source: Path, image_key: str = "filepath", caption_key: str = "title",
+                  separator: Optional[str] = None, prefix: Optional[str] = None) -> tuple[list, Counter]:
+    """ALBEF entries from a CSV/TSV table with a header row (one entry per row, in order; rows of
+    the same image share its ``image_id``) and the counts of what was left out."""
+    if separator is None:
+        separator = TABLE_SEPARATORS.get(source.suffix.lower())
+        if separator is None:
+            raise DataError(f"{source}: a table needs a separator: name the file .csv or .tsv, or pass --separator")
+    if len(separator) != 1:
+        raise DataError(f"separator {separator!r}: expected one character (',' or a tab, '\\t')")
+    ids: dict[str, int] = {}
+    entries: list = []
+    skipped: Counter = Counter()
+    try:
+        with open(source, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{source}: no column {', '.join(map(repr, missing))}; the header has "
+                                f"{', '.join(map(repr, reader.fieldnames or []))} (choose the columns with "
+                                "--image-column and --caption-column)")
+            for row in reader:
+                image = (row.get(image_key) or "").strip()
+                if not image:
+                    skipped["row without an image path"] += 1
+                    continue
+                path = _join(prefix, image)
+                for caption in _clean([row.get(caption_key)], skipped):
+                    entries.append({"image": path, "caption": caption, "image_id": ids.setdefault(path, len(ids))})
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise DataError(f"{source}: unreadable as a table: {e}") from None
+    return entries, skipped
+
+
+def convert(source: str | Path, out: str | Path, prefix: Optional[str] = None, image_key: str = "filepath",
+            caption_key: str = "title", separator: Optional[str] = None) -> dict:
     """Convert ``source`` into ALBEF-layout files under ``out``; returns a summary with the files
-    written, their image and caption counts and what was skipped."""
+    written, their image and caption counts and what was skipped. ``image_key``, ``caption_key``
+    and ``separator`` apply to CSV/TSV tables."""
     source, out = Path(source), Path(out)
-    data = read_json(source)
-    kind = detect_format(data)
-    if kind == "karpathy":
+    table = source.suffix.lower() in TABLE_SEPARATORS or separator is not None
+    data = None if table else read_json(source)
+    kind = "table" if table else detect_format(data)
+    if kind == "table":
+        entries, skipped = convert_table(source, image_key, caption_key, separator, prefix)
+        files = {out / f"{source.stem}.json": entries}
+    elif kind == "karpathy":
         splits, skipped = convert_karpathy(data, source, prefix)
         base = source.stem.removeprefix("dataset_")
         files = {out / f"{base}_karpathy_{name}.json": entries for name, entries in splits.items()}
@@ -119,7 +171,8 @@ def convert(source: str | Path, out: str | Path, prefix: Optional[str] = None) -
         files = {out / f"{source.stem}.json": entries}
     else:
         raise DataError(f"{source}: neither a Karpathy split file (an object whose 'images' have 'sentences') nor a "
-                        "COCO captions file (an object with 'images' and 'annotations')")
+                        "COCO captions file (an object with 'images' and 'annotations'); a CSV/TSV table needs the "
+                        ".csv or .tsv suffix or --separator")
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for path, entries in files.items():
