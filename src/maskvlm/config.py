@@ -154,6 +154,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 64
     grad_accum: int = 1
+    # with grad_accum > 1: ITC's negatives are the whole accumulated batch, not each micro-batch
+    # (its features are computed first without gradient: one more unmasked encoder pass per micro-batch)
+    accumulate_itc: bool = False
     max_steps: int = 1000
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -305,6 +308,15 @@ class Config:
             raise ConfigError("model.itc_loss=sigmoid works with in-batch ITC only, not with the momentum queue or "
                               "distillation (momentum.queue_size / momentum.alpha, as in the albef recipe)")
         _check_choice("train.precision", self.train.precision, PRECISIONS)
+        if self.train.accumulate_itc:
+            if self.task.name not in ("pretrain", "retrieval") or self.loss.itc <= 0:
+                raise ConfigError("train.accumulate_itc needs an ITC loss (loss.itc > 0): pre-training or retrieval "
+                                  "fine-tuning")
+            if self.momentum.queue_size > 0 or self.momentum.alpha > 0:
+                raise ConfigError("train.accumulate_itc works with in-batch ITC, not with the momentum queue or "
+                                  "distillation (momentum.queue_size / momentum.alpha)")
+            if self.train.fsdp:
+                raise ConfigError("train.accumulate_itc is not available with train.fsdp yet; use DDP")
         _check_choice("train.schedule", self.train.schedule, ("cosine", "linear", "constant", "cooldown"))
         if self.train.cooldown_steps > self.train.max_steps:
             raise ConfigError(f"train.cooldown_steps={self.train.cooldown_steps} is more than train.max_steps="

@@ -22,15 +22,51 @@ class ObjectiveOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. sampled negatives, for tests
 
 
+class ContrastivePool:
+    """The ITC features of every micro-batch of one accumulated optimizer step, computed without
+    gradient before the step (``train.accumulate_itc``), so that each micro-batch's ITC loss can be
+    the loss of the whole accumulated batch with that micro-batch's features live.
+
+    Summed over the micro-batches, the gradients are those of the loss over the whole batch: each
+    micro-batch contributes the gradient through its own features, from every row and column of
+    the loss. Under torchrun the live features are gathered from every rank with gradient, as in
+    the unaccumulated step (all ranks run the same micro-batch index together)."""
+
+    def __init__(self, image_feats: list[torch.Tensor], text_feats: list[torch.Tensor], ids: list[torch.Tensor]):
+        self.local = list(zip(image_feats, text_feats, ids))  # per micro-batch, this rank's
+        self.gathered = [(all_gather_no_grad(i), all_gather_no_grad(t), all_gather_no_grad(d))
+                         for i, t, d in self.local]  # per micro-batch, every rank's
+        self.micro = 0  # the micro-batch whose features are live
+
+    @property
+    def steps(self) -> int:
+        return len(self.local)
+
+    def features(self, image_feat: torch.Tensor, text_feat: torch.Tensor):
+        """(rows: image features, text features, image ids of this rank's whole accumulated batch;
+        columns: the same for every rank's), with the live micro-batch's features in place."""
+        m = self.micro
+        live = (all_gather_with_grad(image_feat), all_gather_with_grad(text_feat))
+        rows = [(image_feat, text_feat, d) if k == m else (i, t, d) for k, (i, t, d) in enumerate(self.local)]
+        cols = [(*live, d) if k == m else (i, t, d) for k, (i, t, d) in enumerate(self.gathered)]
+        return tuple(torch.cat(part) for part in zip(*rows)) + tuple(torch.cat(part) for part in zip(*cols))
+
+    def share(self, scalar: torch.Tensor) -> torch.Tensor:
+        """``scalar`` (the temperature, a bias) with 1/steps of its gradient: every micro-batch's loss
+        depends on it, and the gradients of the micro-batches add up."""
+        return scalar.detach() + (scalar - scalar.detach()) / self.steps
+
+
 class StepState:
     """Encodings of one batch, each computed at most once and shared by the objectives."""
 
     def __init__(self, model: MaskVLM, batch: Batch, visible_only: bool = True, joint: bool = False,
-                 teacher: Optional[MaskVLM] = None, alpha: float = 0.0):
+                 teacher: Optional[MaskVLM] = None, alpha: float = 0.0, pool: Optional[ContrastivePool] = None):
         self.model, self.batch = model, batch
         self.visible_only, self.joint = visible_only, joint
         self.teacher = teacher  # EMA copy of the model (recipes with momentum encoders), run without gradients
         self.alpha = alpha  # momentum distillation weight at this step
+        self.pool = pool  # train.accumulate_itc: the ITC features of the whole accumulated batch
         self._cache: dict[str, object] = {}
 
     def _get(self, key, fn):

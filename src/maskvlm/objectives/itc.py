@@ -30,10 +30,25 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch
     return (loss_i2t + loss_t2i) / 2, hit.detach()
 
 
+def _accumulated(state: StepState, loss_fn, scalars: list[torch.Tensor]):
+    """(loss to backpropagate, the whole accumulated batch's loss, accuracy) with ``train.accumulate_itc``.
+    ``loss_fn(rows_img, rows_txt, rows_ids, cols_img, cols_txt, cols_ids, *scalars)``. The trainer
+    divides every micro-batch's loss by the number of micro-batches; this loss already is the whole
+    batch's, so it is multiplied back."""
+    pool = state.pool
+    loss, acc = loss_fn(*pool.features(state.image_features, state.text_features),
+                        *(pool.share(s) for s in scalars))
+    return loss * pool.steps, loss.detach(), acc
+
+
 class ITC(nn.Module):
     def forward(self, state: StepState) -> ObjectiveOutput:
-        all_img, all_txt, all_ids = state.gathered_features()
         temp = state.model.itc_head.temperature()
+        if state.pool is not None:
+            loss, value, acc = _accumulated(state, lambda ri, rt, rd, ci, ct, cd, tp: itc_loss(ri, rt, rd, tp, ci, ct, cd),
+                                            [temp])
+            return ObjectiveOutput(loss, {"itc_loss": value, "itc_acc": acc, "temp": temp.detach()})
+        all_img, all_txt, all_ids = state.gathered_features()
         loss, acc = itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,
                              all_img, all_txt, all_ids)
         return ObjectiveOutput(loss, {"itc_acc": acc, "temp": temp.detach()})
@@ -61,15 +76,21 @@ class SigmoidITC(nn.Module):
     """ITC with the sigmoid loss (``model.itc_loss=sigmoid``); the head holds the logit bias."""
 
     def forward(self, state: StepState) -> ObjectiveOutput:
-        _, all_txt, all_ids = state.gathered_features()
         head = state.model.itc_head
         if head.bias is None:
             raise ValueError("the sigmoid ITC loss needs the ITC head's logit bias: build the model with "
                              "model.itc_loss=sigmoid")
         temp = head.temperature()
+        metrics = {"temp": temp.detach(), "itc_bias": head.bias.detach()}
+        if state.pool is not None:
+            loss, value, acc = _accumulated(
+                state, lambda ri, rt, rd, ci, ct, cd, tp, b: sigmoid_itc_loss(ri, rt, rd, tp, b, ct, cd),
+                [temp, head.bias])
+            return ObjectiveOutput(loss, {"itc_loss": value, "itc_acc": acc, **metrics})
+        _, all_txt, all_ids = state.gathered_features()
         loss, acc = sigmoid_itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,
                                      head.bias, all_txt, all_ids)
-        return ObjectiveOutput(loss, {"itc_acc": acc, "temp": temp.detach(), "itc_bias": head.bias.detach()})
+        return ObjectiveOutput(loss, {"itc_acc": acc, **metrics})
 
 
 def soft_targets(positives: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:

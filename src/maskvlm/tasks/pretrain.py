@@ -3,6 +3,8 @@ objective whose weight is non-zero on a batch and returns the weighted loss and 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,7 @@ from ..config import Config
 from ..data.formats import Batch
 from ..models.model import MaskVLM
 from ..objectives import ITC, ITM, MIM, MLM, StepState
+from ..objectives.base import ContrastivePool
 from ..objectives.itc import MomentumITC, SigmoidITC
 from ..objectives.latent import MRM, FeatureMIM
 from ..objectives.recon import RECON
@@ -99,6 +102,7 @@ class PretrainTask(nn.Module):
         self.guided_temp = config.masking.guided_temp
         self.max_alpha = mo.alpha
         self.alpha_warmup = steps_per_epoch if mo.alpha_warmup_steps < 0 else mo.alpha_warmup_steps
+        self.pool: Optional[ContrastivePool] = None  # set by the trainer around an accumulated step
         # optimizer updates done: saved (only where the ramp needs it) so a resume continues the ramp exactly
         self.register_buffer("updates", torch.zeros((), dtype=torch.long), persistent=self.max_alpha > 0)
 
@@ -108,21 +112,32 @@ class PretrainTask(nn.Module):
             return self.max_alpha
         return self.max_alpha * min(1.0, (int(self.updates) + 1) / self.alpha_warmup)
 
+    @torch.no_grad()
+    def contrastive_pool(self, batches: list[Batch]) -> ContrastivePool:
+        """The ITC features of every micro-batch of an accumulated step (``train.accumulate_itc``),
+        from the same unmasked passes the step makes, without gradient. Set it as ``self.pool`` and its
+        ``micro`` to the index of the micro-batch being run."""
+        feats = [(self.model.image_features(self.model.encode_image(b.images)),
+                  self.model.text_features(self.model.encode_text(b.input_ids, b.attention_mask))) for b in batches]
+        return ContrastivePool([f[0] for f in feats], [f[1] for f in feats], [b.image_ids for b in batches])
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher = self.teacher.model if self.teacher is not None else None
-        state = StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha())
+        state = StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha(), self.pool)
         if self.text_guided and batch.image_mask is not None:
             # same number of masked patches as the collator drew, now chosen by relevance to the caption
             ratio = float(batch.image_mask[0].float().mean())
             batch.image_mask = text_guided_mask(patch_text_relevance(state), ratio, self.guided_temp)
         total = torch.zeros((), device=batch.images.device)
+        reported = torch.zeros((), device=batch.images.device)  # the losses' values (total: what to backpropagate)
         metrics: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
             out = objective(state)
             total = total + self.weights[name] * out.loss
             metrics[f"{name}_loss"] = out.loss.detach()
-            metrics.update(out.metrics)
-        metrics["loss"] = total.detach()
+            metrics.update(out.metrics)  # may state the loss's value (accumulated ITC backpropagates a multiple)
+            reported = reported + self.weights[name] * metrics[f"{name}_loss"]
+        metrics["loss"] = reported
         return total, metrics
 
     @torch.no_grad()

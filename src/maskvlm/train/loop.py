@@ -372,14 +372,24 @@ class Trainer:
             # compile_mode=reduce-overhead replays the compiled stacks as CUDA graphs: each optimizer
             # step is a new iteration for them (buffers of the last one may be reused)
             graphs = t.compile and "reduce-overhead" in (t.compile_mode or "") and self.device.type == "cuda"
+            accumulate_itc = t.accumulate_itc and t.grad_accum > 1
             while self.step < t.max_steps:
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
                 finite = True
+                pooled = None  # train.accumulate_itc: every micro-batch first, for the ITC pool
+                if accumulate_itc:
+                    pooled = [next(batches).to(self.device, non_blocking=True) for _ in range(t.grad_accum)]
+                    with autocast(self.device, t.precision):
+                        self.task.pool = self.task.contrastive_pool(pooled)
                 for micro in range(t.grad_accum):
-                    batch = next(batches).to(self.device, non_blocking=True)
+                    if pooled is not None:
+                        batch = pooled[micro]
+                        self.task.pool.micro = micro
+                    else:
+                        batch = next(batches).to(self.device, non_blocking=True)
                     too_many_bad = self._count_skips(batch)
                     with self._gradient_sync(micro == t.grad_accum - 1):
                         with autocast(self.device, t.precision):
@@ -399,6 +409,8 @@ class Trainer:
                     for k, v in metrics.items():
                         step_metrics[k] += float(v) / t.grad_accum
                     window_samples += len(batch)
+                if pooled is not None:
+                    self.task.pool = None
                 grad_norm = float("nan")
                 if self.fsdp is not None:
                     self.fsdp.reduce_replicated()

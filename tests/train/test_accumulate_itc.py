@@ -1,0 +1,111 @@
+"""``train.accumulate_itc``: with gradient accumulation, ITC over the whole accumulated batch gives
+the gradients of one unaccumulated step on that batch."""
+
+import pytest
+import torch
+
+import maskvlm.pipeline as pipeline
+from maskvlm.config import ConfigError
+from tests.conftest import micro_config
+
+
+def _gradients(synthetic_dir, out, *overrides) -> tuple[dict, dict]:
+    """(gradients after one optimizer step, the step's logged metrics)."""
+    captured = {}
+
+    class Recording(pipeline.Trainer):
+        def fit(self):
+            metrics = super().fit()  # a step zeroes the gradients first, so after it they are still there
+            captured["grads"] = {n: p.grad.clone() for n, p in self.task.named_parameters() if p.grad is not None}
+            return metrics
+
+    real, pipeline.Trainer = pipeline.Trainer, Recording
+    try:
+        cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null", "data.test=null",
+                           f"train.output_dir={out}", "train.max_steps=1", "train.save_every=0", "train.log_every=1",
+                           "train.precision=fp32", "train.clip_grad=0", "data.hflip=0", *overrides)
+        metrics = pipeline.pretrain(cfg)["train"]
+    finally:
+        pipeline.Trainer = real
+    return captured["grads"], metrics
+
+
+def _assert_close(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    bad = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.allclose(a[k], b[k], atol=atol)}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("itc", ["softmax", "sigmoid"])
+def test_accumulated_itc_gives_the_gradients_of_the_whole_batch(synthetic_dir, tmp_path, itc):
+    only_itc = ("loss.itm=0", "loss.mlm=0", "loss.mim=0", f"model.itc_loss={itc}")
+    whole, whole_metrics = _gradients(synthetic_dir, tmp_path / "whole", "train.batch_size=8", *only_itc)
+    pooled, pooled_metrics = _gradients(synthetic_dir, tmp_path / "pooled", "train.batch_size=4",
+                                        "train.grad_accum=2", "train.accumulate_itc=true", *only_itc)
+    plain, _ = _gradients(synthetic_dir, tmp_path / "plain", "train.batch_size=4", "train.grad_accum=2", *only_itc)
+    _assert_close(pooled, whole, atol=1e-6)  # temperature (and bias) included
+    assert pooled_metrics["itc_loss"] == pytest.approx(whole_metrics["itc_loss"], rel=1e-5)
+    assert pooled_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
+    # without the pool each micro-batch has its own negatives: another gradient
+    assert not torch.allclose(plain["model.itc_head.temp"], whole["model.itc_head.temp"], atol=1e-6)
+
+
+def test_the_other_objectives_accumulate_as_before(synthetic_dir, tmp_path):
+    """With every objective on, only ITC's part changes: the pooled step minus the plain one is the
+    ITC-only pooled step minus the ITC-only plain one."""
+    accum = ("train.batch_size=4", "train.grad_accum=2")
+    full_pooled, _ = _gradients(synthetic_dir, tmp_path / "a", *accum, "train.accumulate_itc=true")
+    full_plain, _ = _gradients(synthetic_dir, tmp_path / "b", *accum)
+    only_itc = ("loss.itm=0", "loss.mlm=0", "loss.mim=0")
+    itc_pooled, _ = _gradients(synthetic_dir, tmp_path / "c", *accum, "train.accumulate_itc=true", *only_itc)
+    itc_plain, _ = _gradients(synthetic_dir, tmp_path / "d", *accum, *only_itc)
+    for name in itc_pooled:
+        if name in full_pooled:
+            assert torch.allclose(full_pooled[name] - full_plain[name], itc_pooled[name] - itc_plain[name],
+                                  atol=1e-5), name
+
+
+def test_settings_it_does_not_combine_with_are_refused():
+    with pytest.raises(ConfigError, match="train.accumulate_itc works with in-batch ITC"):
+        micro_config("train.accumulate_itc=true", "train.grad_accum=2", recipe="albef")
+    with pytest.raises(ConfigError, match="train.accumulate_itc needs an ITC loss"):
+        micro_config("train.accumulate_itc=true", "loss.itc=0")
+    with pytest.raises(ConfigError, match="not available with train.fsdp"):
+        micro_config("train.accumulate_itc=true", "train.fsdp=true")
+
+
+def _spawned(rank: int, port: int, synthetic_dir: str, out: str, overrides: tuple):
+    import os
+
+    from maskvlm.train.distributed import shutdown
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ok = False
+    try:
+        grads, _ = _gradients(Path(synthetic_dir), f"{out}/run", *overrides)
+        torch.save(grads, f"{out}/grads{rank}.pt")
+        ok = True
+    finally:
+        shutdown(ok)
+
+
+def test_two_ranks_accumulating_give_the_gradients_of_the_whole_batch(synthetic_dir, tmp_path):
+    """Two ranks x 2 micro-batches x 2 pairs: the live features are gathered from both ranks with
+    gradient, the rest of the pool from both ranks' cached features; DDP averages. The result is
+    one process's gradient on the 8 pairs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    only_itc = ("loss.itm=0", "loss.mlm=0", "loss.mim=0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(port, str(synthetic_dir), str(tmp_path), ("train.batch_size=2", "train.grad_accum=2",
+                                                                          "train.accumulate_itc=true", *only_itc)),
+             nprocs=2, join=True)
+    whole, _ = _gradients(synthetic_dir, tmp_path / "whole", "train.batch_size=8", *only_itc)
+    for rank in range(2):
+        _assert_close(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True), whole, atol=1e-6)
