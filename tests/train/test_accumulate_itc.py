@@ -109,3 +109,17 @@ def test_two_ranks_accumulating_give_the_gradients_of_the_whole_batch(synthetic_
     whole, _ = _gradients(synthetic_dir, tmp_path / "whole", "train.batch_size=8", *only_itc)
     for rank in range(2):
         _assert_close(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True), whole, atol=1e-6)
+
+
+def test_retrieval_fine_tuning_accumulates_itc_too(synthetic_dir, tokenizer, tmp_path):
+    from maskvlm.finetune import build_finetune_config, finetune
+    from tests.conftest import save_micro_model
+
+    init = save_micro_model(tmp_path / "init", tokenizer)
+    cfg = build_finetune_config("retrieval", str(init), overrides=[
+        f"data.train={synthetic_dir / 'train.json'}", "data.val=null", f"data.test={synthetic_dir / 'test.json'}",
+        f"train.output_dir={tmp_path / 'ft'}", "train.max_steps=2", "train.save_every=0", "train.batch_size=4",
+        "train.grad_accum=2", "train.accumulate_itc=true", "train.progress=false", "train.tensorboard=false",
+        "data.num_workers=0", "train.warmup_steps=1", "eval.k=2"])
+    result = finetune(cfg)
+    assert result["step"] == 2 and "txt_r1" in result["test"] and result["train"]["itc_loss"] > 0

@@ -45,8 +45,8 @@ class ITC(nn.Module):
     def forward(self, state: StepState) -> ObjectiveOutput:
         temp = state.model.itc_head.temperature()
         if state.pool is not None:
-            loss, value, acc = _accumulated(state, lambda ri, rt, rd, ci, ct, cd, tp: itc_loss(ri, rt, rd, tp, ci, ct, cd),
-                                            [temp])
+            loss, value, acc = _accumulated(
+                state, lambda ri, rt, rd, ci, ct, cd, tp: itc_loss(ri, rt, rd, tp, ci, ct, cd), [temp])
             return ObjectiveOutput(loss, {"itc_loss": value, "itc_acc": acc, "temp": temp.detach()})
         all_img, all_txt, all_ids = state.gathered_features()
         loss, acc = itc_loss(state.image_features, state.text_features, state.batch.image_ids, temp,

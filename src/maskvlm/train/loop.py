@@ -217,11 +217,13 @@ class Trainer:
         now = [base * fn(steps) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
         if was and now and abs(now[0] - was[0]) > 0.01 * max(abs(was[0]), 1e-12):
             t = self.config.train
+            hint = ("a cooldown run keeps its learning rates only when lengthened before its cooldown begins"
+                    if t.schedule == "cooldown" else
+                    "to make a run longer without a jump, start it with train.schedule=cooldown (constant until "
+                    "its last train.cooldown_steps) and lengthen it before the cooldown begins")
             log.warning("the learning rate at step %d was %.3g and is now %.3g: train.schedule=%s over "
-                        "train.max_steps=%d differs from the saved run's. To make a run longer without a jump, "
-                        "start it with train.schedule=cooldown (constant until its last train.cooldown_steps) "
-                        "and lengthen it before the cooldown begins", steps, was[0], now[0], t.schedule,
-                        t.max_steps)
+                        "train.max_steps=%d differs from the saved run's; %s", steps, was[0], now[0], t.schedule,
+                        t.max_steps, hint)
 
     def consider_best(self, val: dict) -> bool:
         """Keep track of the best val evaluation by ``best_metric(config)`` (higher is better); with
