@@ -121,6 +121,8 @@ class DataConfig:
     val: Optional[str] = None
     test: Optional[str] = None
     image_root: Optional[str] = None  # image paths in the JSON are relative to this (default: JSON's folder)
+    # with several "::"-separated training files: each one's share of an epoch (default: its size)
+    train_weights: Optional[list] = None
     tokenizer: Optional[str] = None  # vocab.txt / tokenizer.json; None: train a WordPiece on the captions
     vocab_size: int = 1000  # for a tokenizer trained on the captions
     max_text_len: int = 32
@@ -317,6 +319,11 @@ class Config:
                                   "distillation (momentum.queue_size / momentum.alpha)")
             if self.train.fsdp:
                 raise ConfigError("train.accumulate_itc is not available with train.fsdp yet; use DDP")
+        weights = self.data.train_weights
+        if weights is not None and (not isinstance(weights, list) or not weights or
+                                    any(not isinstance(w, (int, float)) or w < 0 for w in weights) or sum(weights) <= 0):
+            raise ConfigError(f"data.train_weights={weights!r}: expected a list of non-negative numbers, one per "
+                              "training file, not all zero")
         _check_choice("train.schedule", self.train.schedule, ("cosine", "linear", "constant", "cooldown"))
         if self.train.cooldown_steps > self.train.max_steps:
             raise ConfigError(f"train.cooldown_steps={self.train.cooldown_steps} is more than train.max_steps="

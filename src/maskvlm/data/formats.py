@@ -233,6 +233,10 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def source_sizes(self) -> list[int]:
+        """Entries per annotation file, in the order of ``data.train``'s "::"-separated files."""
+        return [end - start for start, end in zip(self.starts, self.starts[1:] + [len(self.entries)])]
+
     def captions(self) -> list[str]:
         """Every usable caption (for training a tokenizer)."""
         out = []
@@ -317,21 +321,56 @@ def _warn_bad_sample(e: BadSample) -> None:
                                              if n == WARN_PER_REASON - 1 else "")
 
 
+def mixed_order(sizes: list[int], weights: list[float], seed: int, epoch: int) -> list[int]:
+    """One epoch of ``sum(sizes)`` indices into sources concatenated in order, source ``i`` taking
+    the share ``weights[i] / sum(weights)`` of it (largest remainders round the counts), shuffled.
+
+    Each source is read as an endless stream of passes, each pass a fresh permutation of its
+    samples, and epoch ``e`` takes the stream's next stretch. So a source drawn less than its size
+    per epoch shows every sample before any repeats, and one drawn more repeats its samples evenly.
+    Depends only on (seed, epoch): a resumed run sees the same order."""
+    total, weight_sum = sum(sizes), float(sum(weights))
+    exact = [total * w / weight_sum for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    out: list[int] = []
+    offset = 0
+    for source, (size, count) in enumerate(zip(sizes, counts)):
+        if count and size:
+            first = epoch * count  # where this epoch's stretch of the source's stream begins
+            taken: list[int] = []
+            while len(taken) < count:
+                pass_number, within = divmod(first + len(taken), size)
+                gen = torch.Generator().manual_seed(sample_seed(seed, source, pass_number, -2))
+                perm = torch.randperm(size, generator=gen).tolist()
+                taken.extend(perm[within: within + count - len(taken)])
+            out.extend(offset + i for i in taken)
+        offset += size
+    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, -3))
+    return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
 class EpochSampler(Sampler):
     """Seeded permutation per epoch yielding ``(epoch, index)`` keys; can start mid-epoch.
 
     The order depends only on (seed, epoch), so resuming at ``start`` samples into an epoch sees
-    exactly the samples an uninterrupted run would have seen next. With ``world`` > 1 each rank
+    exactly the samples an uninterrupted run would have seen next. With ``mix`` the epoch mixes
+    several sources by weight (:func:`mixed_order`) instead of permuting. With ``world`` > 1 each rank
     takes every ``world``-th index of the permutation (from ``rank``), cut to equal length: no
     sample twice in an epoch, at most ``world - 1`` left out."""
 
     def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, mix: Optional[tuple[list[int], list[float]]] = None):
         self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
         self.rank, self.world = rank, world
+        self.mix = mix  # (source sizes, weights): each epoch mixes the sources by weight (mixed_order)
 
     def order(self) -> list[int]:
-        if not self.shuffle:
+        if self.mix is not None:
+            full = mixed_order(*self.mix, self.seed, self.epoch)
+        elif not self.shuffle:
             full = list(range(self.size))
         else:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from ..config import Config, best_metric
+from ..config import Config, ConfigError, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state
 from ..runtime import autocast, keep_freed_host_memory, resolve_device
@@ -119,6 +119,7 @@ class Trainer:
         if self.streaming:
             dataset.configure(t.batch_size, rank(), world_size(), config.data.num_workers)
             log.info("training data: %s", dataset.describe())
+        self.mix = self._mix(dataset, config.data.train_weights)
         self.batches_per_epoch = len(dataset) // (t.batch_size * world_size())
         if self.batches_per_epoch == 0:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than train.batch_size="
@@ -158,7 +159,28 @@ class Trainer:
         """What the data position means: a streamed epoch is split by processes and workers."""
         if self.streaming:
             return self.dataset.layout()
-        return {"world": world_size(), "batch_size": self.config.train.batch_size}
+        layout = {"world": world_size(), "batch_size": self.config.train.batch_size}
+        if self.mix is not None:  # another mix orders the epoch differently
+            layout["train_weights"] = self.mix[1]
+        return layout
+
+    @staticmethod
+    def _mix(dataset, weights: Optional[list]) -> Optional[tuple[list[int], list[float]]]:
+        """(entries per training file, weights) for ``data.train_weights``, checked against the files."""
+        if weights is None:
+            return None
+        sizes = dataset.source_sizes() if hasattr(dataset, "source_sizes") else None
+        if sizes is None:
+            raise ConfigError("data.train_weights mixes several '::'-separated annotation files in pre-training; "
+                              "for shards use data.shard_weights")
+        if len(weights) != len(sizes):
+            raise ConfigError(f"data.train_weights has {len(weights)} values for {len(sizes)} training files")
+        weights = [float(w) for w in weights]
+        total = sum(sizes)
+        shares = ", ".join(f"{f.name}: {n} entries -> {100 * w / sum(weights):.1f}% of an epoch"
+                           for f, n, w in zip(dataset.files, sizes, weights))
+        log.info("training mix of %d entries per epoch: %s", total, shares)
+        return sizes, weights
 
     def save(self) -> Optional[Path]:
         """Write a checkpoint (rank 0). With FSDP every rank must call it: the shards are gathered."""
@@ -299,7 +321,8 @@ class Trainer:
                 order = {}
             else:
                 order = {"sampler": EpochSampler(len(self.dataset), t.seed, self.epoch, rank=rank(),
-                                                 world=world_size(), start=self.batch_in_epoch * t.batch_size)}
+                                                 world=world_size(), start=self.batch_in_epoch * t.batch_size,
+                                                 mix=self.mix)}
             loader = DataLoader(self.dataset, batch_size=t.batch_size, collate_fn=self.collator, drop_last=True,
                                 num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
                                 # a private generator: creating loaders must not consume the global RNG
