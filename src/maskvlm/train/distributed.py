@@ -118,10 +118,13 @@ def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
     if world_size() == 1:
         return local[:n]
     moved = local.contiguous().to(_collective_device(local))
-    parts = [torch.empty_like(moved) for _ in range(world_size())]
-    dist.all_gather(parts, moved)
+    # straight into one tensor: no list of parts to concatenate, so the peak is the result's size
+    # (retrieval gathers every token state of the split this way)
+    out = moved.new_empty((world_size() * moved.shape[0], *moved.shape[1:]))
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer torch: renamed
+    gather_into(out, moved)
     # the runs are full up to the last rank holding items, so the real rows are the first n
-    return torch.cat(parts)[:n].to(local.device)
+    return out[:n].to(local.device)
 
 
 def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
