@@ -317,8 +317,6 @@ class Config:
             if self.momentum.queue_size > 0 or self.momentum.alpha > 0:
                 raise ConfigError("train.accumulate_itc works with in-batch ITC, not with the momentum queue or "
                                   "distillation (momentum.queue_size / momentum.alpha)")
-            if self.train.fsdp:
-                raise ConfigError("train.accumulate_itc is not available with train.fsdp yet; use DDP")
         weights = self.data.train_weights
         if weights is not None and (not isinstance(weights, list) or not weights or
                                     any(not isinstance(w, (int, float)) or w < 0 for w in weights) or sum(weights) <= 0):

@@ -121,7 +121,12 @@ class PretrainTask(nn.Module):
                   self.model.text_features(self.model.encode_text(b.input_ids, b.attention_mask))) for b in batches]
         return ContrastivePool([f[0] for f in feats], [f[1] for f in feats], [b.image_ids for b in batches])
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Batch, pool_of: Optional[list[Batch]] = None):
+        """(total loss, metrics) of ``batch``; with ``pool_of`` (micro-batches) their
+        :meth:`contrastive_pool` instead, so that it too runs as a forward of the root module (FSDP
+        must see the root's forward first and gathers the root's parameters in it)."""
+        if pool_of is not None:
+            return self.contrastive_pool(pool_of)
         teacher = self.teacher.model if self.teacher is not None else None
         state = StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha(), self.pool)
         if self.text_guided and batch.image_mask is not None:

@@ -407,8 +407,8 @@ class Trainer:
                 pooled = None  # train.accumulate_itc: every micro-batch first, for the ITC pool
                 if accumulate_itc:
                     pooled = [next(batches).to(self.device, non_blocking=True) for _ in range(t.grad_accum)]
-                    with autocast(self.device, t.precision):
-                        self.task.pool = self.task.contrastive_pool(pooled)
+                    with autocast(self.device, t.precision):  # through the root's forward (FSDP), not DDP's
+                        self.task.pool = self.task(None, pool_of=pooled)
                 for micro in range(t.grad_accum):
                     if pooled is not None:
                         batch = pooled[micro]
