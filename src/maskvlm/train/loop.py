@@ -171,8 +171,8 @@ class Trainer:
             return None
         sizes = dataset.source_sizes() if hasattr(dataset, "source_sizes") else None
         if sizes is None:
-            raise ConfigError("data.train_weights mixes several '::'-separated annotation files in pre-training; "
-                              "for shards use data.shard_weights")
+            raise ConfigError("data.train_weights mixes several '::'-separated annotation files of image-caption "
+                              "pairs (pre-training, retrieval fine-tuning); for shards use data.shard_weights")
         if len(weights) != len(sizes):
             raise ConfigError(f"data.train_weights has {len(weights)} values for {len(sizes)} training files")
         weights = [float(w) for w in weights]
