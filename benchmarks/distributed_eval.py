@@ -4,9 +4,11 @@ and the evaluations inside a torchrun training job do), in one run, with the fig
 
     python benchmarks/distributed_eval.py                       # tiny, N = 1000 images x 5 captions, k = 16
     python benchmarks/distributed_eval.py --images 200 --k 8    # a quick check
+    python benchmarks/distributed_eval.py --device cuda --world 8 --preset base --images 5000 --k 256
 
 Every process gets ``--threads`` CPU threads (default 1), so on a CPU with WORLD x threads cores
 the comparison is what it is on WORLD GPUs: the same device per rank, one rank or WORLD of them.
+With ``--device cuda`` rank r runs on GPU r over NCCL (WORLD GPUs needed).
 Each rank encodes its share of the images and texts and re-ranks its share of the pairs; what is
 not split (loading, gathering, ITC ranking and recall, the same on every rank) keeps the speed-up
 below WORLD. The model is the preset's architecture with random weights (the time does not depend
@@ -26,19 +28,24 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _evaluate(folder: str, data: str, k: int, batch_size: int, precision: str, split: bool) -> tuple[dict, float]:
+def _evaluate(folder: str, data: str, k: int, batch_size: int, precision: str, device: str,
+              split: bool) -> tuple[dict, float]:
     from maskvlm.data.formats import RetrievalDataset
     from maskvlm.models.model import load_pretrained
     from maskvlm.tasks.pretrain import eval_transform
     from maskvlm.tasks.retrieval import evaluate_retrieval
     from maskvlm.train.distributed import barrier
 
-    model, config, tokenizer = load_pretrained(folder)
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"  # each rank's own GPU (set when it joined the group)
+    model, config, tokenizer = load_pretrained(folder, device)
     dataset = RetrievalDataset(data, None, eval_transform(config))
     barrier()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     start = time.perf_counter()
     metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k, "itm", batch_size,
-                                 torch.device("cpu"), precision, split_over_ranks=split)
+                                 torch.device(device), precision, split_over_ranks=split)
     return metrics, time.perf_counter() - start
 
 
@@ -70,8 +77,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: rank r uses GPU r (NCCL), so --world GPUs are needed")
     p.add_argument("--work", default="runs/distributed-eval-bench")
     args = p.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < args.world:
+        print(f"--device cuda --world {args.world} needs {args.world} GPUs; this machine has "
+              f"{torch.cuda.device_count()}", file=sys.stderr)
+        return 2
 
     from maskvlm.config import build_config
     from maskvlm.data.formats import PairDataset
@@ -89,7 +102,7 @@ def main() -> int:
     torch.manual_seed(0)
     folder = work / f"model-{args.preset}"
     build_model(cfg).save_pretrained(folder, cfg, tokenizer)
-    shared = (str(folder), data, args.k, args.batch_size, args.precision)
+    shared = (str(folder), data, args.k, args.batch_size, args.precision, args.device)
 
     torch.set_num_threads(args.threads)
     one, one_s = _evaluate(*shared, split=False)
@@ -102,8 +115,8 @@ def main() -> int:
     split_s = max(r["seconds"] for r in ranks)
     same = all(abs(r["metrics"][key] - one[key]) < 1e-6 for r in ranks for key in one)
     pairs = (args.images + 5 * args.images) * min(args.k, args.images)
-    lines = [*report_header("cpu", f"preset {args.preset}, {args.precision}, batch {args.batch_size}, "
-                                   f"{args.threads} thread(s) per process"), "",
+    lines = [*report_header(args.device, f"preset {args.preset}, {args.precision}, batch {args.batch_size}, "
+                                         f"{args.threads} thread(s) per process"), "",
              f"{args.images} images x 5 captions, k = {args.k}: {pairs} ITM pairs re-ranked", "",
              "| processes | wall s | speed-up | figures |", "|---|---|---|---|",
              f"| 1 | {one_s:.1f} | 1.00x | mean R@1 {one['r1_mean']:.2f} |",
