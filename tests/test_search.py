@@ -85,3 +85,31 @@ def test_cli_index_and_search(exported, image_folder, tmp_path, capsys):
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+
+
+def test_a_build_stopped_part_way_keeps_its_rows_and_continues(exported, image_folder, tmp_path, monkeypatch):
+    folder, _ = image_folder
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    clean = build_index(vlm, exported, folder, tmp_path / "clean", batch_size=2, progress=False)
+    real, calls = VLM.encode_images, []
+
+    def stopping(self, *args, **kwargs):  # Ctrl-C while the second batch is encoded
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLM, "encode_images", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
+    monkeypatch.setattr(VLM, "encode_images", real)
+    assert len(ImageIndex(tmp_path / "index")) == 2  # searchable as it stands: the first batch
+    # a kill between the two writes, or in the middle of one: a row ahead, a cut row, a cut line
+    with open(tmp_path / "index" / "embeddings.f16", "ab") as f:
+        f.write(np.zeros((3, vlm.config.model.embed_dim), np.float16).tobytes()[:-5])
+    with open(tmp_path / "index" / "paths.txt", "a") as f:
+        f.write("sub/half-writ")
+    resumed = build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
+    assert (resumed.skipped_existing, resumed.added, resumed.total) == (2, 3, clean.total)
+    a, b = ImageIndex(tmp_path / "clean"), ImageIndex(tmp_path / "index")
+    assert a.paths == b.paths and np.array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))

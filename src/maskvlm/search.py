@@ -6,7 +6,9 @@ Index folder layout:
   ``embeddings.f16``   float16 matrix (count x embed_dim), L2-normalised ITC image features,
                        read through ``numpy.memmap`` so a large index is never loaded whole
 
-Building is incremental: images already listed are skipped and new rows are appended. Search is
+Building is incremental: images already listed are skipped and new rows are appended, batch by
+batch with ``meta.json`` following, so a build that stops part-way keeps its rows and the same
+command continues it. Search is
 exact (chunked matrix products over the memory map) unless ``faiss`` is installed, in which case
 an inner-product flat index is used. ``--rerank`` re-scores the top candidates with the ITM head."""
 
@@ -58,15 +60,44 @@ class IndexStats:
     seconds: float
 
 
+def _write_meta(out: Path, meta: dict) -> None:
+    """meta.json replaced in one step (a reader never sees half of it)."""
+    tmp = out / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / META)
+
+
+def _complete_rows(out: Path, dim: int) -> list[str]:
+    """The paths of the rows both files hold whole. A build stopped part-way (Ctrl-C, a kill, a
+    full disk) can leave the embeddings a batch ahead of the paths, or a row or a line cut short;
+    both files are cut back to the rows they share, which the build then continues from."""
+    row = dim * np.dtype(np.float16).itemsize
+    text = (out / PATHS).read_text() if (out / PATHS).exists() else ""
+    paths = text.splitlines()
+    if text and not text.endswith("\n"):
+        paths = paths[:-1]  # a line cut short
+    size = (out / EMBEDDINGS).stat().st_size if (out / EMBEDDINGS).exists() else 0
+    n = min(len(paths), size // row)
+    if size != n * row:
+        with open(out / EMBEDDINGS, "r+b" if size else "wb") as f:
+            f.truncate(n * row)
+    if text != "".join(p + "\n" for p in paths[:n]):
+        (out / PATHS).write_text("".join(p + "\n" for p in paths[:n]))
+    return paths[:n]
+
+
 def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: int = 256,
                 progress: bool = True, rebuild: bool = False) -> IndexStats:
+    """Add the images under ``images`` that ``out`` does not list yet. Rows are written batch by
+    batch and ``meta.json`` follows each batch, so a stopped build keeps what it wrote: the index
+    is searchable as it stands, and the same command continues it."""
     from .data.formats import DataError, open_image
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(model_dir)
     meta_path = out / META
-    existing: list[str] = []
+    dim = vlm.config.model.embed_dim
     if meta_path.exists() and not rebuild:
         meta = json.loads(meta_path.read_text())
         if meta["fingerprint"] != fingerprint:
@@ -74,15 +105,19 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
                              "with this one")
         if Path(meta["images"]).resolve() != images.resolve():
             raise ValueError(f"{out} indexes {meta['images']}, not {images}; use another --out")
-        existing = (out / PATHS).read_text().splitlines() if meta["count"] else []
+        existing = _complete_rows(out, dim)
         if len(existing) != meta["count"]:
-            raise ValueError(f"{out}: {PATHS} has {len(existing)} lines but {META} says {meta['count']}; rebuild")
+            log.info("%s: continuing a build that stopped part-way: %d rows kept (%s said %d)", out, len(existing),
+                     META, meta["count"])
     else:
         for name in (PATHS, EMBEDDINGS):
             (out / name).unlink(missing_ok=True)
+        existing = []
+    meta = {"model": str(model_dir), "fingerprint": fingerprint, "images": str(images), "embed_dim": dim,
+            "count": len(existing), "dtype": "float16"}
+    _write_meta(out, meta)  # from the start: a first build stopped part-way is continued, not redone
     known = set(existing)
     todo = [p for p in list_images(images) if p not in known]
-    dim = vlm.config.model.embed_dim
     added, unreadable = 0, 0
     with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
         bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
@@ -98,14 +133,14 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
             if pils:
                 feats = vlm.encode_images(pils, batch_size=batch_size).numpy().astype(np.float16)
                 emb.write(feats.tobytes())
+                emb.flush()  # rows first, then the paths that commit them
                 paths.write("".join(p + "\n" for p in chunk))
+                paths.flush()
                 added += len(chunk)
+                _write_meta(out, {**meta, "count": len(existing) + added})
             bar.update(len(todo[s:s + batch_size]))
         bar.close()
-    total = len(existing) + added
-    meta_path.write_text(json.dumps({"model": str(model_dir), "fingerprint": fingerprint, "images": str(images),
-                                     "embed_dim": dim, "count": total, "dtype": "float16"}, indent=2))
-    return IndexStats(added, len(existing), unreadable, total, time.perf_counter() - start)
+    return IndexStats(added, len(existing), unreadable, len(existing) + added, time.perf_counter() - start)
 
 
 class ImageIndex:
@@ -114,10 +149,13 @@ class ImageIndex:
         if not (self.folder / META).is_file():
             raise FileNotFoundError(f"{folder}: no {META} (build it with `maskvlm index`)")
         self.meta = json.loads((self.folder / META).read_text())
-        self.paths = (self.folder / PATHS).read_text().splitlines()
         n, d = self.meta["count"], self.meta["embed_dim"]
-        if len(self.paths) != n:
-            raise ValueError(f"{folder}: {PATHS} has {len(self.paths)} lines but {META} says {n}")
+        # the first ``count`` rows: a build in progress (or stopped) may have written a batch more
+        self.paths = (self.folder / PATHS).read_text().splitlines()[:n] if n else []
+        rows = (self.folder / EMBEDDINGS).stat().st_size // (2 * d) if n else 0
+        if len(self.paths) < n or rows < n:
+            raise ValueError(f"{folder}: {META} says {n} images but {PATHS} has {len(self.paths)} lines and "
+                             f"{EMBEDDINGS} {rows} rows; run `maskvlm index` again to repair it")
         self.embeddings = np.memmap(self.folder / EMBEDDINGS, dtype=np.float16, mode="r", shape=(n, d))
         self._faiss = None
 
