@@ -91,7 +91,7 @@ def test_a_build_stopped_part_way_keeps_its_rows_and_continues(exported, image_f
     folder, _ = image_folder
     vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
     clean = build_index(vlm, exported, folder, tmp_path / "clean", batch_size=2, progress=False)
-    real, calls = VLM.encode_images, []
+    real, calls = VLM.encode_pixels, []
 
     def stopping(self, *args, **kwargs):  # Ctrl-C while the second batch is encoded
         calls.append(1)
@@ -99,10 +99,10 @@ def test_a_build_stopped_part_way_keeps_its_rows_and_continues(exported, image_f
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(VLM, "encode_images", stopping)
+    monkeypatch.setattr(VLM, "encode_pixels", stopping)
     with pytest.raises(KeyboardInterrupt):
         build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
-    monkeypatch.setattr(VLM, "encode_images", real)
+    monkeypatch.setattr(VLM, "encode_pixels", real)
     assert len(ImageIndex(tmp_path / "index")) == 2  # searchable as it stands: the first batch
     # a kill between the two writes, or in the middle of one: a row ahead, a cut row, a cut line
     with open(tmp_path / "index" / "embeddings.f16", "ab") as f:
@@ -112,4 +112,14 @@ def test_a_build_stopped_part_way_keeps_its_rows_and_continues(exported, image_f
     resumed = build_index(vlm, exported, folder, tmp_path / "index", batch_size=2, progress=False)
     assert (resumed.skipped_existing, resumed.added, resumed.total) == (2, 3, clean.total)
     a, b = ImageIndex(tmp_path / "clean"), ImageIndex(tmp_path / "index")
+    assert a.paths == b.paths and np.array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))
+
+
+def test_decoding_workers_build_the_same_index(exported, image_folder, tmp_path):
+    folder, _ = image_folder
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    one = build_index(vlm, exported, folder, tmp_path / "one", batch_size=2, progress=False)
+    two = build_index(vlm, exported, folder, tmp_path / "two", batch_size=2, progress=False, workers=2)
+    assert (two.added, two.unreadable) == (one.added, one.unreadable) == (5, 1)
+    a, b = ImageIndex(tmp_path / "one"), ImageIndex(tmp_path / "two")
     assert a.paths == b.paths and np.array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))

@@ -127,11 +127,15 @@ class VLM:
     def encode_images(self, images: Sequence[ImageLike] | ImageLike, batch_size: int = 64) -> torch.Tensor:
         """(N, embed_dim) L2-normalised ITC image features, on the CPU in float32 (N = 1 for one image)."""
         self.warn_untrained("encode_images", ["itc"])
-        feats = []
-        for chunk in self._batches(_images(images), batch_size):
-            with autocast(self.device, self.precision):
-                feats.append(self.model.image_features(self.model.encode_image(self._image_tensor(chunk))).float())
-        return torch.cat(feats).cpu() if feats else torch.zeros(0, self.config.model.embed_dim)
+        feats = [self.encode_pixels(self._image_tensor(chunk)) for chunk in self._batches(_images(images), batch_size)]
+        return torch.cat(feats) if feats else torch.zeros(0, self.config.model.embed_dim)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_images` for images already through ``self.transform`` ((N, 3, H, W), e.g.
+        from DataLoader workers): (N, embed_dim) features on the CPU in float32."""
+        with autocast(self.device, self.precision):
+            return self.model.image_features(self.model.encode_image(pixels.to(self.device))).float().cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> torch.Tensor:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .inference import VLM
@@ -86,13 +88,34 @@ def _complete_rows(out: Path, dim: int) -> list[str]:
     return paths[:n]
 
 
-def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: int = 256,
-                progress: bool = True, rebuild: bool = False) -> IndexStats:
-    """Add the images under ``images`` that ``out`` does not list yet. Rows are written batch by
-    batch and ``meta.json`` follows each batch, so a stopped build keeps what it wrote: the index
-    is searchable as it stands, and the same command continues it."""
-    from .data.formats import DataError, open_image
+class _Pixels(Dataset):
+    """(relative path, transformed image or None, why not) for each path: decoding and resizing
+    run in DataLoader workers."""
 
+    def __init__(self, root: Path, paths: list[str], transform):
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .data.formats import DataError, open_image
+        try:
+            return self.paths[i], self.transform(open_image(self.root / self.paths[i]))[0], ""
+        except (DataError, OSError) as e:
+            return self.paths[i], None, str(e)
+
+
+def _keep_order(items: list) -> list:
+    return items  # a DataLoader batch as the list of its samples
+
+
+def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: int = 256,
+                progress: bool = True, rebuild: bool = False, workers: int = 0) -> IndexStats:
+    """Add the images under ``images`` that ``out`` does not list yet, decoded by ``workers``
+    DataLoader processes (0: in this one). Rows are written batch by batch and ``meta.json``
+    follows each batch, so a stopped build keeps what it wrote: the index is searchable as it
+    stands, and the same command continues it."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(model_dir)
@@ -119,26 +142,25 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
     known = set(existing)
     todo = [p for p in list_images(images) if p not in known]
     added, unreadable = 0, 0
+    loader = DataLoader(_Pixels(images, todo, vlm.transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_keep_order)
     with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
         bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
-        for s in range(0, len(todo), batch_size):
-            chunk, pils = [], []
-            for rel in todo[s:s + batch_size]:
-                try:
-                    pils.append(open_image(images / rel))
-                    chunk.append(rel)
-                except (DataError, OSError) as e:
+        for batch in loader:
+            for rel, _, why in batch:
+                if why:
                     unreadable += 1
-                    log.warning("skipping unreadable image %s (%s)", rel, e)
-            if pils:
-                feats = vlm.encode_images(pils, batch_size=batch_size).numpy().astype(np.float16)
+                    log.warning("skipping unreadable image %s (%s)", rel, why)
+            good = [(rel, pixels) for rel, pixels, why in batch if not why]
+            if good:
+                feats = vlm.encode_pixels(torch.stack([p for _, p in good])).numpy().astype(np.float16)
                 emb.write(feats.tobytes())
                 emb.flush()  # rows first, then the paths that commit them
-                paths.write("".join(p + "\n" for p in chunk))
+                paths.write("".join(rel + "\n" for rel, _ in good))
                 paths.flush()
-                added += len(chunk)
+                added += len(good)
                 _write_meta(out, {**meta, "count": len(existing) + added})
-            bar.update(len(todo[s:s + batch_size]))
+            bar.update(len(batch))
         bar.close()
     return IndexStats(added, len(existing), unreadable, len(existing) + added, time.perf_counter() - start)
 
