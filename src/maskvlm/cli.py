@@ -138,6 +138,9 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--against", default=None, metavar="CHECKPOINT",
                    help="also evaluate this second model on the same file and report the difference in mean R@1 "
                         "with a paired bootstrap interval over images")
+    r.add_argument("--misses", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="also show N queries of each direction that missed at R@1, the nearest misses first, with "
+                        "what they retrieved instead (in --out too)")
     r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, title, fmt in (("vqa", "VQA v2 accuracy (official metric) and the eval-server result file",
@@ -504,6 +507,12 @@ def _evaluate_retrieval(args, reports: bool = True) -> int:
 
     ranks_a, ranks_b = {}, {}
     metrics, dataset = evaluate(args.checkpoint, ranks_a)
+    if args.misses:
+        from .tasks.retrieval import format_misses, near_misses
+        misses = near_misses(dataset, ranks_a, args.misses)
+        if reports:
+            print(format_misses(misses))
+        metrics = {**metrics, "misses": misses}
     if args.against:
         from .tasks.retrieval import paired_r1_difference
         metrics = {"model": metrics, "against": evaluate(args.against, ranks_b)[0]}

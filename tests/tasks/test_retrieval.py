@@ -137,3 +137,43 @@ def test_cli_compares_two_checkpoints(synthetic_dir, tokenizer, tmp_path, capsys
     assert set(result) == {"model", "against", "difference"}
     difference = result["model"]["r1_mean"] - result["against"]["r1_mean"]
     assert abs(result["difference"]["r1_mean_difference"] - difference) < 1e-9
+
+
+def test_near_misses_name_the_wrong_answer_that_scored_highest():
+    from types import SimpleNamespace
+
+    from maskvlm.tasks.retrieval import format_misses, near_misses
+
+    img2txt, txt2img = [[0, 1], [2], [3]], [0, 0, 1, 2]
+    data = SimpleNamespace(texts=["a0", "a1", "b", "c"], images=["A", "B", "C"], img2txt=img2txt, txt2img=txt2img)
+    i2t = torch.tensor([[0.9, 0.1, 0.5, 0.2],    # A: its caption a0 first -> hit
+                        [0.3, 0.2, 0.6, 0.7],    # B: c beats b -> rank 2, rival c (image C)
+                        [0.8, 0.1, 0.9, 0.1]])   # C: b, a0 and a1 (a tie) beat c -> rank 4, rival b
+    t2i = torch.tensor([[0.9, 0.1, 0.0],         # a0 -> A hit
+                        [0.5, 0.5, 0.1],         # a1: tie with B counts against it -> rank 2, rival B
+                        [0.2, 0.1, 0.3],         # b: C then A beat B -> rank 3, rival C
+                        [0.0, 0.0, 1.0]])        # c -> C hit
+    ranks: dict = {}
+    recall_metrics(i2t, t2i, img2txt, txt2img, ranks_out=ranks)
+    m = near_misses(data, ranks, 5)
+    assert [(x["caption"], x["rank"], x["retrieved"], x["retrieved_caption"]) for x in m["text_to_image"]] == [
+        ("a1", 2, "B", "b"), ("b", 3, "C", "c")]  # the nearest miss first
+    assert [(x["image"], x["rank"], x["retrieved"], x["retrieved_image"]) for x in m["image_to_text"]] == [
+        ("B", 2, "c", "C"), ("C", 4, "b", "B")]
+    assert len(near_misses(data, ranks, 1)["text_to_image"]) == 1
+    assert 'wanted A (rank 2), got B: "b"' in format_misses(m)
+
+
+def test_cli_misses_are_printed_and_written(synthetic_dir, tokenizer, tmp_path, capsys):
+    import json
+
+    from maskvlm.cli import main
+    from tests.conftest import save_micro_model
+
+    folder = save_micro_model(tmp_path / "model", tokenizer)
+    assert main(["evaluate", "retrieval", "--checkpoint", str(folder), "--data", str(synthetic_dir / "test.json"),
+                 "--misses", "3", "--no-progress", "--out", str(tmp_path / "m.json")]) == 0
+    assert "nearest misses at R@1" in capsys.readouterr().out
+    misses = json.loads((tmp_path / "m.json").read_text())["misses"]
+    assert 0 < len(misses["text_to_image"]) <= 3 and 0 < len(misses["image_to_text"]) <= 3
+    assert all(m["rank"] >= 2 and m["retrieved"] != m["image"] for m in misses["text_to_image"])

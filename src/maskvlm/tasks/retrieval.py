@@ -148,25 +148,35 @@ def _ranks_of_positives(scores: torch.Tensor, positives: list[list[int]], chunk:
     """For each row, the 0-based rank of its best positive column: the number of non-positive
     columns scoring at least as high. Ties count against the query, so a model that scores
     everything alike gets R@1 = 0, not 100."""
-    out = []
+    return _rank_and_rival(scores, positives, chunk)[0]
+
+
+def _rank_and_rival(scores: torch.Tensor, positives: list[list[int]], chunk: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`_ranks_of_positives`, each row's best-scoring non-positive column: what a missed
+    query took for its answer)."""
+    ranks, rivals = [], []
     for start in range(0, scores.shape[0], chunk):
         block = scores[start:start + chunk].float()
         is_pos = torch.zeros_like(block, dtype=torch.bool)
         for r, pos in enumerate(positives[start:start + chunk]):
             is_pos[r, pos] = True
         best = block.masked_fill(~is_pos, float("-inf")).max(dim=1).values
-        out.append(((block >= best[:, None]) & ~is_pos).sum(dim=1))
-    return torch.cat(out)
+        ranks.append(((block >= best[:, None]) & ~is_pos).sum(dim=1))
+        rivals.append(block.masked_fill(is_pos, float("-inf")).argmax(dim=1))
+    return torch.cat(ranks), torch.cat(rivals)
 
 
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]],
                    txt2img: list[int], prefix: str = "", ranks_out: Optional[dict] = None) -> dict[str, float]:
     """R@1/5/10 (in %) for text retrieval (image query) and image retrieval (text query); ``ranks_out``
-    (a dict) receives each query's rank ("tr": per image, "ir": per caption) for paired comparisons."""
-    tr = _ranks_of_positives(score_i2t.cpu(), img2txt)
-    ir = _ranks_of_positives(score_t2i.cpu(), [[i] for i in txt2img])
+    (a dict) receives each query's rank ("tr": per image, "ir": per caption) for paired comparisons,
+    and each query's best-scoring wrong answer ("tr_rival": a caption per image, "ir_rival": an image
+    per caption)."""
+    tr, tr_rival = _rank_and_rival(score_i2t.cpu(), img2txt)
+    ir, ir_rival = _rank_and_rival(score_t2i.cpu(), [[i] for i in txt2img])
     if ranks_out is not None:
-        ranks_out.update(tr=tr, ir=ir)
+        ranks_out.update(tr=tr, ir=ir, tr_rival=tr_rival, ir_rival=ir_rival)
     m = {}
     for k in (1, 5, 10):
         m[f"{prefix}txt_r{k}"] = 100.0 * float((tr < k).float().mean())
@@ -270,6 +280,42 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
         return metrics
     finally:
         model.train(was_training)
+
+
+def near_misses(dataset: RetrievalDataset, ranks: dict, n: int) -> dict[str, list[dict]]:
+    """Up to ``n`` queries of each direction that missed at R@1, the nearest misses first (the right
+    answer ranked 2nd, then 3rd, ...; ties in data order), with the wrong answer that scored highest
+    (a tie with the right one counts as a miss). With captions that differ only in how attributes
+    bind to objects, these show what the model confuses. ``ranks``: the ``ranks_out`` of
+    :func:`evaluate_retrieval`."""
+    def first(scores: torch.Tensor) -> list[int]:
+        missed = (scores > 0).nonzero().flatten().tolist()
+        return sorted(missed, key=lambda q: (int(scores[q]), q))[:n]
+
+    texts, images = dataset.texts, dataset.images
+    return {
+        "text_to_image": [{"caption": texts[t], "image": images[dataset.txt2img[t]], "rank": int(ranks["ir"][t]) + 1,
+                           "retrieved": images[int(ranks["ir_rival"][t])],
+                           "retrieved_caption": texts[dataset.img2txt[int(ranks["ir_rival"][t])][0]]}
+                          for t in first(ranks["ir"])],
+        "image_to_text": [{"image": images[i], "caption": texts[dataset.img2txt[i][0]], "rank": int(ranks["tr"][i]) + 1,
+                           "retrieved": texts[int(ranks["tr_rival"][i])],
+                           "retrieved_image": images[dataset.txt2img[int(ranks["tr_rival"][i])]]}
+                          for i in first(ranks["tr"])]}
+
+
+def format_misses(misses: dict[str, list[dict]]) -> str:
+    lines = ["text -> image, nearest misses at R@1 (the caption; the image it names, at its rank; the wrong "
+             "image that scored highest, with one of its captions):"]
+    for m in misses["text_to_image"]:
+        lines += [f'  "{m["caption"]}"', f'      wanted {m["image"]} (rank {m["rank"]}), got {m["retrieved"]}: '
+                                         f'"{m["retrieved_caption"]}"']
+    lines.append("image -> text, nearest misses at R@1 (the image and one of its captions, at the rank of its "
+                 "best caption; the wrong caption that scored highest and the image it belongs to):")
+    for m in misses["image_to_text"]:
+        lines += [f'  {m["image"]}: "{m["caption"]}" (rank {m["rank"]})',
+                  f'      got "{m["retrieved"]}" ({m["retrieved_image"]})']
+    return "\n".join(lines)
 
 
 def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") -> str:
