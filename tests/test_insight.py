@@ -194,3 +194,37 @@ def test_plot_reports_a_missing_or_broken_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         insight.read_metrics(tmp_path)
+
+
+def test_binding_probes_exchange_exactly_two_attributes():
+    entry = {"image": "x.png", "caption": ["three large red squares",
+                                           "an orange circle to the left of a white cross",
+                                           "on the left an orange circle, on the right a white cross"],
+             "objects": [{"color": "orange", "shape": "circle"}, {"color": "white", "shape": "cross"}]}
+    probes = insight.binding_probes(entry)
+    assert probes["colour"] == ("an orange circle to the left of a white cross",
+                                "a white circle to the left of an orange cross")  # articles follow the colour
+    assert probes["shape"] == ("an orange circle to the left of a white cross",
+                               "an orange cross to the left of a white circle")
+    assert probes["side"] == ("an orange circle to the left of a white cross",
+                              "an orange circle to the right of a white cross")
+    same_colour = {**entry, "objects": [{"color": "white", "shape": "circle"}, {"color": "white", "shape": "cross"}]}
+    assert "colour" not in insight.binding_probes(same_colour)  # nothing to exchange
+    assert insight.binding_probes({**entry, "objects": entry["objects"][:1]}) == {}  # one object: no probe
+    assert insight.binding_probes({"image": "x.png", "caption": "a red circle"}) == {}  # no objects listed
+
+
+def test_binding_test_figures_and_cli(trained, vlm, synthetic_dir, tmp_path, capsys):
+    m = insight.binding_test(vlm, synthetic_dir / "test.json", batch_size=4, progress=False)
+    assert m["probes"] and set(m["probes"]) <= set(insight.BINDING_PROBES)
+    for r in m["probes"].values():
+        assert r["pairs"] > 0 and all(0 <= r[k] <= 100 for k in ("itc_accuracy", "itm_accuracy",
+                                                                "itc_accuracy_other_image", "itm_accuracy_other_image"))
+    assert main(["evaluate", "binding", "--checkpoint", str(trained), "--data", str(synthetic_dir / "test.json"),
+                 "--no-progress", "--out", str(tmp_path / "b.json")]) == 0
+    assert "attribute binding on" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["probes"] == m["probes"]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"image": "a.png", "caption": ["x"]}]))
+    with pytest.raises(ValueError, match="the binding test needs them"):
+        insight.binding_test(vlm, plain, progress=False)

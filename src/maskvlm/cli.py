@@ -413,7 +413,7 @@ def _join_torchrun() -> bool:
 
 
 def _evaluate(args) -> int:
-    if args.task in ("grounding", "cross-modal"):
+    if args.task in ("grounding", "cross-modal", "binding"):
         from . import cli_insight
         return cli_insight.evaluate(args)
     if args.task in ("classification", "linear-probe"):

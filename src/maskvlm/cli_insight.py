@@ -78,9 +78,12 @@ def add_evaluate_parsers(tasks) -> None:
     for name, title in (("grounding", "pointing-game accuracy of Grad-CAM heat maps for referring phrases "
                                       "(needs object boxes: the synthetic scenes have them)"),
                         ("cross-modal", "MLM accuracy with matching / mismatched / masked image and MIM error "
-                                        "with matching / mismatched / empty text")):
+                                        "with matching / mismatched / empty text"),
+                        ("binding", "how often a two-object scene's caption beats the same caption with the colours, "
+                                    "the shapes or left and right exchanged, by ITC and by ITM (needs the objects "
+                                    "of each scene: the synthetic scenes list them)")):
         t = tasks.add_parser(name, help=title, description=title[0].upper() + title[1:] + ".")
-        _common(t, precision=name == "cross-modal")
+        _common(t, precision=name != "grounding")
         t.add_argument("--data", default=None, help="retrieval JSON (default: the checkpoint's data.test)")
         t.add_argument("--image-root", default=None, help="image folder (default: the JSON file's folder)")
         t.add_argument("--batch-size", type=POSITIVE, default=32)
@@ -88,7 +91,7 @@ def add_evaluate_parsers(tasks) -> None:
             t.add_argument("--layer", type=int, default=None,
                            help="cross-attention layer (single-stream models: joint-transformer layer; "
                                 "default: the middle one, rounded down)")
-        else:
+        elif name == "cross-modal":
             t.add_argument("--seed", type=int, default=0, help="mask seed")
             t.add_argument("--text-ratio", type=SHARE, default=None, help="caption tokens masked (default: recipe's)")
             t.add_argument("--image-ratio", type=SHARE, default=None, help="patches masked (default: recipe's)")
@@ -218,7 +221,7 @@ def _data_path(args, vlm) -> Path:
 
 
 def evaluate(args) -> int:
-    from .insight import cross_modal_dependence, pointing_game
+    from .insight import binding_test, cross_modal_dependence, pointing_game
 
     vlm = _vlm(args)
     data = _data_path(args, vlm)
@@ -233,6 +236,17 @@ def evaluate(args) -> int:
         if m["multi_object_phrases"]:
             print(f"  in the {m['multi_object_phrases']} scenes with several objects: maximum on the named object "
                   f"{m['multi_object_accuracy']:.1f}%, on another object {m['multi_object_other_object']:.1f}%")
+    elif args.task == "binding":
+        m = binding_test(vlm, data, root, args.batch_size, progress=not args.no_progress)
+        print(f"attribute binding on {data}: each two-object scene's caption against the same words with two "
+              f"attributes exchanged; the share of pairs where the caption wins (chance 50%), with the scene's own "
+              f"image and, as a control, with another scene's")
+        print(f"  {'exchanged':12s}{'pairs':>7s}{'ITC':>9s}{'ITM':>9s}{'ITC other':>12s}{'ITM other':>12s}")
+        for probe, r in m["probes"].items():
+            print(f"  {probe:12s}{r['pairs']:7d}{r['itc_accuracy']:8.1f}%{r['itm_accuracy']:8.1f}%"
+                  f"{r['itc_accuracy_other_image']:11.1f}%{r['itm_accuracy_other_image']:11.1f}%")
+        for probe, ex in m["examples"].items():
+            print(f'  e.g. {probe}: "{ex["caption"]}" vs "{ex["swapped"]}"')
     else:
         m = cross_modal_dependence(vlm, data, root, args.text_ratio, args.image_ratio, args.batch_size, args.seed,
                                    progress=not args.no_progress)

@@ -492,3 +492,101 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# --- attribute binding ---------------------------------------------------------------------------
+BINDING_PROBES = ("colour", "shape", "side")
+
+
+def _swap_words(text: str, a: str, b: str) -> Optional[str]:
+    """``text`` with the whole words ``a`` and ``b`` exchanged, or None unless each occurs exactly once."""
+    import re
+
+    words = {w: re.findall(rf"\b{re.escape(w)}\b", text) for w in (a, b)}
+    if a == b or any(len(found) != 1 for found in words.values()):
+        return None
+    return re.sub(rf"\b({re.escape(a)}|{re.escape(b)})\b", lambda m: b if m.group(0) == a else a, text)
+
+
+def binding_probes(entry: dict) -> dict[str, tuple[str, str]]:
+    """(caption, the same caption with two attributes exchanged) per probe, for a scene of two
+    objects (``objects`` with ``color`` and ``shape``, as the synthetic scenes list them):
+
+    - ``colour``: the two objects' colours swapped ("an orange circle left of a white cross" ->
+      "a white circle left of an orange cross");
+    - ``shape``: their shapes swapped;
+    - ``side``: "left" and "right" swapped (every occurrence).
+
+    Each probe uses the first caption where the swap applies (each word exactly once; both sides
+    named, or one); scenes where it does not apply get no probe. The swapped caption describes
+    another scene with the same words, so only binding tells them apart. An article before a
+    swapped colour is fixed ("a orange" -> "an orange")."""
+    import re
+
+    objects = entry.get("objects")
+    captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+    if not isinstance(objects, list) or len(objects) != 2 or not all(isinstance(o, dict) for o in objects):
+        return {}
+    out = {}
+    pairs = {"colour": (objects[0].get("color"), objects[1].get("color")),
+             "shape": (objects[0].get("shape"), objects[1].get("shape"))}
+    for probe, (a, b) in pairs.items():
+        if isinstance(a, str) and isinstance(b, str):
+            for caption in captions:
+                swapped = _swap_words(caption, a, b)
+                if swapped is not None:
+                    out[probe] = (caption, re.sub(r"\ba(n?) (\w)", lambda m: ("an " if m.group(2) in "aeiou" else "a ")
+                                                  + m.group(2), swapped))
+                    break
+    for caption in captions:
+        if re.search(r"\b(left|right)\b", caption):
+            swapped = re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(0) == "left" else "left", caption)
+            out["side"] = (caption, swapped)
+            break
+    return out
+
+
+@torch.no_grad()
+def binding_test(vlm: VLM, annotations: Path, image_root: Optional[Path] = None, batch_size: int = 64,
+                 progress: bool = True) -> dict:
+    """How often the model scores an image's caption above the same caption with two attributes
+    exchanged (:func:`binding_probes`), by ITC similarity and by the ITM match probability; 50% is
+    chance. The control asks the same of another scene's image (the pair half the list away):
+    a model that reads the image is near 50% there, while a preference for one wording that does
+    not depend on the image shows up in both. Needs scenes that list their ``objects`` (the
+    synthetic ones do)."""
+    from tqdm import tqdm
+
+    entries = load_annotations(annotations, strict=False)
+    root = Path(image_root) if image_root else Path(annotations).parent
+    items = [(root / e["image"], probe, true, swapped) for e in entries
+             for probe, (true, swapped) in binding_probes(e).items()]
+    if not items:
+        raise ValueError(f"{annotations}: no scene of two objects with 'color' and 'shape' (the synthetic scenes "
+                         "list them); the binding test needs them")
+    n = len(items)
+    others = [items[(k + n // 2) % n][0] for k in range(n)]
+    wins = {(p, score, view): [] for p in BINDING_PROBES for score in ("itc", "itm") for view in ("own", "other")}
+    for start in tqdm(range(0, n, batch_size), desc="binding", disable=not progress):
+        chunk = items[start:start + batch_size]
+        true, swapped = [c[2] for c in chunk], [c[3] for c in chunk]
+        true_feats = vlm.encode_texts(true, batch_size=batch_size)
+        swap_feats = vlm.encode_texts(swapped, batch_size=batch_size)
+        for view, images in (("own", [c[0] for c in chunk]), ("other", others[start:start + batch_size])):
+            feats = vlm.encode_images(images, batch_size=batch_size)
+            itc = ((feats * true_feats).sum(1) > (feats * swap_feats).sum(1)).tolist()
+            itm = (vlm.itm_score(images, true, batch_size=batch_size) >
+                   vlm.itm_score(images, swapped, batch_size=batch_size)).tolist()
+            for j, (_, probe, _, _) in enumerate(chunk):
+                wins[(probe, "itc", view)].append(itc[j])
+                wins[(probe, "itm", view)].append(itm[j])
+    result = {"images": len(entries), "probes": {}}
+    for probe in BINDING_PROBES:
+        counts = {key: w for key, w in wins.items() if key[0] == probe}
+        if counts[(probe, "itc", "own")]:
+            result["probes"][probe] = {"pairs": len(counts[(probe, "itc", "own")]), **{
+                f"{score}_accuracy{'' if view == 'own' else '_other_image'}": 100.0 * sum(w) / len(w)
+                for (_, score, view), w in counts.items()}}
+    result["examples"] = {p: {"caption": t, "swapped": s} for _, p, t, s in
+                          {item[1]: item for item in reversed(items)}.values()}
+    return result
