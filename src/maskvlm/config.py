@@ -318,8 +318,8 @@ class Config:
                 raise ConfigError("train.accumulate_itc works with in-batch ITC, not with the momentum queue or "
                                   "distillation (momentum.queue_size / momentum.alpha)")
         weights = self.data.train_weights
-        if weights is not None and (not isinstance(weights, list) or not weights or
-                                    any(not isinstance(w, (int, float)) or w < 0 for w in weights) or sum(weights) <= 0):
+        numbers = isinstance(weights, list) and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+        if weights is not None and (not numbers or sum(weights) <= 0):
             raise ConfigError(f"data.train_weights={weights!r}: expected a list of non-negative numbers, one per "
                               "training file, not all zero")
         _check_choice("train.schedule", self.train.schedule, ("cosine", "linear", "constant", "cooldown"))

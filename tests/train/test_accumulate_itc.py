@@ -138,10 +138,9 @@ def test_fsdp_accumulating_trains_like_ddp(synthetic_dir, tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = tmp_path / name
-        mp.spawn(_spawned, args=(port, str(synthetic_dir), str(out), ("train.batch_size=2", "train.grad_accum=2",
-                                                                       "train.accumulate_itc=true", "train.save_every=1",
-                                                                       "loss.itm=0", "loss.mlm=0", "loss.mim=0",
-                                                                       *extra)), nprocs=2, join=True)
+        overrides = ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true", "train.save_every=1",
+                     "loss.itm=0", "loss.mlm=0", "loss.mim=0", *extra)
+        mp.spawn(_spawned, args=(port, str(synthetic_dir), str(out), overrides), nprocs=2, join=True)
         weights[name] = load_file(str(out / "run" / "checkpoints" / "step-00000001" / "model.safetensors"))
     ddp, fsdp = weights["ddp"], weights["fsdp"]
     assert ddp.keys() == fsdp.keys()
