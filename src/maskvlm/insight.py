@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data.formats import DataError, load_annotations
+from .data.formats import DataError, load_annotations, open_image
 from .inference import VLM, ImageLike
 from .masking import block_mask, mask_to_indices
 from .runtime import autocast
@@ -553,31 +553,44 @@ def binding_test(vlm: VLM, annotations: Path, image_root: Optional[Path] = None,
     exchanged (:func:`binding_probes`), by ITC similarity and by the ITM match probability; 50% is
     chance. The control asks the same of another scene's image (the pair half the list away):
     a model that reads the image is near 50% there, while a preference for one wording that does
-    not depend on the image shows up in both. Needs scenes that list their ``objects`` (the
-    synthetic ones do)."""
+    not depend on the image shows up in both. The side probe is also asked of each scene mirrored
+    (the image flipped, "left" and "right" swapped in both captions), so that a preference for
+    one side word, whatever the image, scores 50% rather than the share of captions that use it.
+    Needs scenes that list their ``objects`` (the synthetic ones do)."""
     from tqdm import tqdm
+
+    from .data.transforms import swap_left_right
 
     entries = load_annotations(annotations, strict=False)
     root = Path(image_root) if image_root else Path(annotations).parent
-    items = [(root / e["image"], probe, true, swapped) for e in entries
-             for probe, (true, swapped) in binding_probes(e).items()]
+    items = []
+    for e in entries:
+        for probe, (true, swapped) in binding_probes(e).items():
+            items.append((root / e["image"], probe, true, swapped, False))
+            if probe == "side":  # and mirrored: the image flipped, both captions' sides swapped
+                items.append((root / e["image"], probe, swap_left_right(true), swap_left_right(swapped), True))
     if not items:
         raise ValueError(f"{annotations}: no scene of two objects with 'color' and 'shape' (the synthetic scenes "
                          "list them); the binding test needs them")
     n = len(items)
-    others = [items[(k + n // 2) % n][0] for k in range(n)]
+    others = [(items[(k + n // 2) % n][0], items[(k + n // 2) % n][4]) for k in range(n)]
+
+    def load(path: Path, mirrored: bool):
+        image = open_image(path)
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if mirrored else image
     wins = {(p, score, view): [] for p in BINDING_PROBES for score in ("itc", "itm") for view in ("own", "other")}
     for start in tqdm(range(0, n, batch_size), desc="binding", disable=not progress):
         chunk = items[start:start + batch_size]
         true, swapped = [c[2] for c in chunk], [c[3] for c in chunk]
         true_feats = vlm.encode_texts(true, batch_size=batch_size)
         swap_feats = vlm.encode_texts(swapped, batch_size=batch_size)
-        for view, images in (("own", [c[0] for c in chunk]), ("other", others[start:start + batch_size])):
+        for view, where in (("own", [(c[0], c[4]) for c in chunk]), ("other", others[start:start + batch_size])):
+            images = [load(path, mirrored) for path, mirrored in where]
             feats = vlm.encode_images(images, batch_size=batch_size)
             itc = ((feats * true_feats).sum(1) > (feats * swap_feats).sum(1)).tolist()
             itm = (vlm.itm_score(images, true, batch_size=batch_size) >
                    vlm.itm_score(images, swapped, batch_size=batch_size)).tolist()
-            for j, (_, probe, _, _) in enumerate(chunk):
+            for j, (_, probe, _, _, _) in enumerate(chunk):
                 wins[(probe, "itc", view)].append(itc[j])
                 wins[(probe, "itm", view)].append(itm[j])
     result = {"images": len(entries), "probes": {}}
@@ -587,6 +600,6 @@ def binding_test(vlm: VLM, annotations: Path, image_root: Optional[Path] = None,
             result["probes"][probe] = {"pairs": len(counts[(probe, "itc", "own")]), **{
                 f"{score}_accuracy{'' if view == 'own' else '_other_image'}": 100.0 * sum(w) / len(w)
                 for (_, score, view), w in counts.items()}}
-    result["examples"] = {p: {"caption": t, "swapped": s} for _, p, t, s in
-                          {item[1]: item for item in reversed(items)}.values()}
+    result["examples"] = {p: {"caption": t, "swapped": s} for _, p, t, s, _ in
+                          {item[1]: item for item in reversed(items) if not item[4]}.values()}
     return result
