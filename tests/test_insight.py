@@ -228,3 +228,24 @@ def test_binding_test_figures_and_cli(trained, vlm, synthetic_dir, tmp_path, cap
     plain.write_text(json.dumps([{"image": "a.png", "caption": ["x"]}]))
     with pytest.raises(ValueError, match="the binding test needs them"):
         insight.binding_test(vlm, plain, progress=False)
+
+
+def test_a_side_word_preference_scores_chance_on_the_balanced_side_probe(vlm, synthetic_dir, tmp_path, monkeypatch):
+    """A model that prefers captions saying "right", whatever the image, scores 50% on sides: the
+    mirrored half turns its wins into losses one for one."""
+    entries = json.loads((synthetic_dir / "test.json").read_text())[:4]
+    data = tmp_path / "sides.json"
+    data.write_text(json.dumps([{"image": str(synthetic_dir / e["image"]),
+                                 "caption": [f"a red circle to the {'left' if i % 4 else 'right'} of a blue square"],
+                                 "objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]}
+                                for i, e in enumerate(entries)]))
+
+    def says_right(texts):
+        return torch.tensor([[1.0, 0.0] if " right " in t else [0.0, 1.0] for t in texts])
+
+    monkeypatch.setattr(VLM, "itm_score", lambda self, images, texts, batch_size=64: says_right(texts)[:, 0])
+    monkeypatch.setattr(VLM, "encode_texts", lambda self, texts, batch_size=64: says_right(texts))
+    monkeypatch.setattr(VLM, "encode_images", lambda self, images, batch_size=64: torch.tensor([[1.0, 0.0]] *
+                                                                                                len(images)))
+    side = insight.binding_test(vlm, data, progress=False)["probes"]["side"]
+    assert side["pairs"] == 8 and side["itc_accuracy"] == side["itm_accuracy"] == 50.0
