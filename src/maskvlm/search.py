@@ -27,11 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .data.formats import DataError, open_image
 from .inference import VLM
 
 log = logging.getLogger("maskvlm")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 META, PATHS, EMBEDDINGS = "meta.json", "paths.txt", "embeddings.f16"
+ROW_ITEM_BYTES = np.dtype(np.float16).itemsize  # one embedding value on disk
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -73,7 +75,7 @@ def _complete_rows(out: Path, dim: int) -> list[str]:
     """The paths of the rows both files hold whole. A build stopped part-way (Ctrl-C, a kill, a
     full disk) can leave the embeddings a batch ahead of the paths, or a row or a line cut short;
     both files are cut back to the rows they share, which the build then continues from."""
-    row = dim * np.dtype(np.float16).itemsize
+    row = dim * ROW_ITEM_BYTES
     text = (out / PATHS).read_text() if (out / PATHS).exists() else ""
     paths = text.splitlines()
     if text and not text.endswith("\n"):
@@ -99,15 +101,10 @@ class _Pixels(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .data.formats import DataError, open_image
         try:
             return self.paths[i], self.transform(open_image(self.root / self.paths[i]))[0], ""
         except (DataError, OSError) as e:
             return self.paths[i], None, str(e)
-
-
-def _keep_order(items: list) -> list:
-    return items  # a DataLoader batch as the list of its samples
 
 
 def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: int = 256,
@@ -143,7 +140,7 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
     todo = [p for p in list_images(images) if p not in known]
     added, unreadable = 0, 0
     loader = DataLoader(_Pixels(images, todo, vlm.transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_keep_order)
+                        collate_fn=list)  # a batch: the list of its samples, in order
     with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
         bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
         for batch in loader:
@@ -174,7 +171,7 @@ class ImageIndex:
         n, d = self.meta["count"], self.meta["embed_dim"]
         # the first ``count`` rows: a build in progress (or stopped) may have written a batch more
         self.paths = (self.folder / PATHS).read_text().splitlines()[:n] if n else []
-        rows = (self.folder / EMBEDDINGS).stat().st_size // (2 * d) if n else 0
+        rows = (self.folder / EMBEDDINGS).stat().st_size // (ROW_ITEM_BYTES * d) if n else 0
         if len(self.paths) < n or rows < n:
             raise ValueError(f"{folder}: {META} says {n} images but {PATHS} has {len(self.paths)} lines and "
                              f"{EMBEDDINGS} {rows} rows; run `maskvlm index` again to repair it")

@@ -22,11 +22,12 @@ def test_rank_shares_cover_every_item_once_with_equal_lengths(monkeypatch, n, wo
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
         monkeypatch.setattr(distributed, "world_size", lambda: world)
         shares.append(distributed.rank_share(n))
-    assert len({len(indices) for indices, _ in shares}) == 1  # the same number of batches on every rank
-    own = [i for indices, count in shares for i in indices[:count].tolist()]
+    assert len({len(indices) for indices in shares}) == 1  # the same number of batches on every rank
+    size = len(shares[0])  # each rank owns a contiguous run of this length, the last ones shorter
+    own = [i for r, indices in enumerate(shares) for i in indices[:min(n, (r + 1) * size) - min(n, r * size)].tolist()]
     assert own == list(range(n))  # in item order: gather_shares keeps the first n rows
-    assert all(0 <= i < max(n, 1) for indices, _ in shares for i in indices.tolist())
-    padded = torch.cat([indices for indices, _ in shares]) if n else torch.zeros(0, dtype=torch.long)
+    assert all(0 <= i < max(n, 1) for indices in shares for i in indices.tolist())
+    padded = torch.cat(shares) if n else torch.zeros(0, dtype=torch.long)
     assert padded[:n].tolist() == list(range(n))
 
 

@@ -138,7 +138,7 @@ def predict(module: FusedClassifier, dataset: ExampleDataset, collator: ExampleC
     module.eval()
     n = len(dataset)
     if split_over_ranks:
-        dataset = Subset(dataset, rank_share(n)[0].tolist())
+        dataset = Subset(dataset, rank_share(n).tolist())
     # a private generator: evaluating during training must not shift the training RNG stream
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
                         generator=torch.Generator())

@@ -67,10 +67,10 @@ def encode_split(model: MaskVLM, dataset: RetrievalDataset, tokenizer: TextToken
     encodes a 1/world share of each and every rank gets all of them."""
     image_hidden, image_feat, text_hidden, text_mask, text_feat = [], [], [], [], []
     n_images, n_texts = len(dataset), len(dataset.texts)
-    images = Subset(dataset, rank_share(n_images)[0].tolist()) if split_over_ranks else dataset
+    images = Subset(dataset, rank_share(n_images).tolist()) if split_over_ranks else dataset
     ids, mask = tokenizer(dataset.texts, max_len)  # one padded length for all texts
     if split_over_ranks:
-        share = rank_share(n_texts)[0]
+        share = rank_share(n_texts)
         ids, mask = ids[share], mask[share]
     # a private generator: evaluating during training must not shift the training RNG stream
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
@@ -110,7 +110,7 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
     image_idx, text_idx = image_idx[order], text_idx[order]
     n = len(image_idx)
     if split_over_ranks:
-        share, _ = rank_share(n)
+        share = rank_share(n)
         image_idx, text_idx = image_idx[share], text_idx[share]
     scores, where = [], enc["image_hidden"].device
     with autocast(device, precision):

@@ -94,8 +94,8 @@ def _collective_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def rank_share(n: int) -> tuple[torch.Tensor, int]:
-    """This rank's share of ``n`` items for work split over the ranks: (indices, how many are its own).
+def rank_share(n: int) -> torch.Tensor:
+    """This rank's share of ``n`` items for work split over the ranks, as item indices.
 
     The items are cut into contiguous runs of ``ceil(n / world)``, one per rank in rank order, so
     only the last ranks' runs are short (or empty). Every rank gets exactly ``ceil(n / world)``
@@ -109,7 +109,7 @@ def rank_share(n: int) -> tuple[torch.Tensor, int]:
     indices = torch.arange(start, start + own)
     if own < size:  # padding: repeats of a real item, whose results are dropped
         indices = torch.cat([indices, torch.full((size - own,), max(0, min(n, start + own) - 1))])
-    return indices, own
+    return indices
 
 
 def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
