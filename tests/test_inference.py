@@ -112,8 +112,8 @@ def test_export_writes_a_standalone_model_folder(synthetic_dir, tmp_path, capsys
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "out" / "model.safetensors")).keys()
     assert not any(k.startswith(("teacher", "objectives", "model.")) for k in keys)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "model.safetensors",
-                                                                     "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checksums.json", "config.yaml",
+                                                                     "model.safetensors", "tokenizer.json"]
     vlm = VLM.from_pretrained(tmp_path / "out", device="cpu")
     assert vlm.encode_texts(["a red circle"]).shape[0] == 1
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) != 0

@@ -614,9 +614,9 @@ def _search(args) -> int:
 def _export(args) -> int:
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
+    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config, read_weights, write_checksums
     from .tasks.downstream import CLASSES_FILE
     from .train.checkpoint import model_folder, model_only
 
@@ -625,7 +625,7 @@ def _export(args) -> int:
     if (out / MODEL_FILE).exists():
         raise FileExistsError(f"{out} already holds {MODEL_FILE}; choose another --out")
     config = read_config(source)
-    state = load_file(str(source / MODEL_FILE))
+    state = read_weights(source / MODEL_FILE)
     # an exported folder (no model. prefix) is copied as it is
     weights = model_only(state, config.task.name) if any(k.startswith("model.") for k in state) else state
     out.mkdir(parents=True, exist_ok=True)
@@ -633,6 +633,7 @@ def _export(args) -> int:
     for name in (CONFIG_FILE, TOKENIZER_FILE, CLASSES_FILE):
         if (source / name).exists():
             shutil.copy(source / name, out / name)
+    write_checksums(out)
     size = (out / MODEL_FILE).stat().st_size / 2 ** 20
     print(f"exported {source} -> {out} ({len(weights)} tensors, {size:.1f} MiB)")
     return 0

@@ -11,13 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from safetensors.torch import load_file
 
 from .config import Config, ConfigError, DataConfig, LossConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
 from .data.formats import DataError, PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer
 from .data.transforms import ImageTransform
-from .models.io import MODEL_FILE, TOKENIZER_FILE, load_state, model_weights, read_config
+from .models.io import MODEL_FILE, TOKENIZER_FILE, load_state, model_weights, read_config, read_weights
 from .models.model import build_model
 from .runtime import resolve_device
 from .tasks.classify import ExampleCollator, ExampleDataset, FusedClassifier, predict
@@ -289,7 +288,7 @@ def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_
     examples = spec.load(path, root)  # data errors first, before any model work
     tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
     module = FusedClassifier(build_model(config), len(classes), spec.num_images, config.task.head_hidden, spec.soft)
-    load_state(module, load_file(str(folder / MODEL_FILE)), str(folder / MODEL_FILE))
+    load_state(module, read_weights(folder / MODEL_FILE), str(folder / MODEL_FILE))
     module.to(resolve_device(config.train.device))
     run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
                                          Path(predictions) if predictions else None, root, progress, examples)

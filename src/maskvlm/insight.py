@@ -432,13 +432,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (give a run folder written by maskvlm pretrain/finetune)")
-    rows = []
+    rows: list[dict] = []
+    last_train = None
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
+            if row.get("split") == "train" and isinstance(row.get("step"), (int, float)):
+                if last_train is not None and row["step"] <= last_train:
+                    # a resumed run logs again the steps after its checkpoint: the rows written before
+                    # the resume from those steps on are the lost (or abandoned) stretch
+                    rows = [r for r in rows if not (isinstance(r.get("step"), (int, float)) and r["step"] >= row["step"])]
+                last_train = row["step"]
+            rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows yet")
     return rows

@@ -50,7 +50,7 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
 
 def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[str]]):
     output_dir = Path(config.train.output_dir) if config.train.output_dir else None
-    checkpoint = resolve_resume(resume, output_dir) if resume else None
+    checkpoint = _resume_point(resume, output_dir) if resume else None
     if resume and checkpoint is None:
         log.info("--resume auto: no checkpoint in %s yet; starting from scratch", output_dir)
     if checkpoint is not None:
@@ -67,6 +67,21 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
     if checkpoint is None:
         record_trained_heads(config)
     return output_dir, checkpoint, config
+
+
+def _resume_point(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
+    """The checkpoint ``resume`` names (``resolve_resume``): rank 0 reads and checks the files and tells
+    the other ranks, and its error, if any, is raised on every rank."""
+    found, error = None, None
+    if is_main():
+        try:
+            found = resolve_resume(resume, output_dir)
+        except (ValueError, FileNotFoundError) as e:
+            error = (isinstance(e, FileNotFoundError), str(e))
+    found, error = broadcast_object((None if found is None else str(found), error))
+    if error is not None:
+        raise (FileNotFoundError if error[0] else ValueError)(error[1])
+    return None if found is None else Path(found)
 
 
 def record_trained_heads(config: Config) -> None:

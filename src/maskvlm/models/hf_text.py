@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from .io import read_weights
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -69,7 +70,7 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         path = folder / name
         if path.is_file():
             if name.endswith(".safetensors"):
-                return config, load_file(str(path))
+                return config, read_weights(path)
             try:
                 return config, torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .hf_text import InitReport, read_hf_folder
+from .io import read_weights
 from .vit import interpolate_pos_embed
 
 _HF_LAYER = {  # HF ViT names inside encoder.layer.N -> ours inside blocks.N
@@ -81,7 +81,7 @@ def read_vision_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list
     if not path.is_file():
         raise FileNotFoundError(f"image weights not found: {path} (a Hugging Face ViT folder or a timm state dict)")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = read_weights(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

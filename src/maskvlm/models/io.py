@@ -1,9 +1,20 @@
 """Model folders on disk: ``config.yaml`` + ``model.safetensors`` (+ ``tokenizer.json``).
 Used by ``save_pretrained``/``from_pretrained`` and by training checkpoints, whose weight
-file holds the whole task (keys ``model.*`` plus objective state such as teachers)."""
+file holds the whole task (keys ``model.*`` plus objective state such as teachers).
+
+Every folder maskvlm writes also holds ``checksums.json``: the size and SHA-256 of each file,
+taken once the files are complete. Weights (and a checkpoint's trainer state) are checked against
+it when they are read, so a file damaged on disk after it was written (a cut copy, a storage
+fault, a bit flip) is an error that names it, never weights silently loaded wrong. The text files
+(config, tokenizer) are not held to it: a hand edit there is deliberate, and their readers report
+one they cannot parse."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +26,113 @@ from torch import nn
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+CHECKSUM_FILE = "checksums.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` in its ``checksums.json``."""
+    directory = Path(directory)
+    sums = {}
+    for name in sorted(os.listdir(directory)):
+        path = directory / name
+        if name != CHECKSUM_FILE and path.is_file():
+            sums[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    with open(directory / CHECKSUM_FILE, "w") as f:
+        json.dump(sums, f, indent=1)
+
+
+def _recorded(directory: Path) -> Optional[dict]:
+    """The folder's ``checksums.json`` (None for a folder written without one: older maskvlm, or
+    another program)."""
+    path = Path(directory) / CHECKSUM_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+        if not isinstance(sums, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                 for v in sums.values()):
+            raise ValueError("not a mapping of file name -> bytes, sha256")
+        return sums
+    except ValueError as e:
+        return {CHECKSUM_FILE: {"unreadable": str(e)}}
+
+
+def file_damage(path: Path, sums: Optional[dict] = None) -> Optional[str]:
+    """What is wrong with ``path`` (None: nothing found): compared with what its folder's
+    ``checksums.json`` recorded when it was written, or, where nothing was recorded, checked by
+    structure: the safetensors header must cover the file, and torch's zip archive must pass its CRCs."""
+    path = Path(path)
+    sums = _recorded(path.parent) if sums is None else sums
+    if sums is not None and "unreadable" in sums.get(CHECKSUM_FILE, {}):
+        return f"{CHECKSUM_FILE} cannot be read ({sums[CHECKSUM_FILE]['unreadable']})"
+    if not path.is_file():
+        return f"{path.name} is missing"
+    want = (sums or {}).get(path.name)
+    if want is None:
+        return _structure_damage(path)
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        return f"{path.name} holds {size} bytes, but {want['bytes']} were written"
+    if file_sha256(path) != want["sha256"]:
+        return f"{path.name} is not the file that was written (its SHA-256 differs from the recorded one)"
+    return None
+
+
+def folder_damage(directory: Path, names: tuple[str, ...]) -> Optional[str]:
+    """What is wrong with the files ``names`` of a folder (None: they are whole); see ``file_damage``."""
+    directory = Path(directory)
+    sums = _recorded(directory)
+    for name in names:
+        problem = file_damage(directory / name, sums)
+        if problem:
+            return problem
+    return None
+
+
+def _structure_damage(path: Path) -> Optional[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError: the header is cut or does not describe the file
+            return f"{path.name} is not a whole safetensors file ({e})"
+    elif path.suffix == ".pt":
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # not torch's zip format: left to torch.load to judge
+                return None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{path.name} is not a whole archive ({e})"
+        if bad is not None:
+            return f"{path.name}: its member {bad} fails its CRC check"
+    return None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking it against its folder's ``checksums.json``;
+    a damaged or foreign file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    problem = file_damage(path)
+    if problem:
+        raise ValueError(f"{path.parent}: damaged: {problem}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (cut or foreign file), OSError
+        raise ValueError(f"{path}: cannot be read as safetensors weights ({e})") from None
 
 
 def tied_names(module: nn.Module) -> dict[str, str]:
@@ -60,9 +178,10 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, s
 
 
 def write_model_folder(directory: Path, module: nn.Module, config, tokenizer=None,
-                       state: Optional[dict] = None) -> Path:
+                       state: Optional[dict] = None, checksums: bool = True) -> Path:
     """Write config, weights (and tokenizer) of ``module`` into ``directory`` (created); ``state``:
-    the weights to write instead of ``module``'s own (e.g. gathered from FSDP shards)."""
+    the weights to write instead of ``module``'s own (e.g. gathered from FSDP shards). ``checksums``:
+    record the files in ``checksums.json`` (a caller that adds files records them itself after)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / CONFIG_FILE, "w") as f:
@@ -71,6 +190,8 @@ def write_model_folder(directory: Path, module: nn.Module, config, tokenizer=Non
               metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_FILE)
+    if checksums:
+        write_checksums(directory)
     return directory
 
 
@@ -92,7 +213,7 @@ def model_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {MODEL_FILE}")
-    state = load_file(str(path))
+    state = read_weights(path)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     return state

@@ -1,13 +1,17 @@
 """Checkpoint folders: ``config.yaml``, ``model.safetensors`` (every weight and buffer of the
 task: model, teachers, queues), ``tokenizer.json`` and ``trainer_state.pt`` (optimizer,
-scheduler, step, data position, RNG states). Written to a temporary folder and renamed, so a
-crash mid-write never damages the previous checkpoint; loaded without unpickling code."""
+scheduler, step, data position, RNG states), and ``checksums.json`` (size and SHA-256 of each).
+Written to a temporary folder and renamed, so a crash mid-write never damages the previous
+checkpoint; checked against the checksums before a resume, so one damaged later (a cut copy, a
+storage fault) is passed over rather than loaded; loaded without unpickling code."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -18,12 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.io import CONFIG_FILE, MODEL_FILE, unique_state_dict, write_model_folder
+from ..models.io import (CONFIG_FILE, MODEL_FILE, file_damage, folder_damage, unique_state_dict, write_checksums,
+                         write_model_folder)
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE)
 BEST_DIR, BEST_FILE = "best", "best.json"
+SUPERSEDED_DIR = "superseded"
 
 
 def rng_state() -> dict:
@@ -54,7 +62,7 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing (or our own retry)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        write_model_folder(tmp, task, config, tokenizer, model_state)
+        write_model_folder(tmp, task, config, tokenizer, model_state, checksums=False)
         _fault_delay()
         torch.save(trainer_state, tmp / STATE_FILE)
         _finish_folder(tmp, extra_files)  # e.g. a task's class names
@@ -78,10 +86,12 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
 
 
 def _finish_folder(folder: Path, json_files: Optional[dict]) -> None:
-    """Write ``json_files`` (name -> JSON-able object) into ``folder``, then fsync every file in it."""
+    """Write ``json_files`` (name -> JSON-able object) into ``folder``, record every file's checksum,
+    then fsync every file in it."""
     for name, content in (json_files or {}).items():
         with open(folder / name, "w") as f:
             json.dump(content, f)
+    write_checksums(folder)
     for name in os.listdir(folder):
         with open(folder / name, "rb") as f:
             os.fsync(f.fileno())
@@ -114,7 +124,7 @@ def save_best(output_dir: Path, task: nn.Module, config, tokenizer, info: dict,
         shutil.rmtree(stale, ignore_errors=True)
     state = model_only(unique_state_dict(task) if model_state is None else model_state, config.task.name)
     try:
-        write_model_folder(tmp, task, config, tokenizer, state)
+        write_model_folder(tmp, task, config, tokenizer, state, checksums=False)
         _finish_folder(tmp, {**(extra_files or {}), BEST_FILE: info})
         if final.exists():
             os.rename(final, old)
@@ -186,29 +196,94 @@ def model_folder(path: str | Path) -> Path:
     return found[-1]
 
 
+def checkpoint_damage(checkpoint: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files (None: they are whole): a file missing, or the weights or
+    trainer state not as written (see ``folder_damage``)."""
+    missing = [name for name in CHECKPOINT_FILES if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    return folder_damage(checkpoint, (MODEL_FILE, STATE_FILE))
+
+
 def resolve_resume(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
-    """``auto``: newest complete checkpoint in ``output_dir`` (None if there is none); else a path:
-    a checkpoint folder or a run folder (its newest checkpoint)."""
+    """``auto``: the newest whole checkpoint in ``output_dir`` (None if there is none); a damaged one
+    is passed over with a warning naming what is wrong. Else a path: a checkpoint folder or a run
+    folder (its newest checkpoint), which must be whole."""
     if resume == "auto":
         if output_dir is None:
             raise ValueError("--resume auto needs --output-dir (the run folder to look in)")
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(found):
+            problem = checkpoint_damage(candidate)
+            if problem is None:
+                return candidate
+            log.warning("checkpoint %s is damaged (%s); trying the one before it", candidate, problem)
+        if found:
+            raise ValueError(f"--resume auto: every checkpoint in {Path(output_dir) / 'checkpoints'} is damaged; "
+                             "nothing to resume from")
+        return None
     path = Path(resume)
-    if all((path / f).is_file() for f in CHECKPOINT_FILES):
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (needs {', '.join(CHECKPOINT_FILES)}) "
-                            "and no complete checkpoint under it")
+    if not all((path / f).is_file() for f in CHECKPOINT_FILES):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (needs {', '.join(CHECKPOINT_FILES)}) "
+                                    "and no complete checkpoint under it")
+        path = found[-1]
+    problem = checkpoint_damage(path)
+    if problem:
+        whole = [p for p in list_checkpoints(path.parent.parent) if p != path and checkpoint_damage(p) is None]
+        hint = f"; the newest whole checkpoint beside it is {whole[-1]}" if whole else ""
+        raise ValueError(f"--resume {resume}: checkpoint {path} is damaged: {problem}{hint}")
+    return path
+
+
+def set_aside_later(output_dir: Path, step: int) -> list[Path]:
+    """Move what a run folder holds from after ``step`` (the step a run resumes from) into
+    ``OUTPUT/superseded/``: checkpoints of later steps (an abandoned continuation, or damaged ones
+    passed over), and the best weights when they were chosen after ``step``. Left in place, ``--resume
+    auto`` would later return to the abandoned continuation, and the best weights would not be the
+    ones the resumed run's record names. Nothing is deleted. Returns the new paths."""
+    output_dir = Path(output_dir)
+    later = []
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) > step:
+                later.append((p, p.name))
+    best = output_dir / BEST_DIR
+    try:
+        best_step = json.loads((best / BEST_FILE).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        best_step = None
+    if isinstance(best_step, int) and best_step > step:
+        later.append((best, f"best-step-{best_step:08d}"))
+    moved = []
+    for path, name in later:
+        target = output_dir / SUPERSEDED_DIR / name
+        n = 1
+        while target.exists():
+            target, n = output_dir / SUPERSEDED_DIR / f"{name}-{n}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+        moved.append(target)
+    if moved:
+        _fsync_dir(output_dir)
+        log.warning("resuming from step %d: what the run folder held from after that step is moved to %s "
+                    "(nothing deleted): %s", step, output_dir / SUPERSEDED_DIR, ", ".join(p.name for p in moved))
+    return moved
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
     """The trainer state, read with ``weights_only=True``: tensors, numbers, strings and containers
     only. A file that would run code when unpickled is refused, never executed."""
+    problem = file_damage(checkpoint / STATE_FILE)
+    if problem:
+        raise ValueError(f"{checkpoint}: damaged: {problem}")
     try:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
         raise ValueError(f"{checkpoint / STATE_FILE}: refused: it cannot be loaded safely (only tensors, numbers, "
                          f"strings and containers are accepted, nothing that runs code when unpickled): {e}") from None
+    except Exception as e:  # a cut or foreign file
+        raise ValueError(f"{checkpoint / STATE_FILE}: cannot be read ({e})") from None

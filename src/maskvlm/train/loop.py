@@ -5,6 +5,7 @@ metrics logs, periodic evaluation and atomic checkpoints with exact resume."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -17,17 +18,16 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, best_metric
 from ..data.formats import DataError, EpochSampler
-from ..models.io import MODEL_FILE, load_state
+from ..models.io import MODEL_FILE, load_state, read_weights
 from ..runtime import autocast, keep_freed_host_memory, resolve_device
-from .checkpoint import (BEST_DIR, keeps_model_only, load_trainer_state, rng_state, save_best, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (BEST_DIR, BEST_FILE, keeps_model_only, load_trainer_state, rng_state, save_best,
+                         save_checkpoint, set_aside_later, set_rng_state)
 from .distributed import any_rank, barrier, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, append_metrics, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
@@ -198,7 +198,7 @@ class Trainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` stopped: weights, optimizer, schedule, data position, RNG."""
-        weights = load_file(str(checkpoint / MODEL_FILE))
+        weights = read_weights(checkpoint / MODEL_FILE)
         state = load_trainer_state(checkpoint)
         if self.fsdp is not None:
             self.fsdp.load(weights, state["optimizer"], self.optimizer)
@@ -230,6 +230,26 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
+        if is_main():
+            set_aside_later(self.output_dir, self.step)
+        barrier()  # every rank then reads the same OUTPUT/best
+        self._check_best_weights()
+
+    def _check_best_weights(self) -> None:
+        """After a resume: the run's record of its best val evaluation holds only while OUTPUT/best holds
+        that evaluation's weights; otherwise (moved aside as chosen after the resumed step, or lost) the
+        record is dropped and the next val evaluation becomes the best."""
+        if self.best is None or not self.config.eval.keep_best:
+            return
+        try:
+            saved = json.loads((self.output_dir / BEST_DIR / BEST_FILE).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved != self.best["step"]:
+            log.warning("%s does not hold the weights of the best val %s so far (step %d; it holds %s); the record "
+                        "is dropped and the next val evaluation becomes the best", self.output_dir / BEST_DIR,
+                        self.best["metric"], self.best["step"], "none" if saved is None else f"step {saved}'s")
+            self.best, self.evals_since_best = None, 0
 
     def _check_schedule_continues(self, saved: dict) -> None:
         """Warn when this run's schedule gives the resumed step another learning rate than the saved
@@ -288,7 +308,7 @@ class Trainer:
         torchrun every rank loads them, once rank 0 has finished writing them)."""
         barrier()
         folder = self.output_dir / BEST_DIR
-        state = load_file(str(folder / MODEL_FILE))
+        state = read_weights(folder / MODEL_FILE)
         target = self.task.model if keeps_model_only(self.config.task.name) else self.task
         load_state(target, state, str(folder / MODEL_FILE))
         log.info("weights of the best val %s (%.2f, step %d) loaded from %s", self.best["metric"],

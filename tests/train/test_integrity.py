@@ -1,0 +1,181 @@
+"""A checkpoint or model folder damaged after it was written (cut, changed bytes) is never loaded
+silently: the checksums written with it catch it, ``--resume auto`` passes over it to the one
+before, and what a run folder holds from after the resumed step is moved aside, not used."""
+
+import json
+import logging
+import os
+import zipfile
+
+import pytest
+
+from maskvlm.cli import main
+from maskvlm.insight import read_metrics
+from maskvlm.models.io import CHECKSUM_FILE, folder_damage, read_weights
+from maskvlm.pipeline import pretrain
+from maskvlm.train.checkpoint import (CHECKPOINT_FILES, checkpoint_damage, list_checkpoints, load_trainer_state,
+                                      resolve_resume, save_best, save_checkpoint, set_aside_later)
+from tests.conftest import micro_config
+
+
+@pytest.fixture
+def warnings_seen():
+    """Records of the maskvlm logger (it does not propagate to the root logger)."""
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("maskvlm")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _flip_last_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _cut(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_inside_member(path, member):
+    """Change one byte inside a member of torch's (uncompressed) zip archive."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member))
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _save(tmp_path, step, model, config):
+    return save_checkpoint(tmp_path, step, model, config, None, {"step": step}, keep_last=0)
+
+
+def test_checksums_are_written_and_a_changed_byte_is_caught(model, config, tmp_path):
+    ckpt = _save(tmp_path, 1, model, config)
+    sums = json.loads((ckpt / CHECKSUM_FILE).read_text())
+    assert set(sums) == set(CHECKPOINT_FILES)
+    assert all(sums[name]["bytes"] == (ckpt / name).stat().st_size for name in sums)
+    assert checkpoint_damage(ckpt) is None
+    assert read_weights(ckpt / "model.safetensors").keys()
+    with open(ckpt / "config.yaml", "a") as f:  # a hand edit of a text file is deliberate, not damage
+        f.write("# edited\n")
+    assert checkpoint_damage(ckpt) is None
+
+    _flip_last_byte(ckpt / "model.safetensors")  # inside the last tensor's data: safetensors itself reads it fine
+    assert "model.safetensors is not the file that was written" in checkpoint_damage(ckpt)
+    with pytest.raises(ValueError, match="damaged: model.safetensors is not the file that was written"):
+        read_weights(ckpt / "model.safetensors")
+    assert load_trainer_state(ckpt) == {"step": 1}  # the other files are still whole
+
+    _cut(ckpt / "trainer_state.pt")
+    with pytest.raises(ValueError, match="damaged: trainer_state.pt holds .* bytes, but .* were written"):
+        load_trainer_state(ckpt)
+
+    (ckpt / "config.yaml").unlink()
+    assert checkpoint_damage(ckpt) == "config.yaml is missing"
+
+
+def test_folders_without_checksums_are_checked_by_structure(model, config, tmp_path):
+    """Folders written before checksums (or by another program): a cut weight file, a cut trainer state
+    and a changed byte in the trainer state (its archive has CRCs) are still caught."""
+    ckpt = _save(tmp_path, 1, model, config)
+    (ckpt / CHECKSUM_FILE).unlink()
+    assert checkpoint_damage(ckpt) is None
+    _flip_inside_member(ckpt / "trainer_state.pt", "data.pkl")
+    assert "trainer_state.pt: its member" in checkpoint_damage(ckpt)
+    ckpt = _save(tmp_path, 2, model, config)
+    (ckpt / CHECKSUM_FILE).unlink()
+    _cut(ckpt / "trainer_state.pt")
+    assert "trainer_state.pt is not a whole archive" in checkpoint_damage(ckpt)
+    _cut(ckpt / "model.safetensors")
+    assert "model.safetensors is not a whole safetensors file" in folder_damage(ckpt, ("model.safetensors",))
+    with pytest.raises(ValueError, match="damaged: model.safetensors is not a whole safetensors file"):
+        read_weights(ckpt / "model.safetensors")
+
+
+def test_resume_auto_passes_over_damaged_checkpoints(model, config, tmp_path, warnings_seen):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, config)
+    ckpts = list_checkpoints(tmp_path)
+    _cut(ckpts[2] / "trainer_state.pt")
+    _flip_last_byte(ckpts[1] / "model.safetensors")
+    assert resolve_resume("auto", tmp_path) == ckpts[0]
+    said = [r.getMessage() for r in warnings_seen]
+    assert len(said) == 2 and "step-00000003 is damaged (trainer_state.pt holds" in said[0]
+    assert "step-00000002 is damaged (model.safetensors is not the file" in said[1]
+
+    with pytest.raises(ValueError, match="step-00000003 is damaged: .* newest whole checkpoint beside it is "
+                                         ".*step-00000001"):
+        resolve_resume(str(ckpts[2]), None)
+    with pytest.raises(ValueError, match="step-00000003 is damaged"):
+        resolve_resume(str(tmp_path), None)  # a run folder: its newest checkpoint
+    _cut(ckpts[0] / "model.safetensors")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        resolve_resume("auto", tmp_path)
+
+
+def test_set_aside_moves_what_follows_the_resumed_step(model, config, tmp_path, warnings_seen):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, config)
+    save_best(tmp_path, model, config, None, {"step": 3, "metric": "r_mean", "value": 1.0})
+    moved = set_aside_later(tmp_path, 1)
+    assert [p.name for p in moved] == ["step-00000002", "step-00000003", "best-step-00000003"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert not (tmp_path / "best").exists()
+    assert checkpoint_damage(tmp_path / "superseded" / "step-00000003") is None  # moved whole
+    assert "nothing deleted" in warnings_seen[-1].getMessage()
+    _save(tmp_path, 2, model, config)
+    assert [p.name for p in set_aside_later(tmp_path, 1)] == ["step-00000002-1"]  # the earlier one is kept
+    assert set_aside_later(tmp_path, 1) == []
+
+
+def _run_config(synthetic_dir, out, *overrides):
+    return micro_config(f"data.train={synthetic_dir / 'train.json'}", f"data.val={synthetic_dir / 'val.json'}",
+                        "data.test=null", f"train.output_dir={out}", "train.max_steps=4", "train.save_every=1",
+                        "train.keep_last=5", "train.log_every=1", "eval.every_steps=2", *overrides)
+
+
+def test_resuming_an_earlier_step_sets_the_later_run_aside(synthetic_dir, tmp_path, warnings_seen):
+    """A run resumed from step 2 of 4 (a roll-back): its later checkpoints and the best weights chosen after
+    step 2 are moved aside, so ``--resume auto`` cannot return to them and the best record stays true;
+    the curves show the resumed stretch once."""
+    run = tmp_path / "run"
+    pretrain(_run_config(synthetic_dir, run))
+    best = json.loads((run / "best" / "best.json").read_text())
+    # make OUTPUT/best one chosen after step 2 (whichever step the short run picked)
+    best["step"] = 4
+    (run / "best" / "best.json").write_text(json.dumps(best))
+
+    pretrain(_run_config(synthetic_dir, run), resume=str(run / "checkpoints" / "step-00000002"))
+    said = " | ".join(r.getMessage() for r in warnings_seen)
+    assert "step-00000003, step-00000004, best-step-00000004" in said
+    assert "the record is dropped" in said
+    assert sorted(p.name for p in (run / "superseded").iterdir()) == [
+        "best-step-00000004", "step-00000003", "step-00000004"]
+    assert [p.name for p in list_checkpoints(run)] == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 4  # chosen again by the resumed run
+    assert resolve_resume("auto", run).name == "step-00000004"
+
+    train_steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    assert sum(1 for line in open(run / "metrics.jsonl") if '"train"' in line) == 6  # the file keeps both
+
+
+def test_a_damaged_model_folder_is_a_clear_cli_error(synthetic_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(_run_config(synthetic_dir, run, "train.max_steps=1", "data.val=null"))
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "model")]) == 0
+    assert folder_damage(tmp_path / "model", ("model.safetensors",)) is None
+    assert "model.safetensors" in json.loads((tmp_path / "model" / CHECKSUM_FILE).read_text())
+    _flip_last_byte(tmp_path / "model" / "model.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "again")]) == 2
+    assert "damaged: model.safetensors is not the file that was written" in capsys.readouterr().err
