@@ -429,6 +429,8 @@ def cross_modal_dependence(vlm: VLM, annotations: Path, image_root: Optional[Pat
 
 # --- training curves ---------------------------------------------------------------------------------------
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` as its curves should show them: where a resumed run logged
+    steps again, its rows replace those written before the resume from that step on."""
     path = Path(run_dir) / "metrics.jsonl" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (give a run folder written by maskvlm pretrain/finetune)")
@@ -444,7 +446,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 if last_train is not None and row["step"] <= last_train:
                     # a resumed run logs again the steps after its checkpoint: the rows written before
                     # the resume from those steps on are the lost (or abandoned) stretch
-                    rows = [r for r in rows if not (isinstance(r.get("step"), (int, float)) and r["step"] >= row["step"])]
+                    rows = [r for r in rows if not (isinstance(r.get("step"), (int, float))
+                                                    and r["step"] >= row["step"])]
                 last_train = row["step"]
             rows.append(row)
     if not rows:
