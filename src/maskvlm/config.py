@@ -140,6 +140,9 @@ class DataConfig:
     max_skip_rate: float = 0.01
     skip_check_after: int = 2000  # samples tried before the rate is checked (a few early bad files are noise)
     max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's default
+    # a DataLoader worker that dies (killed for memory, say) is replaced: the loader restarts at the same
+    # data position; the run stops (with a checkpoint) after this many restarts without a batch between
+    max_loader_restarts: int = 3
     # webdataset tar shards instead of data.train: a path, glob or brace pattern ("shards/{00000..00099}.tar");
     # several sources separated by "::", mixed by data.shard_weights (see docs/scale-out.md)
     shards: Optional[str] = None
@@ -365,6 +368,8 @@ class Config:
             raise ConfigError("loss: every objective weight is 0; nothing to train")
         if not 0.0 <= self.data.max_skip_rate <= 1.0:
             raise ConfigError(f"data.max_skip_rate={self.data.max_skip_rate}: expected a share in [0, 1]")
+        if self.data.max_loader_restarts < 0:
+            raise ConfigError(f"data.max_loader_restarts={self.data.max_loader_restarts}: expected an integer >= 0")
         if self.data.skip_check_after < 1 or self.data.max_image_pixels < 1 or self.train.max_nonfinite_in_row < 1:
             raise ConfigError("data.skip_check_after, data.max_image_pixels and train.max_nonfinite_in_row must be "
                               "positive integers")

@@ -253,3 +253,40 @@ def test_captions_come_from_txt_or_json_without_reading_images(tmp_path):
     assert sorted(stream.captions()) == ["a blue circle", "a red square"]
     stream.configure(2)
     assert sorted(s["caption"] for s in stream) == ["a blue circle", "a red square"]
+
+
+def test_a_killed_worker_is_replaced_at_the_same_stream_position(synthetic_dir, tmp_path, monkeypatch):
+    """As for map-style data (tests/train/test_integrity.py): the stream restarts where the dead worker's
+    share stood, and the weights equal those of a run whose workers never died."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from maskvlm.data.stream import ShardStream
+    from maskvlm.pipeline import pretrain
+    from maskvlm.train.checkpoint import list_checkpoints
+    from tests.conftest import micro_config
+
+    summary = write_shards(synthetic_dir / "train.json", None, tmp_path / "shards", shard_size=25, progress=False)
+
+    def config(out):
+        return micro_config(f"data.shards={summary['pattern']}", "data.samples_per_epoch=48", "data.num_workers=2",
+                            "data.shuffle_buffer=16", "data.test=null", "train.max_steps=8", "train.save_every=8",
+                            "model.hidden_dropout=0.1", "data.vocab_size=200", f"train.output_dir={out}")
+    pretrain(config(tmp_path / "full"))
+    decode, counter = ShardStream._decode, tmp_path / "calls"
+
+    def dying_decode(self, item):
+        with open(counter, "ab") as f:
+            n = f.tell()
+            f.write(b".")
+        if n == 30:  # once, in whichever worker decodes the 31st sample
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decode(self, item)
+    monkeypatch.setattr(ShardStream, "_decode", dying_decode)
+    pretrain(config(tmp_path / "killed"))
+    assert "the data loader restarts" in (tmp_path / "killed" / "train.log").read_text()
+    a = load_file(str(list_checkpoints(tmp_path / "full")[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "killed")[-1] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

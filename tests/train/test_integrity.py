@@ -1,10 +1,12 @@
 """A checkpoint or model folder damaged after it was written (cut, changed bytes) is never loaded
 silently: the checksums written with it catch it, ``--resume auto`` passes over it to the one
-before, and what a run folder holds from after the resumed step is moved aside, not used."""
+before, and what a run folder holds from after the resumed step is moved aside, not used. A data
+loader worker that dies is replaced at the same data position, without changing the run's weights."""
 
 import json
 import logging
 import os
+import re
 import zipfile
 
 import pytest
@@ -179,3 +181,80 @@ def test_a_damaged_model_folder_is_a_clear_cli_error(synthetic_dir, tmp_path, ca
     _flip_last_byte(tmp_path / "model" / "model.safetensors")
     assert main(["export", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "again")]) == 2
     assert "damaged: model.safetensors is not the file that was written" in capsys.readouterr().err
+
+
+# --- a data loader worker that dies --------------------------------------------------------------------------
+def _kill_workers(monkeypatch, counter, kill):
+    """Make every ``PairDataset.__getitem__`` in a DataLoader worker count itself in ``counter`` (a file
+    shared by all workers and loaders) and SIGKILL its own process when ``kill(n)`` for its number n."""
+    import signal
+    import torch.utils.data
+
+    from maskvlm.data.formats import PairDataset
+
+    original = PairDataset.__getitem__
+
+    def getitem(self, key):
+        if torch.utils.data.get_worker_info() is not None:
+            with open(counter, "ab") as f:
+                n = f.tell()
+                f.write(b".")
+            if kill(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key)
+    monkeypatch.setattr(PairDataset, "__getitem__", getitem)
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+    return load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+
+
+def _assert_same(a, b):
+    import torch
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("loader") / "run"
+    pretrain(_loader_config(synthetic_dir, run))
+    return _weights(run)
+
+
+def _loader_config(synthetic_dir, run, *overrides):
+    return _run_config(synthetic_dir, run, "data.val=null", "data.num_workers=1", "train.max_steps=5",
+                       "model.hidden_dropout=0.1", *overrides)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="needs POSIX signals")
+def test_a_killed_loader_worker_is_replaced_at_the_same_data_position(synthetic_dir, tmp_path, monkeypatch,
+                                                                      warnings_seen, uninterrupted):
+    """A worker killed in the middle of the run (as the kernel's OOM killer does): the loader restarts at
+    the batch it owed, and the run ends with the weights of a run whose worker never died."""
+    _kill_workers(monkeypatch, tmp_path / "calls", lambda n: n == 19)  # inside the third batch of 8
+    run = tmp_path / "run"
+    pretrain(_loader_config(synthetic_dir, run))
+    said = [r.getMessage() for r in warnings_seen]
+    assert any("killed by signal" in m or "exited unexpectedly" in m for m in said), said
+    # at the batch owed next: 1 or 2, as the batch the worker had made before dying may die with it
+    assert any(re.search(r"the data loader restarts at epoch 0, batch [12] \(restart 1 of at most 3", m)
+               for m in said), said
+    _assert_same(_weights(run), uninterrupted)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="needs POSIX signals")
+def test_workers_that_keep_dying_stop_the_run_with_a_checkpoint_to_resume(synthetic_dir, tmp_path, monkeypatch,
+                                                                          uninterrupted):
+    from maskvlm.train.loop import LoaderFailed
+
+    _kill_workers(monkeypatch, tmp_path / "calls", lambda n: n >= 19)  # from the third batch on, always
+    run = tmp_path / "run"
+    with pytest.raises(LoaderFailed, match="died 2 times in a row .*data.max_loader_restarts=1"):
+        pretrain(_loader_config(synthetic_dir, run, "data.max_loader_restarts=1"))
+    # the last finished step, 1 or 2 (as above, the batch made before a death may die with the worker)
+    assert list_checkpoints(run)[-1].name in ("step-00000001", "step-00000002")
+    monkeypatch.undo()
+    pretrain(_loader_config(synthetic_dir, run), resume="auto")
+    _assert_same(_weights(run), uninterrupted)
+

@@ -42,6 +42,21 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _worker_failures_at_fetch() -> None:
+    """Make a DataLoader worker's death surface where the next batch is fetched, never elsewhere.
+    torch's SIGCHLD handler raises it at whatever line the main process is running (inside a forward,
+    or an optimizer update); without the handler the loader finds the dead worker itself when it
+    waits for its batch (within about 5 s) and raises there, at a step boundary or between the
+    micro-batches of one, where the trainer can restart the loader. Process-wide; main thread only."""
+    from torch.utils.data._utils import signal_handling
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+        return
+    signal_handling._SIGCHLD_handler_set = True  # torch installs its handler only while this is False
+    if getattr(signal.getsignal(signal.SIGCHLD), "__module__", "") == signal_handling.__name__:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # installed by an earlier loader of this process
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -332,6 +347,29 @@ class Trainer:
             return evaluate()
 
     # --- data ---------------------------------------------------------------------------------
+    def _loader_batches(self):
+        """``_batches``, with a DataLoader whose worker died (killed for memory, say) replaced by a new
+        one at the same data position: the samples are drawn from their own seeds, so the batches are
+        the ones the old loader would have given. ``data.max_loader_restarts`` restarts in a row without
+        a batch between raise ``LoaderFailed``."""
+        limit, restarts = self.config.data.max_loader_restarts, 0
+        while True:
+            try:
+                for batch in self._batches():
+                    restarts = 0
+                    yield batch
+            except RuntimeError as e:
+                if not _worker_died(e):
+                    raise
+                restarts += 1
+                if restarts > limit:
+                    raise LoaderFailed(f"a data loader worker died {restarts} times in a row without "
+                                       f"delivering a batch (data.max_loader_restarts={limit}); last: {e}. Check "
+                                       "the memory per worker (lower data.num_workers or the image size) and the "
+                                       "storage, then continue with --resume auto") from None
+                log.warning("step %d: %s; the data loader restarts at epoch %d, batch %d (restart %d of at most %d "
+                            "in a row)", self.step, e, self.epoch, self.batch_in_epoch, restarts, limit)
+
     def _batches(self):
         """Micro-batches forever, epoch after epoch, starting at the saved data position."""
         t = self.config.train
@@ -381,6 +419,16 @@ class Trainer:
                 f"(checked after data.skip_check_after={d.skip_check_after} samples). Fix or remove the files (the "
                 "log names the first ones of each kind), or raise data.max_skip_rate")
 
+    def _save_before_loader_failure(self, step_start: tuple) -> None:
+        """The loader gave up inside a step: write a checkpoint of the last finished step, with the data
+        position and counts put back to that step's end, so that no sample is skipped on resume. Only
+        where this process can write alone (one process, or rank 0 without FSDP); under torchrun the
+        launcher then stops the other ranks."""
+        self.epoch, self.batch_in_epoch, skipped, self.samples_used = step_start
+        self.skipped_samples = dict(skipped)
+        if self.step > 0 and (world_size() == 1 or (self.fsdp is None and is_main())):
+            self.save()
+
     def _gradient_sync(self, sync: bool):
         """Gradient accumulation under torchrun: reduce gradients over ranks only on the last micro-batch."""
         if sync or world_size() == 1:
@@ -409,7 +457,9 @@ class Trainer:
         last: dict[str, float] = {}
         bar = tqdm(total=t.max_steps, initial=self.step, desc=self.command, disable=not (t.progress and main),
                    dynamic_ncols=True)
-        batches = self._batches()
+        if self.config.data.num_workers > 0:
+            _worker_failures_at_fetch()
+        batches = self._loader_batches()
         with stop_requests() as stop, contextlib.ExitStack() as cleanup:
             cleanup.callback(bar.close)
             if logger:
@@ -418,7 +468,16 @@ class Trainer:
             # step is a new iteration for them (buffers of the last one may be reused)
             graphs = t.compile and "reduce-overhead" in (t.compile_mode or "") and self.device.type == "cuda"
             accumulate_itc = t.accumulate_itc and t.grad_accum > 1
+            def fetch():
+                try:
+                    return next(batches).to(self.device, non_blocking=True)
+                except LoaderFailed:
+                    self._save_before_loader_failure(step_start)
+                    raise
+
             while self.step < t.max_steps:
+                # the data position and counts of the step's start, saved if the loader fails during the step
+                step_start = (self.epoch, self.batch_in_epoch, dict(self.skipped_samples), self.samples_used)
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -426,7 +485,7 @@ class Trainer:
                 finite = True
                 pooled = None  # train.accumulate_itc: every micro-batch first, for the ITC pool
                 if accumulate_itc:
-                    pooled = [next(batches).to(self.device, non_blocking=True) for _ in range(t.grad_accum)]
+                    pooled = [fetch() for _ in range(t.grad_accum)]
                     with autocast(self.device, t.precision):  # through the root's forward (FSDP), not DDP's
                         self.task.pool = self.task(None, pool_of=pooled)
                 for micro in range(t.grad_accum):
@@ -434,7 +493,7 @@ class Trainer:
                         batch = pooled[micro]
                         self.task.pool.micro = micro
                     else:
-                        batch = next(batches).to(self.device, non_blocking=True)
+                        batch = fetch()
                     too_many_bad = self._count_skips(batch)
                     with self._gradient_sync(micro == t.grad_accum - 1):
                         with autocast(self.device, t.precision):
@@ -547,6 +606,19 @@ class Trainer:
         if self.skipped_samples:
             log.warning("bad training samples were replaced by others: %s", self.skip_report())
         return last
+
+
+def _worker_died(error: RuntimeError) -> bool:
+    """Whether ``error`` is the DataLoader's report of a worker process that ended without finishing
+    (killed by a signal or exited), as opposed to an error raised by the code the worker ran. (The
+    loader's own ``timeout`` is left off: while it is set, the loader looks for dead workers only
+    when the timeout has passed.)"""
+    text = str(error)
+    return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
+
+
+class LoaderFailed(DataError):
+    """DataLoader workers kept dying: data.max_loader_restarts restarts in a row without a batch."""
 
 
 class TooManyBadSamples(DataError):
