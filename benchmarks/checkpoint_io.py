@@ -37,6 +37,7 @@ def main() -> int:
 
     import maskvlm.train.checkpoint as checkpoint_module
     from maskvlm.config import build_config
+    from maskvlm.models.io import _VERIFIED as verified
     from maskvlm.models.io import MODEL_FILE, read_weights
     from maskvlm.models.model import build_model
     from maskvlm.runtime import report_header
@@ -68,7 +69,9 @@ def main() -> int:
             checkpoint_module.write_checksums = keep
             checked.append(_time(lambda: save_checkpoint(out, 2, task, cfg, None, state, keep_last=1)))
             folder = out / "checkpoints" / "step-00000002"
+            verified.clear()  # files found whole are not hashed again in a process: time cold checks
             check.append(_time(lambda: checkpoint_damage(folder)))
+            verified.clear()
             read_plain.append(_time(lambda: (load_file(str(folder / MODEL_FILE)),
                                              torch.load(folder / STATE_FILE, weights_only=True))))
             read_checked.append(_time(lambda: (read_weights(folder / MODEL_FILE), load_trainer_state(folder))))

@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-
 from .config import Config, ConfigError, DataConfig, LossConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
 from .data.formats import DataError, PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer

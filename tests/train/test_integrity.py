@@ -84,6 +84,9 @@ def test_checksums_are_written_and_a_changed_byte_is_caught(model, config, tmp_p
 
     (ckpt / "config.yaml").unlink()
     assert checkpoint_damage(ckpt) == "config.yaml is missing"
+    (ckpt / "config.yaml").write_text("{}")
+    (ckpt / CHECKSUM_FILE).write_text("not json")
+    assert checkpoint_damage(ckpt).startswith("checksums.json cannot be read")
 
 
 def test_folders_without_checksums_are_checked_by_structure(model, config, tmp_path):
@@ -258,3 +261,20 @@ def test_workers_that_keep_dying_stop_the_run_with_a_checkpoint_to_resume(synthe
     pretrain(_loader_config(synthetic_dir, run), resume="auto")
     _assert_same(_weights(run), uninterrupted)
 
+
+
+def test_a_file_found_whole_is_hashed_once_per_process(model, config, tmp_path, monkeypatch):
+    """Resume checks the checkpoint when choosing it and reads it after: one hash of each file, unless
+    the file changed in between."""
+    import maskvlm.models.io as io
+
+    ckpt = _save(tmp_path, 1, model, config)
+    hashed = []
+    real = io.file_sha256
+    monkeypatch.setattr(io, "file_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    assert checkpoint_damage(ckpt) is None
+    read_weights(ckpt / "model.safetensors")
+    load_trainer_state(ckpt)
+    assert sorted(hashed) == ["model.safetensors", "trainer_state.pt"]
+    _flip_last_byte(ckpt / "model.safetensors")
+    assert "not the file that was written" in checkpoint_damage(ckpt)

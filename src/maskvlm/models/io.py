@@ -51,19 +51,21 @@ def write_checksums(directory: Path) -> None:
 
 def _recorded(directory: Path) -> Optional[dict]:
     """The folder's ``checksums.json`` (None for a folder written without one: older maskvlm, or
-    another program)."""
+    another program); ValueError when it cannot be read."""
     path = Path(directory) / CHECKSUM_FILE
     if not path.is_file():
         return None
-    try:
-        with open(path) as f:
-            sums = json.load(f)
-        if not isinstance(sums, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
-                                                 for v in sums.values()):
-            raise ValueError("not a mapping of file name -> bytes, sha256")
-        return sums
-    except ValueError as e:
-        return {CHECKSUM_FILE: {"unreadable": str(e)}}
+    with open(path) as f:
+        sums = json.load(f)  # JSONDecodeError is a ValueError
+    if not isinstance(sums, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                             for v in sums.values()):
+        raise ValueError("not a mapping of file name -> bytes, sha256")
+    return sums
+
+
+# files found whole in this process, by (path, inode, size, modification time): a resume checks the
+# checkpoint when choosing it and again when loading it, and hashes it once
+_VERIFIED: set[tuple] = set()
 
 
 def file_damage(path: Path, sums: Optional[dict] = None) -> Optional[str]:
@@ -71,26 +73,33 @@ def file_damage(path: Path, sums: Optional[dict] = None) -> Optional[str]:
     ``checksums.json`` recorded when it was written, or, where nothing was recorded, checked by
     structure: the safetensors header must cover the file, and torch's zip archive must pass its CRCs."""
     path = Path(path)
-    sums = _recorded(path.parent) if sums is None else sums
-    if sums is not None and "unreadable" in sums.get(CHECKSUM_FILE, {}):
-        return f"{CHECKSUM_FILE} cannot be read ({sums[CHECKSUM_FILE]['unreadable']})"
+    try:
+        sums = _recorded(path.parent) if sums is None else sums
+    except ValueError as e:
+        return f"{CHECKSUM_FILE} cannot be read ({e})"
     if not path.is_file():
         return f"{path.name} is missing"
     want = (sums or {}).get(path.name)
     if want is None:
         return _structure_damage(path)
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        return f"{path.name} holds {size} bytes, but {want['bytes']} were written"
-    if file_sha256(path) != want["sha256"]:
-        return f"{path.name} is not the file that was written (its SHA-256 differs from the recorded one)"
+    stat = path.stat()
+    if stat.st_size != want["bytes"]:
+        return f"{path.name} holds {stat.st_size} bytes, but {want['bytes']} were written"
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, want["sha256"])
+    if key not in _VERIFIED:
+        if file_sha256(path) != want["sha256"]:
+            return f"{path.name} is not the file that was written (its SHA-256 differs from the recorded one)"
+        _VERIFIED.add(key)
     return None
 
 
 def folder_damage(directory: Path, names: tuple[str, ...]) -> Optional[str]:
     """What is wrong with the files ``names`` of a folder (None: they are whole); see ``file_damage``."""
     directory = Path(directory)
-    sums = _recorded(directory)
+    try:
+        sums = _recorded(directory)
+    except ValueError as e:
+        return f"{CHECKSUM_FILE} cannot be read ({e})"
     for name in names:
         problem = file_damage(directory / name, sums)
         if problem:
