@@ -13,6 +13,8 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   ``train.fused_adamw=false``, ``masking.visible_only=false``, and fp32 instead of bf16
 - ``train.compile=true train.compile_mode=reduce-overhead``: compiled stacks replayed as CUDA
   graphs (fewer kernel launches from the host)
+- ``train.freeze=[visual_encoder]`` and ``masking.one_image_pass=true``: switches that change what is
+  trained (a frozen image encoder; every objective on the masked image, one image-encoder pass)
 - "- shared image keys (per pair)": not a switch; the fusion path from before ITM's pairs and MLM
   shared each image's cross-attention keys/values (put back by the benchmark for comparison)
 - ``train.keep_host_memory=false``: on CPU, glibc returns freed memory to the kernel again (page
@@ -46,6 +48,7 @@ VARIANTS = [  # (name, dtype, overrides)
     ("- visible-only masked pass", "bf16", ["masking.visible_only=false"]),
     ("fp32 (no autocast)", "fp32", []),
     ("+ frozen image encoder", "bf16", ["train.freeze=[visual_encoder]"]),
+    ("+ one image pass (FLIP-style)", "bf16", ["masking.one_image_pass=true"]),
     # not a switch: the fusion path before each image's keys/values were shared by its pairs
     ("- shared image keys (per pair)", "bf16", ["bench.per_pair_image_keys=true"]),
     # not a switch: last fusion layers computing every token instead of only those the losses read

@@ -58,6 +58,9 @@ class MaskingConfig:
     image_ratio: float = 0.6
     image_block: int = 2  # block side in patches (2x2 patches of 16 px = 32x32 px at ViT-B/16)
     visible_only: bool = True  # masked image pass encodes only visible patches (MAE-style)
+    # ITC, ITM and image-conditioned MLM use the masked image's encoding instead of a second pass over
+    # the whole image: one image-encoder pass per step (FLIP-style). Evaluation still sees whole images.
+    one_image_pass: bool = False
     image_policy: str = "block"  # "block", "random" (uniform patches) or "text_guided" (needs a teacher)
     guided_temp: float = 0.5  # text-guided: Gumbel top-k over relevance / temp (higher: closer to random)
     modality_aware: bool = False  # per sample one of: heavy image / text intact, heavy text / image intact, light both
@@ -283,6 +286,13 @@ class Config:
             for key in ("heavy_ratio", "light_ratio"):
                 if not 0 <= getattr(mk, key) < 1:
                     raise ConfigError(f"masking.{key}={getattr(mk, key)}: expected a ratio in [0, 1)")
+        if mk.one_image_pass:
+            if self.model.arch == "single_stream" or mk.modality_aware:
+                raise ConfigError("masking.one_image_pass is for the two-stream model with one masking ratio per "
+                                  "batch; set model.arch: two_stream and masking.modality_aware: false")
+            if not 0 < mk.image_ratio < 1:
+                raise ConfigError(f"masking.one_image_pass needs masking.image_ratio in (0, 1), got {mk.image_ratio}: "
+                                  "the share of patches every objective then leaves out")
         if self.model.arch == "single_stream":
             if self.model.vision_width != self.model.text_width:
                 raise ConfigError("model.arch=single_stream needs model.vision_width == model.text_width")

@@ -61,8 +61,10 @@ class StepState:
     """Encodings of one batch, each computed at most once and shared by the objectives."""
 
     def __init__(self, model: MaskVLM, batch: Batch, visible_only: bool = True, joint: bool = False,
-                 teacher: Optional[MaskVLM] = None, alpha: float = 0.0, pool: Optional[ContrastivePool] = None):
+                 teacher: Optional[MaskVLM] = None, alpha: float = 0.0, pool: Optional[ContrastivePool] = None,
+                 one_image_pass: bool = False):
         self.model, self.batch = model, batch
+        self.one_image_pass = one_image_pass  # ``image`` is the masked image's encoding (masking.one_image_pass)
         self.visible_only, self.joint = visible_only, joint
         self.teacher = teacher  # EMA copy of the model (recipes with momentum encoders), run without gradients
         self.alpha = alpha  # momentum distillation weight at this step
@@ -76,6 +78,10 @@ class StepState:
 
     @property
     def image(self) -> VisionOutput:
+        """The image encoding ITC, ITM and image-conditioned MLM use: the whole image, or with
+        ``one_image_pass`` the masked one (no second image-encoder pass)."""
+        if self.one_image_pass:
+            return self.masked_image
         return self._get("image", lambda: self.model.encode_image(self.batch.images))
 
     @property

@@ -74,9 +74,10 @@ def needs_text_mask(config: Config) -> bool:
 
 def needs_image_mask(config: Config) -> bool:
     """Whether the collator masks images: for an image objective, and in joint mode also for a text
-    objective alone (the masked caption then attends to the masked image)."""
+    objective alone (the masked caption then attends to the masked image); always with
+    ``masking.one_image_pass`` (every objective then sees the masked image)."""
     joint = config.masking.mode == "joint"
-    return _image_objective(config) or (joint and _text_objective(config))
+    return _image_objective(config) or (joint and _text_objective(config)) or config.masking.one_image_pass
 
 
 def optimizer_steps_per_epoch(config: Config, num_samples: int) -> int:
@@ -97,6 +98,7 @@ class PretrainTask(nn.Module):
         self.objectives = nn.ModuleDict(build_objectives(config))
         self.weights = {name: float(getattr(config.loss, name)) for name in self.objectives}
         self.visible_only = config.masking.visible_only
+        self.one_image_pass = config.masking.one_image_pass
         self.joint = config.masking.mode == "joint"
         self.text_guided = config.masking.image_policy == "text_guided"
         self.guided_temp = config.masking.guided_temp
@@ -117,9 +119,14 @@ class PretrainTask(nn.Module):
         """The ITC features of every micro-batch of an accumulated step (``train.accumulate_itc``),
         from the same unmasked passes the step makes, without gradient. Set it as ``self.pool`` and its
         ``micro`` to the index of the micro-batch being run."""
-        feats = [(self.model.image_features(self.model.encode_image(b.images)),
-                  self.model.text_features(self.model.encode_text(b.input_ids, b.attention_mask))) for b in batches]
-        return ContrastivePool([f[0] for f in feats], [f[1] for f in feats], [b.image_ids for b in batches])
+        states = [self._state(b) for b in batches]
+        return ContrastivePool([s.image_features for s in states], [s.text_features for s in states],
+                               [b.image_ids for b in batches])
+
+    def _state(self, batch: Batch) -> StepState:
+        teacher = self.teacher.model if self.teacher is not None else None
+        return StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha(), self.pool,
+                         one_image_pass=self.one_image_pass)
 
     def forward(self, batch: Batch, pool_of: Optional[list[Batch]] = None):
         """(total loss, metrics) of ``batch``; with ``pool_of`` (micro-batches) their
@@ -127,8 +134,7 @@ class PretrainTask(nn.Module):
         must see the root's forward first and gathers the root's parameters in it)."""
         if pool_of is not None:
             return self.contrastive_pool(pool_of)
-        teacher = self.teacher.model if self.teacher is not None else None
-        state = StepState(self.model, batch, self.visible_only, self.joint, teacher, self.alpha(), self.pool)
+        state = self._state(batch)
         if self.text_guided and batch.image_mask is not None:
             # same number of masked patches as the collator drew, now chosen by relevance to the caption
             ratio = float(batch.image_mask[0].float().mean())
