@@ -386,7 +386,7 @@ class Trainer:
                                 # a private generator: creating loaders must not consume the global RNG
                                 generator=torch.Generator(), worker_init_fn=_worker_init,
                                 persistent_workers=False, **order)
-            for batch in loader:
+            for batch in _fetch(loader):
                 self.batch_in_epoch += 1
                 yield batch
             self.epoch += 1
@@ -606,6 +606,34 @@ class Trainer:
         if self.skipped_samples:
             log.warning("bad training samples were replaced by others: %s", self.skip_report())
         return last
+
+
+def _fetch(loader: DataLoader):
+    """The batches of ``loader``, with a worker's death always reported as the loader reports it.
+    A batch a worker had handed over before it died carries tensors shared through that process;
+    reading it then fails with a connection error. The loader turns that into its report of a dead
+    worker only when the worker already looks dead, and a process that is exiting has closed its
+    sockets a moment before it does. So on such an error the workers are watched for a few seconds."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as e:
+            workers = list(getattr(it, "_workers", []))
+            deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+            while workers and time.monotonic() < deadline:
+                dead = [w.pid for w in workers if not w.is_alive()]
+                if dead:
+                    raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited "
+                                       f"unexpectedly (a batch it had made was lost with it: {e!r})") from None
+                time.sleep(0.05)
+            raise
+        yield batch
+
+
+WORKER_EXIT_WAIT_S = 5.0  # how long a worker whose batch could not be read is given to show as dead
 
 
 def _worker_died(error: RuntimeError) -> bool:
