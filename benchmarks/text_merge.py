@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from step_throughput import time_steps  # this folder is on sys.path
 
 from maskvlm.models.text import TextEncoder
 
@@ -45,12 +45,12 @@ def _steps(name: str):
     masked[:, 3::4] = MASK_ID  # a quarter of the tokens, roughly the MLM ratio
     attn = torch.ones(batch, TEXT_LEN, dtype=torch.long)
 
-    def two_calls():
+    def two_calls(dtype="bf16"):  # the signature time_steps calls; always bf16 here
         with torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = enc(ids, attn).hidden, enc(masked, attn).hidden
         (a.float().sum() + b.float().sum()).backward()
 
-    def one_call():
+    def one_call(dtype="bf16"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = enc(torch.cat([ids, masked]), torch.cat([attn, attn])).hidden
         a, b = h[:batch], h[batch:]
@@ -77,12 +77,7 @@ def main() -> int:
         best = {"two": [], "one": []}
         for _ in range(args.rounds):
             for key, f in (("two", two), ("one", one)):
-                times = []
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    f()
-                    times.append(time.perf_counter() - t)
-                best[key].append(statistics.median(times))
+                best[key].append(statistics.median(time_steps(f, "bf16", torch.device("cpu"), args.repeats)))
         t2, t1 = min(best["two"]), min(best["one"])
         rows.append(f"| {name} | {batch} | {t2 * 1e3:.2f} | {t1 * 1e3:.2f} | {t2 / t1:.2f}x |")
         print(rows[-1], flush=True)

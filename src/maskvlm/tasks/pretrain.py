@@ -117,7 +117,8 @@ class PretrainTask(nn.Module):
     @torch.no_grad()
     def contrastive_pool(self, batches: list[Batch]) -> ContrastivePool:
         """The ITC features of every micro-batch of an accumulated step (``train.accumulate_itc``),
-        from the same unmasked passes the step makes, without gradient. Set it as ``self.pool`` and its
+        from the same passes the step makes (unmasked, or the masked image's with
+        ``masking.one_image_pass``), without gradient. Set it as ``self.pool`` and its
         ``micro`` to the index of the micro-batch being run."""
         states = [self._state(b) for b in batches]
         return ContrastivePool([s.image_features for s in states], [s.text_features for s in states],

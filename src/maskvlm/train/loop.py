@@ -608,12 +608,19 @@ class Trainer:
         return last
 
 
+WORKER_EXIT_WAIT_S = 5.0  # how long a worker whose batch could not be read is given to show as dead
+
+
+class WorkerLost(RuntimeError):
+    """A batch could not be read because the worker that made it died (see ``_fetch``)."""
+
+
 def _fetch(loader: DataLoader):
-    """The batches of ``loader``, with a worker's death always reported as the loader reports it.
-    A batch a worker had handed over before it died carries tensors shared through that process;
-    reading it then fails with a connection error. The loader turns that into its report of a dead
-    worker only when the worker already looks dead, and a process that is exiting has closed its
-    sockets a moment before it does. So on such an error the workers are watched for a few seconds."""
+    """The batches of ``loader``, with every worker death reported as one. A batch a worker had handed
+    over before it died carries tensors shared through that process; reading it then fails with a
+    connection error. The loader turns that into its report of a dead worker only when the worker
+    already looks dead, and a process that is exiting has closed its sockets a moment before it does.
+    So on such an error the workers are watched for a few seconds, and a death raises ``WorkerLost``."""
     it = iter(loader)
     while True:
         try:
@@ -626,14 +633,11 @@ def _fetch(loader: DataLoader):
             while workers and time.monotonic() < deadline:
                 dead = [w.pid for w in workers if not w.is_alive()]
                 if dead:
-                    raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited "
-                                       f"unexpectedly (a batch it had made was lost with it: {e!r})") from None
+                    raise WorkerLost(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) died, and a batch "
+                                     f"it had made was lost with it ({e!r})") from None
                 time.sleep(0.05)
             raise
         yield batch
-
-
-WORKER_EXIT_WAIT_S = 5.0  # how long a worker whose batch could not be read is given to show as dead
 
 
 def _worker_died(error: RuntimeError) -> bool:
@@ -641,6 +645,8 @@ def _worker_died(error: RuntimeError) -> bool:
     (killed by a signal or exited), as opposed to an error raised by the code the worker ran. (The
     loader's own ``timeout`` is left off: while it is set, the loader looks for dead workers only
     when the timeout has passed.)"""
+    if isinstance(error, WorkerLost):
+        return True
     text = str(error)
     return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
 
