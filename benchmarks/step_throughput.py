@@ -5,6 +5,7 @@ sizes, plus the machine's matrix-product peak in the same dtype.
     python benchmarks/step_throughput.py --preset tiny                 # CPU: fp32 and bf16
     python benchmarks/step_throughput.py --preset small --dtypes bf16
     python benchmarks/step_throughput.py --preset base --device cuda  # on a GPU
+    python benchmarks/step_throughput.py --preset tiny --dtypes bf16 --compile  # both libraries compiled
 
 Each (library, dtype) runs in its own subprocess, so peak memory is its own: RSS on CPU, the
 allocator peak on GPU. A step is forward + backward + AdamW on one batch of random images and
@@ -141,8 +142,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def compile_stacks(lib: str, module: torch.nn.Module) -> int:
+    """``--compile``: torch.compile (inductor, default mode) each encoder stack of either library
+    in place, the same treatment for both: maskvlm's ViT, text and cross-modality stacks
+    (``train.compile``), FLAVA's image, text and multimodal ``FlavaEncoder``s. Heads and losses stay
+    eager in both. Returns how many stacks were compiled."""
+    if lib == "maskvlm":
+        from maskvlm.models.layers import compile_encoders
+        return compile_encoders(module)
+    stacks = [m for m in module.modules() if type(m).__name__ == "FlavaEncoder"]
+    for m in stacks:
+        m.compile()
+    return len(stacks)
+
+
 def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int, warmup: int, repeats: int,
-           overrides=()) -> dict:
+           overrides=(), compile_both: bool = False) -> dict:
     import resource
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -162,20 +177,25 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
     with FlopCounterMode(display=False) as counter:
         step(dtype)
     flops = counter.get_total_flops()
-    if lib == "maskvlm" and cfg.train.compile:
-        # Compiled after the FLOP count: a first call under FlopCounterMode (a dispatch mode) makes
-        # torch.compile skip the stacks for good, and the "compiled" run would time eager code.
+    # Compiled after the FLOP count: a first call under FlopCounterMode (a dispatch mode) makes
+    # torch.compile skip the stacks for good, and the "compiled" run would time eager code.
+    if compile_both:
+        compile_stacks(lib, module)
+    elif lib == "maskvlm" and cfg.train.compile:
         from maskvlm.models.layers import compile_encoders
         compile_encoders(module, cfg.train.compile_backend, cfg.train.compile_mode)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step(dtype)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, dtype, device, repeats)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
-            "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS"}
+            "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS",
+            "warmup_s": warmup_s}
 
 
 def time_steps(step, dtype: str, device: torch.device, repeats: int) -> list[float]:
@@ -248,12 +268,12 @@ def _bf16_layer_norm() -> None:
 
 
 def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, warmup: int, repeats: int,
-               overrides=()) -> dict:
+               overrides=(), compile_both: bool = False) -> dict:
     """:func:`worker` in a fresh subprocess (so its peak memory is its own); RuntimeError with the
     end of its stderr when it fails."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset, "--device", device,
            "--batch-size", str(batch_size), "--warmup", str(warmup), "--repeats", str(repeats),
-           *[f"--override={o}" for o in overrides]]
+           *[f"--override={o}" for o in overrides], *(["--compile"] if compile_both else [])]
     return run_result(cmd)
 
 
@@ -290,11 +310,14 @@ def main() -> int:
     p.add_argument("--libs", nargs="+", default=["maskvlm", "flava"], choices=["maskvlm", "flava"])
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="maskvlm config override for its runs, e.g. train.activation_checkpointing=true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder stacks of both libraries (after the FLOP count); the "
+                        "warm-up steps, which include the compilation, are timed and reported")
     p.add_argument("--worker", nargs=2, metavar=("LIB", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.preset, args.worker[1], args.device,
-                                            args.batch_size, args.warmup, args.repeats, args.override)))
+                                            args.batch_size, args.warmup, args.repeats, args.override, args.compile)))
         return 0
     from maskvlm.runtime import report_header
 
@@ -307,7 +330,7 @@ def main() -> int:
             print(f"running {lib} {dtype} ...", file=sys.stderr, flush=True)
             try:
                 block.append(run_worker(lib, dtype, args.preset, args.device, args.batch_size, args.warmup,
-                                        args.repeats, args.override))
+                                        args.repeats, args.override, args.compile))
             except RuntimeError as e:  # e.g. out of memory: reported in the table, the other runs go on
                 rows.append({"lib": lib, "dtype": dtype, "error": str(e)[:120]})
         peak = max(peak, matmul_peak(dtype, device))
@@ -319,7 +342,9 @@ def main() -> int:
             rows.append(r)
     batch = next((r["batch"] for r in rows if "batch" in r), args.batch_size)
     lines = [*report_header(args.device, f"preset {args.preset}, batch {batch}, {args.warmup} warm-up "
-                            f"steps, {args.repeats} timed steps (median, min-max)"), "",
+                            f"steps, {args.repeats} timed steps (median, min-max)"
+                            + ("; encoder stacks of both libraries compiled (torch.compile, inductor)"
+                               if args.compile else "")), "",
              "| library | dtype | params | step s (median, min-max) | samples/s | GFLOP/sample (fwd+bwd) | "
              "achieved GFLOP/s | matmul peak GFLOP/s | MFU | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -340,6 +365,9 @@ def main() -> int:
                          f"achieved FLOP/s = {a['achieved'] / f['achieved']:.2f}x; FLOPs per sample = "
                          f"{a['flops_per_sample'] / f['flops_per_sample']:.2f}x; peak memory = "
                          f"{a['peak_bytes'] / f['peak_bytes']:.2f}x")
+            if args.compile:
+                lines.append(f"- {dtype}: the {args.warmup} warm-up steps, compilation included, took "
+                             f"{a['warmup_s']:.1f} s (maskvlm) and {f['warmup_s']:.1f} s (FLAVA)")
     print("\n".join(lines))
     return 0
 

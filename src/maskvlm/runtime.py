@@ -45,6 +45,23 @@ def keep_freed_host_memory() -> bool:
                 and mallopt(m_top_pad, 64 << 20))
 
 
+def deterministic_compiled_kernels() -> None:
+    """Make ``torch.compile``d CPU training reproducible run to run, as eager training is.
+
+    Inductor turns the backward of an embedding lookup (and of other gathers) into a scatter-add
+    whose threads add into shared rows in whatever order they reach them: two compiled backward
+    passes of the same batch gave word-embedding gradients differing by 2e-7, and two compiled
+    120-step runs of the main job differed in their losses from step 10 on. With torch's
+    deterministic-algorithms flag on when the graphs are compiled, inductor falls back to the
+    eager (ordered) kernel for those scatters; the flag is part of its cache key. Ops without a
+    deterministic implementation only warn (``warn_only``), and new tensors are not filled with
+    NaN (torch's default in this mode, a cost on every allocation). Measured on the tiny preset
+    at batch 64 on 2 CPU cores: no change in step time (benchmarks/RESULTS.md). Global: it stays
+    on for the rest of the process."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 or fp16 autocast on CPU or GPU for precision 'bf16' / 'fp16'; a no-op for 'fp32'. (fp16
     training also needs loss scaling: the trainer's ``torch.amp.GradScaler``.)"""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state, read_weights
-from ..runtime import autocast, keep_freed_host_memory, resolve_device
+from ..runtime import autocast, deterministic_compiled_kernels, keep_freed_host_memory, resolve_device
 from .checkpoint import (BEST_DIR, BEST_FILE, keeps_model_only, load_trainer_state, rng_state, save_best,
                          save_checkpoint, set_aside_later, set_rng_state)
 from .distributed import any_rank, barrier, global_max, is_main, rank, world_size
@@ -86,6 +86,15 @@ def stop_requests():
             signal.signal(sig, old)
 
 
+def eager_evaluation(compiled: bool):
+    """Context in which ``torch.compile``d stacks run their eager code (``train.compile``).
+    Evaluation calls them without gradients and, in ITM re-ranking, at batch sizes training never
+    uses: each would compile new graphs (about 35 s at the first evaluation of the tiny preset on a
+    2-core CPU, where a whole evaluation takes 2 s eager; with CUDA graphs, a memory pool for each
+    new shape). Eager, an evaluation gives up the few percent compilation saves per call."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
 class Trainer:
     def __init__(self, task: nn.Module, config: Config, dataset: Dataset, collator: Callable,
                  output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None,
@@ -107,6 +116,10 @@ class Trainer:
             from ..models.layers import compile_encoders
             log.info("torch.compile (%s) of %d encoder stacks", t.compile_backend,
                      compile_encoders(task, t.compile_backend, t.compile_mode))
+            if self.device.type == "cpu":
+                deterministic_compiled_kernels()
+                log.info("deterministic algorithms on, so compiled runs repeat exactly "
+                         "(torch.use_deterministic_algorithms)")
         if t.freeze:
             log.info("frozen (train.freeze): %s", freeze_parameters(task.model, t.freeze))
         self.fsdp = None  # FSDPTask when train.fsdp under torchrun
@@ -340,11 +353,13 @@ class Trainer:
         return f" (weights of the best val {best['metric']}, step {best['step']})"
 
     def run_evaluation(self, evaluate: Callable[[], dict]) -> dict:
-        """Run ``evaluate`` (model methods, no grad). With FSDP every rank runs it, parameters gathered."""
-        if self.fsdp is None:
-            return evaluate()
-        with self.fsdp.gathered():
-            return evaluate()
+        """Run ``evaluate`` (model methods, no grad). With FSDP every rank runs it, parameters gathered.
+        Compiled stacks run eager here (:func:`eager_evaluation`)."""
+        with eager_evaluation(self.config.train.compile):
+            if self.fsdp is None:
+                return evaluate()
+            with self.fsdp.gathered():
+                return evaluate()
 
     # --- data ---------------------------------------------------------------------------------
     def _loader_batches(self):
