@@ -6,6 +6,7 @@ device busy.
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --presets tiny --workers 1 2 --samples 2000
     python benchmarks/data_throughput.py --presets base --device cuda --workers 1 4 8   # on a GPU machine
+    python benchmarks/data_throughput.py --sources 512 1024 --workers 1 --decode reduced full  # JPEG decode scaling
 
 Each source image is a random scene saved as a quality-90 JPEG, read either as files (annotation
 JSON) or from webdataset tar shards of the same JPEGs (``maskvlm data shard``, 250 per shard,
@@ -60,8 +61,10 @@ def make_shards(ann: Path) -> str:
     return json.loads(summary.read_text())["pattern"]
 
 
-def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None = None) -> float:
-    """Samples/s out of the DataLoader: from the JPEG files of ``ann``, or from ``shards``."""
+def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None = None,
+                reduced_decode: bool = True) -> float:
+    """Samples/s out of the DataLoader: from the JPEG files of ``ann``, or from ``shards``;
+    ``reduced_decode``: data.reduced_decode (JPEGs decoded at 1/2-1/8 scale where the crops allow)."""
     from torch.utils.data import DataLoader
 
     from maskvlm.data.formats import EpochSampler, PairDataset, PretrainCollator
@@ -70,7 +73,8 @@ def loader_rate(cfg, ann: Path, workers: int, samples: int, shards: str | None =
     from maskvlm.data.transforms import ImageTransform
 
     m, d = cfg.model, cfg.data
-    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip,
+                               reduced_decode=reduced_decode)
     files = PairDataset(ann, None, transform)
     tok = train_wordpiece(files.captions(), 500)
     grid = (m.image_size // m.patch_size,) * 2
@@ -119,6 +123,9 @@ def main() -> int:
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
     p.add_argument("--sources", nargs="+", type=int, default=[256, 512], help="JPEG side in pixels")
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--decode", nargs="+", default=["reduced"], choices=["reduced", "full"],
+                   help="reduced: JPEGs decoded at 1/2-1/8 scale where every crop allows it (data.reduced_decode, "
+                        "the default); full: always at full size. Give both to compare them side by side")
     p.add_argument("--samples", type=int, default=1000, help="samples timed per setting")
     p.add_argument("--work", default="runs/data-bench")
     p.add_argument("--device", default="cpu", help="where the trainer's consumption rate is measured (cpu or cuda)")
@@ -132,8 +139,8 @@ def main() -> int:
     device = torch.device(args.device)
     where = "GPU" if device.type == "cuda" else "CPU"
     lines = [*report_header(args.device), "",
-             "| preset (image px) | source JPEG | input | workers | samples/s | per worker | trainer consumes "
-             f"({where} bf16) | workers needed |", "|---|---|---|---|---|---|---|---|"]
+             "| preset (image px) | source JPEG | decode | input | workers | samples/s | per worker | trainer consumes "
+             f"({where} bf16) | workers needed |", "|---|---|---|---|---|---|---|---|---|"]
     for preset in args.presets:
         cfg = build_config("maskvlm", preset, overrides=["model.vocab_size=1000"])  # step_throughput.VOCAB
         batch = args.consume_batch or (64 if preset == "tiny" or device.type == "cuda" else 4)
@@ -143,11 +150,12 @@ def main() -> int:
             shards = make_shards(ann)
             for source, pattern in (("files", None), ("shards", shards)):
                 for w in args.workers:
-                    rate = loader_rate(cfg, ann, w, args.samples, pattern)
-                    need = math.ceil(consume / (rate / max(w, 1)))
-                    lines.append(f"| {preset} ({cfg.model.image_size}) | {side} px | {source} | {w} | {rate:.0f} | "
-                                 f"{rate / max(w, 1):.0f} | {consume:.1f} samples/s | {need} |")
-                    print(lines[-1], file=sys.stderr, flush=True)
+                    for decode in args.decode:
+                        rate = loader_rate(cfg, ann, w, args.samples, pattern, reduced_decode=decode == "reduced")
+                        need = math.ceil(consume / (rate / max(w, 1)))
+                        lines.append(f"| {preset} ({cfg.model.image_size}) | {side} px | {decode} | {source} | {w} | "
+                                     f"{rate:.0f} | {rate / max(w, 1):.0f} | {consume:.1f} samples/s | {need} |")
+                        print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
 

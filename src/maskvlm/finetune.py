@@ -121,7 +121,8 @@ def _load_start(config: Config, checkpoint: Optional[Path]):
 
 def _train_transform(config: Config) -> ImageTransform:
     d = config.data
-    return ImageTransform(config.model.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    return ImageTransform(config.model.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip,
+                          reduced_decode=d.reduced_decode)
 
 
 def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, evaluate_test: bool) -> dict:

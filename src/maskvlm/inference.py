@@ -63,12 +63,12 @@ def _strings(texts) -> list[str]:
     return texts
 
 
-def _to_pil(image: ImageLike) -> Image.Image:
+def _to_pil(image: ImageLike, decode_scale=None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):
         return Image.fromarray(image)
-    return open_image(Path(image))
+    return open_image(Path(image), decode_scale=decode_scale)  # decoded as evaluation decodes it
 
 
 class VLM:
@@ -79,7 +79,7 @@ class VLM:
         # bf16 autocast where it is fast (CPUs with bf16 units, GPUs); "fp32" for exact numbers
         self.precision = config.train.precision if precision == "auto" else precision
         m, d = config.model, config.data
-        self.transform = ImageTransform(m.image_size, d.mean, d.std, train=False)
+        self.transform = ImageTransform(m.image_size, d.mean, d.std, train=False, reduced_decode=d.reduced_decode)
         self.max_len = d.max_text_len
         self._warned: set[str] = set()
 
@@ -110,7 +110,7 @@ class VLM:
 
     # --- inputs ---------------------------------------------------------------------------------
     def _image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        out = [self.transform(_to_pil(image))[0] for image in _images(images)]
+        out = [self.transform(_to_pil(image, self.transform.decode_scale))[0] for image in _images(images)]
         return torch.stack(out).to(self.device)
 
     def _texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,8 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
 
 
     d, m = config.data, config.model
-    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip)
+    transform = ImageTransform(m.image_size, d.mean, d.std, train=True, crop_scale=d.crop_scale, hflip=d.hflip,
+                               reduced_decode=d.reduced_decode)
     if d.shards:
         from .data.stream import open_stream
         dataset = open_stream(d.shards.split("::"), d.shard_weights, transform, seed=config.train.seed,

@@ -102,7 +102,8 @@ class _Pixels(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.paths[i], self.transform(open_image(self.root / self.paths[i]))[0], ""
+            image = open_image(self.root / self.paths[i], decode_scale=getattr(self.transform, "decode_scale", None))
+            return self.paths[i], self.transform(image)[0], ""
         except (DataError, OSError) as e:
             return self.paths[i], None, str(e)
 

@@ -197,3 +197,72 @@ def test_several_training_files_are_concatenated_each_with_its_own_image_folder(
         PairDataset(f"{files[0]}::{files[1]}", None, transform)._load(0, 13)
     with pytest.raises(DataError, match="annotation file not found"):
         PairDataset(f"{files[0]}::{tmp_path / 'missing.json'}", None, transform)
+
+
+def _photo(side_w: int, side_h: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with a few edges (reduced decoding is compared against full decoding)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    small = (rng.random((side_h // 16, side_w // 16, 3)) * 255).astype("uint8")
+    return Image.fromarray(small).resize((side_w, side_h), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("train,size,dims,expected", [
+    (True, 224, (1024, 1024), 2),  # smallest crop: sqrt(0.8 * 0.75) * 1024 = 793 px -> 396 at 1/2
+    (False, 224, (1024, 1024), 4),  # evaluation resizes the whole image: 1024 / 4 = 256
+    (True, 224, (512, 512), 1),  # 397 px crops: halving would upsample them
+    (True, 64, (512, 384), 4),  # 343 px smallest crop side -> 85 at 1/4, 42 at 1/8
+    (False, 64, (4096, 600), 8),  # the short side decides
+    (True, 64, (64, 64), 1),
+])
+def test_decode_scale_never_takes_a_crop_below_the_model_size(train, size, dims, expected):
+    t = ImageTransform(size, [0.5] * 3, [0.5] * 3, train=train)
+    assert t.decode_scale(*dims) == expected
+    assert ImageTransform(size, [0.5] * 3, [0.5] * 3, train=train, reduced_decode=False).decode_scale(*dims) == 1
+    if train and expected > 1:  # every crop drawn from the reduced image keeps >= size pixels a side
+        from maskvlm.data.transforms import random_resized_crop_box
+
+        w, h = -(-dims[0] // expected), -(-dims[1] // expected)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2000):
+            left, top, right, bottom = random_resized_crop_box(w, h, t.crop_scale, g)
+            assert min(right - left, bottom - top) >= size
+
+
+def test_jpegs_are_decoded_reduced_where_the_crop_allows(tmp_path):
+    from maskvlm.data.formats import open_image
+
+    _photo(1024, 768).save(tmp_path / "a.jpg", quality=95)
+    _photo(1024, 768).save(tmp_path / "a.png")
+    t = ImageTransform(64, [0.5] * 3, [0.5] * 3, train=False)
+    assert open_image(tmp_path / "a.jpg", decode_scale=t.decode_scale).size == (128, 96)  # 768 / 8 = 96 >= 65
+    assert open_image(tmp_path / "a.png", decode_scale=t.decode_scale).size == (1024, 768)  # not a JPEG: whole
+    assert open_image(tmp_path / "a.jpg").size == (1024, 768)
+    # the model sees nearly the same picture: at 1/8 scale the normalised tensors (std 0.5) differ by
+    # 0.019 on average, 2.5 grey levels of 255 (a shifted or misscaled image differs by 10x that)
+    full = t(open_image(tmp_path / "a.jpg"))[0]
+    reduced = t(open_image(tmp_path / "a.jpg", decode_scale=t.decode_scale))[0]
+    assert full.shape == reduced.shape == (3, 64, 64)
+    assert (full - reduced).abs().mean() < 0.04, (full - reduced).abs().mean()
+    shifted = t(open_image(tmp_path / "a.jpg").crop((64, 48, 1024, 768)))[0]  # what the bound must catch
+    assert (full - shifted).abs().mean() > 0.1
+
+
+def test_training_pairs_from_large_jpegs_use_reduced_decoding(tmp_path):
+    for i in range(2):
+        _photo(640, 640, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+    (tmp_path / "train.json").write_text(json.dumps([{"image": f"{i}.jpg", "caption": "a picture"} for i in range(2)]))
+    calls = []
+
+    class Recording(ImageTransform):
+        def __call__(self, image, generator=None):
+            calls.append(image.size)
+            return super().__call__(image, generator)
+
+    for reduced, side in ((True, 160), (False, 640)):
+        calls.clear()
+        t = Recording(64, [0.5] * 3, [0.5] * 3, train=True, reduced_decode=reduced)
+        ds = PairDataset(tmp_path / "train.json", None, t)
+        assert ds[(0, 1)]["image"].shape == (3, 64, 64)
+        assert calls == [(side, side)]  # 640 px: smallest crop 495 px; 1/4 leaves 123, 1/8 61 < 65

@@ -10,7 +10,7 @@ import logging
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -160,12 +160,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[bytes] = None) -> Image.Image:
+def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[bytes] = None,
+               decode_scale: Optional[Callable[[int, int], int]] = None) -> Image.Image:
     """Decode an image as RGB (see :func:`to_rgb`). Raises :class:`BadSample` naming the file and why:
     missing, empty, not an image, truncated/corrupt, or more than ``max_pixels`` pixels. With ``data``
-    the bytes are decoded (e.g. a member of a tar shard) and ``path`` only names them in messages."""
+    the bytes are decoded (e.g. a member of a tar shard) and ``path`` only names them in messages.
+    ``decode_scale(width, height)`` (e.g. :meth:`ImageTransform.decode_scale`): a JPEG is decoded
+    reduced by the factor it returns (1, 2, 4 or 8; libjpeg's DCT scaling); other formats whole."""
     import io
     import warnings
+
+    from PIL.JpegImagePlugin import JpegImageFile
 
     path = Path(path)
     try:
@@ -183,6 +188,10 @@ def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[byte
                     raise BadSample("image too large", f"{path}: {im.width}x{im.height} pixels is more than the "
                                     f"limit of {limit} (data.max_image_pixels); refused as a possible "
                                     "decompression bomb")
+                if decode_scale is not None and isinstance(im, JpegImageFile):
+                    scale = decode_scale(im.width, im.height)
+                    if scale > 1:
+                        im.draft(None, (im.width // scale, im.height // scale))
                 im.load()
                 return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -273,7 +282,8 @@ class PairDataset(Dataset):
                             f"(got {entry.get('caption')!r}; expected a non-empty string or list of strings)")
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
-        pil = open_image(root / entry["image"], self.max_pixels)
+        pil = open_image(root / entry["image"], self.max_pixels,
+                         decode_scale=getattr(self.transform, "decode_scale", None))
 
         def pick(gen: torch.Generator) -> str:
             caption = entry["caption"]
@@ -587,5 +597,6 @@ class RetrievalDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image, _ = self.transform(open_image(self.root / self.images[i]))
+        path = self.root / self.images[i]
+        image, _ = self.transform(open_image(path, decode_scale=getattr(self.transform, "decode_scale", None)))
         return image

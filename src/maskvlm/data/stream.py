@@ -384,7 +384,8 @@ class ShardStream(IterableDataset):
         caption = _caption(item, meta)
         if caption is None:
             raise BadSample("bad caption", f"{name}: no usable caption in .txt or .json")
-        pil = open_image(Path(f"{name}.{ext}"), self.max_pixels, data=item[ext])
+        pil = open_image(Path(f"{name}.{ext}"), self.max_pixels, data=item[ext],
+                         decode_scale=getattr(self.transform, "decode_scale", None))
         # several captions of one image share its id (ITC does not treat them as negatives)
         image_id = str(meta["image_id"]) if "image_id" in meta else name
         return pil, caption, stable_id(image_id), name

@@ -25,8 +25,12 @@ def _uniform(generator: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=generator))
 
 
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random crops (width / height)
+DECODE_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers (1/8, 1/4, 1/2)
+
+
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float], generator: torch.Generator,
-                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                            ratio: Sequence[float] = CROP_RATIO) -> tuple[int, int, int, int]:
     """A crop box (left, top, right, bottom) covering ``scale`` of the area with aspect in ``ratio``."""
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -48,13 +52,34 @@ class ImageTransform:
     """PIL image -> normalised float tensor (3, size, size). ``train`` adds crop and flip."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], train: bool = False,
-                 crop_scale: Sequence[float] = (0.8, 1.0), hflip: float = 0.0):
+                 crop_scale: Sequence[float] = (0.8, 1.0), hflip: float = 0.0, reduced_decode: bool = True):
         self.size = size
+        self.reduced_decode = reduced_decode  # see decode_scale (data.reduced_decode)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.train = train
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
+
+    def decode_scale(self, width: int, height: int) -> int:
+        """By how much a ``width`` x ``height`` JPEG may be reduced while it is decoded (8, 4, 2 or 1):
+        the largest of libjpeg's DCT scales at which every region this transform can resize from
+        still has at least ``size`` pixels a side, so nothing is upsampled that would not have been.
+        That region is the whole image at evaluation, and in training the smallest crop
+        ``random_resized_crop_box`` can draw (``crop_scale[0]`` of the area at the extreme aspect
+        ratio, or its fallback square). Decoding a 1024 px photo at half size for a 224 px crop skips
+        most of the decoding and resampling work (benchmarks/RESULTS.md). 1 when ``reduced_decode``
+        is off."""
+        if not self.reduced_decode:
+            return 1
+        side = float(min(width, height))
+        if self.train:
+            smallest = self.crop_scale[0] * width * height
+            side = min(side, math.sqrt(smallest * CROP_RATIO[0]), math.sqrt(smallest / CROP_RATIO[1]))
+        for scale in DECODE_SCALES:
+            if side / scale >= self.size + 1:  # + 1: the crop box is rounded to whole pixels
+                return scale
+        return 1
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)

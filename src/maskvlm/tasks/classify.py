@@ -47,7 +47,8 @@ class ExampleDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         ex = self.examples[index]
         gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        images = torch.stack([self.transform(open_image(p), gen)[0] for p in ex.images])
+        scale = getattr(self.transform, "decode_scale", None)
+        images = torch.stack([self.transform(open_image(p, decode_scale=scale), gen)[0] for p in ex.images])
         return dict(images=images if len(ex.images) > 1 else images[0], text=ex.text, label=ex.label, soft=ex.soft,
                     index=index)
 

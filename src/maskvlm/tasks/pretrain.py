@@ -176,7 +176,8 @@ def prepare_data_paths(config: Config, progress: bool = True) -> None:
 
 def eval_transform(config: Config):
     from ..data.transforms import ImageTransform
-    return ImageTransform(config.model.image_size, config.data.mean, config.data.std, train=False)
+    return ImageTransform(config.model.image_size, config.data.mean, config.data.std, train=False,
+                          reduced_decode=config.data.reduced_decode)
 
 
 def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_path: str, progress: bool = False):
