@@ -247,6 +247,11 @@ def test_jpegs_are_decoded_reduced_where_the_crop_allows(tmp_path):
     assert (full - reduced).abs().mean() < 0.04, (full - reduced).abs().mean()
     shifted = t(open_image(tmp_path / "a.jpg").crop((64, 48, 1024, 768)))[0]  # what the bound must catch
     assert (full - shifted).abs().mean() > 0.1
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])  # truncated: still a bad sample when reduced
+    from maskvlm.data.formats import BadSample
+    with pytest.raises(BadSample, match="truncated"):
+        open_image(tmp_path / "cut.jpg", decode_scale=t.decode_scale)
 
 
 def test_training_pairs_from_large_jpegs_use_reduced_decoding(tmp_path):
