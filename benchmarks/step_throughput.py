@@ -6,6 +6,7 @@ sizes, plus the machine's matrix-product peak in the same dtype.
     python benchmarks/step_throughput.py --preset small --dtypes bf16
     python benchmarks/step_throughput.py --preset base --device cuda  # on a GPU
     python benchmarks/step_throughput.py --preset tiny --dtypes bf16 --compile  # both libraries compiled
+    python benchmarks/step_throughput.py --preset tiny --dtypes bf16 --interleave 6 --repeats 4  # taking turns
 
 Each (library, dtype) runs in its own subprocess, so peak memory is its own: RSS on CPU, the
 allocator peak on GPU. A step is forward + backward + AdamW on one batch of random images and
@@ -157,7 +158,10 @@ def compile_stacks(lib: str, module: torch.nn.Module) -> int:
 
 
 def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int, warmup: int, repeats: int,
-           overrides=(), compile_both: bool = False) -> dict:
+           overrides=(), compile_both: bool = False, serve: bool = False) -> dict:
+    """One library's timed steps. ``serve``: after the warm-up, time steps on request from the
+    parent (``--interleave``: lines "STEPS n" on stdin, each answered with a "TIMES [...]" line on
+    stdout, until "DONE"), so that two libraries' workers can take turns on the machine."""
     import resource
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -190,12 +194,24 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, dtype, device, repeats)
+    rounds = []
+    if serve:
+        print("READY", flush=True)
+        for line in sys.stdin:
+            if line.startswith("STEPS "):
+                step(dtype)  # untimed: the first step after a pause runs on cold caches and idle threads
+                rounds.append(time_steps(step, dtype, device, int(line.split()[1])))
+                print("TIMES " + json.dumps(rounds[-1]), flush=True)
+            else:  # DONE, or the parent went away
+                break
+        times = [t for r in rounds for t in r]
+    else:
+        times = time_steps(step, dtype, device, repeats)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"lib": lib, "dtype": dtype, "batch": b, "params": params, "flops_per_step": flops, "times": times,
             "peak_bytes": peak, "memory": "allocator peak" if device.type == "cuda" else "peak RSS",
-            "warmup_s": warmup_s}
+            "warmup_s": warmup_s, "rounds": rounds}
 
 
 def time_steps(step, dtype: str, device: torch.device, repeats: int) -> list[float]:
@@ -277,6 +293,61 @@ def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, 
     return run_result(cmd)
 
 
+def run_interleaved(libs: list[str], dtype: str, preset: str, device: str, batch_size: int, warmup: int,
+                    rounds: int, steps: int, overrides=(), compile_both: bool = False) -> list[dict]:
+    """The libraries' workers side by side: each is started, builds its model and warms up, then
+    they take turns, ``steps`` timed steps each per round for ``rounds`` rounds, the order swapped
+    every round (A B, B A, ...), each turn after one untimed step. A slow spell of a shared machine
+    then lands on both libraries instead of on whichever ran during it. Each result carries its
+    per-round times."""
+    import tempfile
+
+    procs = {}
+    try:
+        for lib in libs:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset,
+                   "--device", device, "--batch-size", str(batch_size), "--warmup", str(warmup), "--serve",
+                   *[f"--override={o}" for o in overrides], *(["--compile"] if compile_both else [])]
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            procs[lib] = (proc, err)
+            _expect(lib, procs[lib], "READY")  # one warms up at a time
+        for r in range(rounds):
+            for lib in (libs if r % 2 == 0 else libs[::-1]):
+                proc, _ = procs[lib]
+                proc.stdin.write(f"STEPS {steps}\n")
+                proc.stdin.flush()
+                _expect(lib, procs[lib], "TIMES ")
+        results = []
+        for lib in libs:
+            proc, _ = procs[lib]
+            proc.stdin.write("DONE\n")
+            proc.stdin.flush()
+            results.append(json.loads(_expect(lib, procs[lib], "RESULT ")))
+        return results
+    finally:
+        for proc, err in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            err.close()
+
+
+def _expect(lib: str, proc_err, prefix: str) -> str:
+    """The rest of the worker's next stdout line that starts with ``prefix``; RuntimeError with the
+    end of its stderr when it exits first."""
+    proc, err = proc_err
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    proc.wait()
+    err.seek(0)
+    tail = err.read()[-3000:]
+    print(tail, file=sys.stderr)
+    raise RuntimeError(f"{lib}: " + ((tail.strip().splitlines() or ["worker exited"])[-1][:160]))
+
+
 def matmul_peak(dtype: str, device: torch.device, n: int = 0, repeats: int = 8) -> float:
     """FLOP/s of an n x n matrix product in ``dtype`` (the best of ``repeats``). Measured before and
     after each dtype's runs and the higher one kept: on shared or throttling machines one
@@ -313,11 +384,17 @@ def main() -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder stacks of both libraries (after the FLOP count); the "
                         "warm-up steps, which include the compilation, are timed and reported")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="run the libraries' workers side by side and alternate them: ROUNDS rounds of --repeats "
+                        "timed steps each, the order swapped every round; adds the ratio per round (median, "
+                        "min-max), which a drifting shared machine moves less")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=("LIB", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.preset, args.worker[1], args.device,
-                                            args.batch_size, args.warmup, args.repeats, args.override, args.compile)))
+                                            args.batch_size, args.warmup, args.repeats, args.override, args.compile,
+                                            args.serve)))
         return 0
     from maskvlm.runtime import report_header
 
@@ -326,7 +403,14 @@ def main() -> int:
     for dtype in args.dtypes:
         peak = matmul_peak(dtype, device)
         block = []
-        for lib in args.libs:
+        if args.interleave:
+            print(f"running {' and '.join(args.libs)} {dtype}, interleaved ...", file=sys.stderr, flush=True)
+            try:
+                block = run_interleaved(args.libs, dtype, args.preset, args.device, args.batch_size, args.warmup,
+                                        args.interleave, args.repeats, args.override, args.compile)
+            except RuntimeError as e:
+                rows.append({"lib": "both", "dtype": dtype, "error": str(e)[:120]})
+        for lib in [] if args.interleave else args.libs:
             print(f"running {lib} {dtype} ...", file=sys.stderr, flush=True)
             try:
                 block.append(run_worker(lib, dtype, args.preset, args.device, args.batch_size, args.warmup,
@@ -342,7 +426,9 @@ def main() -> int:
             rows.append(r)
     batch = next((r["batch"] for r in rows if "batch" in r), args.batch_size)
     lines = [*report_header(args.device, f"preset {args.preset}, batch {batch}, {args.warmup} warm-up "
-                            f"steps, {args.repeats} timed steps (median, min-max)"
+                            + (f"steps, {args.interleave} rounds of {args.repeats} timed steps per library, "
+                               "the libraries taking turns (median, min-max over all)" if args.interleave else
+                               f"steps, {args.repeats} timed steps (median, min-max)")
                             + ("; encoder stacks of both libraries compiled (torch.compile, inductor)"
                                if args.compile else "")), "",
              "| library | dtype | params | step s (median, min-max) | samples/s | GFLOP/sample (fwd+bwd) | "
@@ -365,6 +451,12 @@ def main() -> int:
                          f"achieved FLOP/s = {a['achieved'] / f['achieved']:.2f}x; FLOPs per sample = "
                          f"{a['flops_per_sample'] / f['flops_per_sample']:.2f}x; peak memory = "
                          f"{a['peak_bytes'] / f['peak_bytes']:.2f}x")
+            if a.get("rounds") and f.get("rounds"):
+                per_round = sorted(statistics.median(y) / statistics.median(x)
+                                   for x, y in zip(a["rounds"], f["rounds"]))
+                lines.append(f"- {dtype}: maskvlm / FLAVA samples/s per round ({len(per_round)} rounds of "
+                             f"{args.repeats} steps, taking turns): median {statistics.median(per_round):.2f}x "
+                             f"({per_round[0]:.2f}-{per_round[-1]:.2f}x)")
             if args.compile:
                 lines.append(f"- {dtype}: the {args.warmup} warm-up steps, compilation included, took "
                              f"{a['warmup_s']:.1f} s (maskvlm) and {f['warmup_s']:.1f} s (FLAVA)")
