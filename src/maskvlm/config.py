@@ -135,8 +135,8 @@ class DataConfig:
     fixed_text_len: bool = False
     crop_scale: list = field(default_factory=lambda: [0.8, 1.0])
     hflip: float = 0.5  # probability; "left"/"right" in the caption are swapped with the image
-    # decode JPEGs reduced (1/2, 1/4, 1/8: libjpeg's DCT scaling) where every crop still has
-    # model.image_size pixels a side: less decoding and resampling, nothing upsampled
+    # decode JPEGs reduced (1/2, 1/4, 1/8: libjpeg's DCT scaling) where the sample's crop still has
+    # model.image_size pixels a side: less decoding and resampling; the same crop, nothing upsampled
     reduced_decode: bool = True
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])

@@ -254,20 +254,59 @@ def test_jpegs_are_decoded_reduced_where_the_crop_allows(tmp_path):
         open_image(tmp_path / "cut.jpg", decode_scale=t.decode_scale)
 
 
+def test_decode_scale_for_a_planned_crop_fits_that_crop():
+    from maskvlm.data.transforms import random_resized_crop_box
+
+    t = ImageTransform(224, [0.5] * 3, [0.5] * 3, train=True)
+    scales = []
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        scale = t.decode_scale(512, 512, g)  # does not advance g: the transform then draws this very box
+        left, top, right, bottom = random_resized_crop_box(512, 512, t.crop_scale, g)
+        assert min(right - left, bottom - top) / scale >= 224
+        scales.append(scale)
+    # 397-512 px crops of a 512 px image: halved where the crop has 449 px a side or more, which
+    # the any-crop bound (1 here) cannot do
+    assert set(scales) == {1, 2} and 0.5 < scales.count(2) / len(scales) < 0.9
+
+
 def test_training_pairs_from_large_jpegs_use_reduced_decoding(tmp_path):
-    for i in range(2):
-        _photo(640, 640, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
-    (tmp_path / "train.json").write_text(json.dumps([{"image": f"{i}.jpg", "caption": "a picture"} for i in range(2)]))
-    calls = []
+    for i in range(4):
+        _photo(640, 480, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+    (tmp_path / "train.json").write_text(json.dumps([{"image": f"{i}.jpg", "caption": "a picture"} for i in range(4)]))
+    sizes = []
 
     class Recording(ImageTransform):
         def __call__(self, image, generator=None):
-            calls.append(image.size)
+            sizes.append(image.size)
             return super().__call__(image, generator)
 
-    for reduced, side in ((True, 160), (False, 640)):
-        calls.clear()
-        t = Recording(64, [0.5] * 3, [0.5] * 3, train=True, reduced_decode=reduced)
+    out = {}
+    for reduced in (True, False):
+        t = Recording(64, [0.5] * 3, [0.5] * 3, train=True, hflip=0.5, reduced_decode=reduced)
         ds = PairDataset(tmp_path / "train.json", None, t)
-        assert ds[(0, 1)]["image"].shape == (3, 64, 64)
-        assert calls == [(side, side)]  # 640 px: smallest crop 495 px; 1/4 leaves 123, 1/8 61 < 65
+        out[reduced] = [ds[(epoch, i)] for epoch in range(3) for i in range(4)]
+    reduced_sizes, full_sizes = sizes[:12], sizes[12:]
+    assert set(full_sizes) == {(640, 480)}
+    assert all(w < 640 for w, _ in reduced_sizes) and len(set(reduced_sizes)) >= 1
+    for a, b in zip(out[True], out[False]):
+        # the same crop, flip and caption as full decoding: the crop is placed in full-size pixels
+        assert a["caption"] == b["caption"]
+        assert (a["image"] - b["image"]).abs().mean() < 0.04, (a["image"] - b["image"]).abs().mean()
+
+
+def test_reduced_decoding_of_a_rotated_jpeg_crops_the_same_region(tmp_path):
+    # EXIF orientation 6 (turned a quarter): the crop is planned on the sides as shown, 480 x 640
+    from maskvlm.data.formats import open_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _photo(640, 480).save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    t = ImageTransform(64, [0.5] * 3, [0.5] * 3, train=True)
+    for seed in range(5):
+        full = t(open_image(tmp_path / "turned.jpg"), torch.Generator().manual_seed(seed))[0]
+        g = torch.Generator().manual_seed(seed)
+        pil = open_image(tmp_path / "turned.jpg", decode_scale=lambda w, h: t.decode_scale(w, h, g))
+        assert pil.width < 480 and pil.height > pil.width  # reduced, and turned
+        reduced = t(pil, g)[0]
+        assert (full - reduced).abs().mean() < 0.04, (seed, (full - reduced).abs().mean())

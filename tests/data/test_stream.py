@@ -277,13 +277,13 @@ def test_a_killed_worker_is_replaced_at_the_same_stream_position(synthetic_dir, 
     pretrain(config(tmp_path / "full"))
     decode, counter = ShardStream._decode, tmp_path / "calls"
 
-    def dying_decode(self, item):
+    def dying_decode(self, item, seed):
         with open(counter, "ab") as f:
             n = f.tell()
             f.write(b".")
         if n == 30:  # once, in whichever worker decodes the 31st sample
             os.kill(os.getpid(), signal.SIGKILL)
-        return decode(self, item)
+        return decode(self, item, seed)
     monkeypatch.setattr(ShardStream, "_decode", dying_decode)
     pretrain(config(tmp_path / "killed"))
     assert "the data loader restarts" in (tmp_path / "killed" / "train.log").read_text()

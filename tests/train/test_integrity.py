@@ -312,3 +312,23 @@ def test_a_batch_lost_with_its_worker_is_made_again(synthetic_dir, tmp_path, mon
     assert lied and any("a batch it had made was lost with it" in m for m in said), said
     assert any("the data loader restarts at epoch 0, batch 2 (restart 1" in m for m in said), said
     _assert_same(_weights(run), uninterrupted)
+
+
+def test_a_loaders_workers_stop_when_its_batches_end_even_if_it_is_still_referenced():
+    # A logged exception's traceback can keep the loader's iterator alive. Its workers ignore SIGTERM
+    # (a Ctrl-C or scheduler signal is for the main process), so left running they made the
+    # interpreter's exit (terminate, then join every child) wait forever: seen as a hung test run.
+    import torch
+    from torch.utils.data import DataLoader
+
+    from maskvlm.train.loop import _fetch, _worker_init
+
+    loader = DataLoader(torch.arange(64), batch_size=4, num_workers=2, worker_init_fn=_worker_init)
+    batches = _fetch(loader)
+    next(batches)
+    it = batches.gi_frame.f_locals["it"]  # the reference a traceback would hold
+    workers = list(it._workers)
+    assert all(w.is_alive() for w in workers)
+    batches.close()
+    assert not any(w.is_alive() for w in workers)
+    del it

@@ -165,12 +165,16 @@ def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[byte
     """Decode an image as RGB (see :func:`to_rgb`). Raises :class:`BadSample` naming the file and why:
     missing, empty, not an image, truncated/corrupt, or more than ``max_pixels`` pixels. With ``data``
     the bytes are decoded (e.g. a member of a tar shard) and ``path`` only names them in messages.
-    ``decode_scale(width, height)`` (e.g. :meth:`ImageTransform.decode_scale`): a JPEG is decoded
-    reduced by the factor it returns (1, 2, 4 or 8; libjpeg's DCT scaling); other formats whole."""
+    ``decode_scale(width, height)`` (e.g. :meth:`ImageTransform.decode_scale`), given the size the
+    image is shown at (EXIF orientation applied): a JPEG is decoded reduced by the factor it returns
+    (1, 2, 4 or 8; libjpeg's DCT scaling), and ``info[FULL_SIZE]`` keeps its full size, by which
+    :class:`ImageTransform` places its crop. Other formats are decoded whole."""
     import io
     import warnings
 
     from PIL.JpegImagePlugin import JpegImageFile
+
+    from .transforms import FULL_SIZE
 
     path = Path(path)
     try:
@@ -188,12 +192,18 @@ def open_image(path: Path, max_pixels: Optional[int] = None, data: Optional[byte
                     raise BadSample("image too large", f"{path}: {im.width}x{im.height} pixels is more than the "
                                     f"limit of {limit} (data.max_image_pixels); refused as a possible "
                                     "decompression bomb")
+                full = None
                 if decode_scale is not None and isinstance(im, JpegImageFile):
-                    scale = decode_scale(im.width, im.height)
+                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+                    full = (im.height, im.width) if turned else im.size
+                    scale = decode_scale(*full)
                     if scale > 1:
                         im.draft(None, (im.width // scale, im.height // scale))
                 im.load()
-                return to_rgb(im)
+                rgb = to_rgb(im)
+                if full is not None and rgb.size != full:
+                    rgb.info[FULL_SIZE] = full
+                return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("image too large", f"{path}: refused as a possible decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
@@ -282,8 +292,8 @@ class PairDataset(Dataset):
                             f"(got {entry.get('caption')!r}; expected a non-empty string or list of strings)")
         seed = sample_seed(self.seed, epoch, index)
         gen = torch.Generator().manual_seed(seed)
-        pil = open_image(root / entry["image"], self.max_pixels,
-                         decode_scale=getattr(self.transform, "decode_scale", None))
+        pil = open_image(root / entry["image"], self.max_pixels, decode_scale=planned_decode(self.transform, gen,
+                                                                                          self.two_views))
 
         def pick(gen: torch.Generator) -> str:
             caption = entry["caption"]
@@ -295,6 +305,17 @@ class PairDataset(Dataset):
         sample = augment_pair(pil, pick, self.transform, gen, self.swap_on_flip, self.two_views)
         sample.update(image_id=self.image_ids[index], index=index, seed=seed)
         return sample
+
+
+def planned_decode(transform, gen: torch.Generator, two_views: bool) -> Optional[Callable[[int, int], int]]:
+    """The ``decode_scale`` for :func:`open_image` of a training pair about to be augmented with
+    ``gen``: suited to the crop ``transform`` will draw from it (see
+    :meth:`ImageTransform.decode_scale`); with two views, to any crop. None for a transform without
+    one."""
+    scale = getattr(transform, "decode_scale", None)
+    if scale is None or two_views:
+        return scale
+    return lambda width, height: scale(width, height, gen)
 
 
 def augment_pair(pil: Image.Image, pick_caption, transform: ImageTransform, gen: torch.Generator,

@@ -46,7 +46,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .formats import BadSample, DataError, _warn_bad_sample, augment_pair, open_image, sample_seed, valid_captions
+from .formats import (BadSample, DataError, _warn_bad_sample, augment_pair, open_image, planned_decode, sample_seed,
+                      valid_captions)
 from .transforms import ImageTransform
 
 log = logging.getLogger("maskvlm")
@@ -373,7 +374,7 @@ class ShardStream(IterableDataset):
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             yield buffer.pop()
 
-    def _decode(self, item: dict) -> tuple:
+    def _decode(self, item: dict, seed: int) -> tuple:
         if "__error__" in item:
             raise BadSample("truncated shard", item["__error__"] + "; the rest of the shard is skipped")
         name = f"{item['__url__']}:{item['__key__']}"
@@ -384,8 +385,11 @@ class ShardStream(IterableDataset):
         caption = _caption(item, meta)
         if caption is None:
             raise BadSample("bad caption", f"{name}: no usable caption in .txt or .json")
+        # the decode suits the crop of this sample's seed (_sample); a stand-in for a later bad sample
+        # is cropped from it too, then perhaps from fewer pixels than the model's size
         pil = open_image(Path(f"{name}.{ext}"), self.max_pixels, data=item[ext],
-                         decode_scale=getattr(self.transform, "decode_scale", None))
+                         decode_scale=planned_decode(self.transform, torch.Generator().manual_seed(seed),
+                                                     self.two_views))
         # several captions of one image share its id (ITC does not treat them as negatives)
         image_id = str(meta["image_id"]) if "image_id" in meta else name
         return pil, caption, stable_id(image_id), name
@@ -412,7 +416,7 @@ class ShardStream(IterableDataset):
                 return
             seed = sample_seed(self.seed, self.epoch, slot, i)
             try:
-                decoded = self._decode(materialise(item))
+                decoded = self._decode(materialise(item), seed)
             except BadSample as e:
                 _warn_bad_sample(e)
                 if last is None:  # nothing good seen yet in this stream: the next good one stands in

@@ -27,6 +27,7 @@ def _uniform(generator: torch.Generator, lo: float, hi: float) -> float:
 
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random crops (width / height)
 DECODE_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers (1/8, 1/4, 1/2)
+FULL_SIZE = "maskvlm_full_size"  # key in Image.info: (width, height) before a reduced decode
 
 
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float], generator: torch.Generator,
@@ -61,19 +62,27 @@ class ImageTransform:
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
 
-    def decode_scale(self, width: int, height: int) -> int:
+    def decode_scale(self, width: int, height: int, generator: Optional[torch.Generator] = None) -> int:
         """By how much a ``width`` x ``height`` JPEG may be reduced while it is decoded (8, 4, 2 or 1):
-        the largest of libjpeg's DCT scales at which every region this transform can resize from
-        still has at least ``size`` pixels a side, so nothing is upsampled that would not have been.
-        That region is the whole image at evaluation, and in training the smallest crop
-        ``random_resized_crop_box`` can draw (``crop_scale[0]`` of the area at the extreme aspect
-        ratio, or its fallback square). Decoding a 1024 px photo at half size for a 224 px crop skips
-        most of the decoding and resampling work (benchmarks/RESULTS.md). 1 when ``reduced_decode``
-        is off."""
+        the largest of libjpeg's DCT scales at which the region this transform resizes from still has
+        at least ``size`` pixels a side, so nothing is upsampled that would not have been. Decoding a
+        1024 px photo at half size for a 224 px crop skips most of the decoding and resampling work
+        (benchmarks/RESULTS.md). 1 when ``reduced_decode`` is off.
+
+        The region: at evaluation the whole image. In training, with ``generator`` (in the state
+        :meth:`__call__` will get it in), the very crop box ``__call__`` will then draw, so the scale
+        suits this sample's crop; the generator is not advanced. Without it, the smallest crop
+        :func:`random_resized_crop_box` can draw (``crop_scale[0]`` of the area at the extreme
+        aspect ratio, or its fallback square), which suits any crop: for an image that serves
+        several crops (two views; a stream's stand-in for a bad sample)."""
         if not self.reduced_decode:
             return 1
         side = float(min(width, height))
-        if self.train:
+        if self.train and generator is not None:
+            planned = torch.Generator().set_state(generator.get_state())
+            left, top, right, bottom = random_resized_crop_box(width, height, self.crop_scale, planned)
+            side = min(right - left, bottom - top)
+        elif self.train:
             smallest = self.crop_scale[0] * width * height
             side = min(side, math.sqrt(smallest * CROP_RATIO[0]), math.sqrt(smallest / CROP_RATIO[1]))
         for scale in DECODE_SCALES:
@@ -88,12 +97,18 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, bool]:
         """Returns (tensor, flipped). A flipped image needs its caption passed through ``swap_left_right``."""
+        # an image decoded reduced (decode_scale) is cropped as its full-size original would be: the
+        # box is drawn in full-size pixels, then scaled to the decoded ones
+        full_w, full_h = image.info.get(FULL_SIZE, image.size)
         image = image.convert("RGB")
         flipped = False
         if self.train:
             if generator is None:
                 raise ValueError("a training transform needs a generator")
-            box = random_resized_crop_box(image.width, image.height, self.crop_scale, generator)
+            box = random_resized_crop_box(full_w, full_h, self.crop_scale, generator)
+            if (full_w, full_h) != image.size:
+                fx, fy = image.width / full_w, image.height / full_h
+                box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
             image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
             if self.hflip > 0 and float(torch.rand((), generator=generator)) < self.hflip:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -476,6 +476,7 @@ class Trainer:
             _worker_failures_at_fetch()
         batches = self._loader_batches()
         with stop_requests() as stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(batches.close)  # the loader's workers stop with the loop (see _fetch)
             cleanup.callback(bar.close)
             if logger:
                 cleanup.callback(logger.close)
@@ -635,24 +636,35 @@ def _fetch(loader: DataLoader):
     over before it died carries tensors shared through that process; reading it then fails with a
     connection error. The loader turns that into its report of a dead worker only when the worker
     already looks dead, and a process that is exiting has closed its sockets a moment before it does.
-    So on such an error the workers are watched for a few seconds, and a death raises ``WorkerLost``."""
+    So on such an error the workers are watched for a few seconds, and a death raises ``WorkerLost``.
+
+    However the iteration ends (the epoch's end, an error, the generator closed), the loader's
+    workers are shut down at once rather than when the iterator is garbage-collected: an iterator
+    kept alive by a reference (a logged exception's traceback holds its frame) would otherwise keep
+    them running, and as they ignore SIGTERM (``_worker_init``), the interpreter's exit, which
+    terminates and then joins its child processes, would wait for them forever."""
     it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except (ConnectionError, EOFError) as e:
-            workers = list(getattr(it, "_workers", []))
-            deadline = time.monotonic() + WORKER_EXIT_WAIT_S
-            while workers and time.monotonic() < deadline:
-                dead = [w.pid for w in workers if not w.is_alive()]
-                if dead:
-                    raise WorkerLost(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) died, and a batch "
-                                     f"it had made was lost with it ({e!r})") from None
-                time.sleep(0.05)
-            raise
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except (ConnectionError, EOFError) as e:
+                workers = list(getattr(it, "_workers", []))
+                deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+                while workers and time.monotonic() < deadline:
+                    dead = [w.pid for w in workers if not w.is_alive()]
+                    if dead:
+                        raise WorkerLost(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) died, and a "
+                                         f"batch it had made was lost with it ({e!r})") from None
+                    time.sleep(0.05)
+                raise
+            yield batch
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # worker processes (none with num_workers=0)
+        if shutdown is not None:
+            shutdown()
 
 
 def _worker_died(error: RuntimeError) -> bool:
