@@ -10,8 +10,10 @@
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
-#                                          # shards, torch.compile; data_throughput against the GPU rate;
-#                                          # index build with decoding workers; accumulated ITC
+#                                          # shards, torch.compile; data_throughput against the GPU rate
+#                                          # (and reduced vs full JPEG decoding per worker);
+#                                          # index build with decoding workers; accumulated ITC. More
+#                                          # than one 10-minute device call: split it with ONLY= too
 #
 # Reports and logs go to $OUT (or runs/gpu-session). Each step has its own time limit and a
 # failing step does not stop the others; the exit status counts the failed steps.
@@ -66,6 +68,8 @@ train)
         train.compile=true
     step data_base 150 python3 benchmarks/data_throughput.py --presets base --device cuda --workers 1 4 8 \
         --samples 1500 --work $R/data-bench
+    step data_decode 150 python3 benchmarks/data_throughput.py --presets base --device cuda --workers 1 \
+        --sources 512 1024 --decode reduced full --samples 800 --work $R/data-bench
     step index_workers 150 python3 benchmarks/index_build.py --preset base --device cuda --side 256 \
         --workers 0 4 8 --work $R/index-bench
     step accumulate_itc 120 $M pretrain --data data/synthetic/train.json --output-dir $R/accum --steps 30 \
