@@ -310,3 +310,10 @@ def test_reduced_decoding_of_a_rotated_jpeg_crops_the_same_region(tmp_path):
         assert pil.width < 480 and pil.height > pil.width  # reduced, and turned
         reduced = t(pil, g)[0]
         assert (full - reduced).abs().mean() < 0.04, (seed, (full - reduced).abs().mean())
+    # PIL copies info into a crop: the full size recorded for the decoded image must not place the
+    # crop's box any more (it would reach outside the cropped picture)
+    from maskvlm.data.transforms import FULL_SIZE, _full_size
+
+    part = pil.crop((0, 0, pil.width - 7, pil.height - 5))  # (a half would pass for a 1/8 decode)
+    assert part.info.get(FULL_SIZE) == (480, 640) and _full_size(part) == part.size
+    assert _full_size(pil) == (480, 640)

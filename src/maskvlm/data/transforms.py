@@ -49,6 +49,17 @@ def random_resized_crop_box(width: int, height: int, scale: Sequence[float], gen
     return left, top, left + side, top + side
 
 
+def _full_size(image: Image.Image) -> tuple[int, int]:
+    """The size ``image`` had before a reduced decode (``info[FULL_SIZE]``), or its own size. PIL
+    copies ``info`` into crops and resizes too: a recorded size that does not reduce to the image's
+    by one of the decode scales belongs to an image since changed, and is not used."""
+    full = image.info.get(FULL_SIZE)
+    if full is None or not any(-(-full[0] // s) == image.width and -(-full[1] // s) == image.height
+                               for s in DECODE_SCALES):
+        return image.size
+    return full
+
+
 class ImageTransform:
     """PIL image -> normalised float tensor (3, size, size). ``train`` adds crop and flip."""
 
@@ -99,7 +110,7 @@ class ImageTransform:
         """Returns (tensor, flipped). A flipped image needs its caption passed through ``swap_left_right``."""
         # an image decoded reduced (decode_scale) is cropped as its full-size original would be: the
         # box is drawn in full-size pixels, then scaled to the decoded ones
-        full_w, full_h = image.info.get(FULL_SIZE, image.size)
+        full_w, full_h = _full_size(image)
         image = image.convert("RGB")
         flipped = False
         if self.train:
