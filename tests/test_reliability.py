@@ -146,6 +146,16 @@ def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tm
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_a_diverging_run_stops_with_the_non_finite_error_not_a_crash(synthetic_dir, tmp_path):
+    # at this learning rate the first update sends the weights to inf: the next forward's ITC
+    # similarities are NaN, and ITM's hard-negative draw raised inside the forward (torch.multinomial:
+    # "probability tensor contains either inf, nan or element < 0") instead of the step being skipped
+    cfg = _run_config(synthetic_dir, tmp_path / "diverge", "train.max_steps=10", "train.max_nonfinite_in_row=2",
+                      "train.lr=1e6", "train.warmup_steps=0", "train.clip_grad=0", "train.save_every=0")
+    with pytest.raises(NonFiniteTraining, match="2 steps in a row"):
+        pretrain(cfg)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

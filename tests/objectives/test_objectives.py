@@ -54,6 +54,17 @@ def test_hard_negatives_follow_similarity():
     assert neg_text[0] == 2
 
 
+def test_hard_negatives_are_drawn_from_non_finite_similarities_too():
+    # a diverging step: the draw must not raise, so the non-finite loss reaches the trainer's skip
+    ids = torch.arange(4)
+    sim = torch.randn(4, 4)
+    sim[1] = float("nan")
+    sim[2, 3] = float("inf")
+    sim[:, 0] = float("-inf")
+    neg_text, neg_image, valid = sample_hard_negatives(sim, ids, torch.Generator().manual_seed(0))
+    assert valid.all() and ((0 <= neg_text) & (neg_text < 4)).all() and ((0 <= neg_image) & (neg_image < 4)).all()
+
+
 def test_hard_negatives_rows_without_candidates_are_invalid():
     _, _, valid = sample_hard_negatives(torch.randn(3, 3), torch.tensor([5, 5, 5]))
     assert not valid.any()

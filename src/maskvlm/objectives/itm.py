@@ -26,13 +26,25 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, image_ids: torch.Tensor, genera
     candidate_ids = image_ids if candidate_ids is None else candidate_ids
     allowed = image_ids[:, None] != candidate_ids[None, :]
     valid = allowed.any(dim=1)
-    weights_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(~allowed, 0)
-    weights_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(~allowed, 0)
-    # Rows with no allowed candidate draw uniformly and are then dropped from the loss.
-    fallback = (~valid)[:, None].float()
-    neg_text = torch.multinomial(weights_i2t + fallback, 1, generator=generator).squeeze(1)
-    neg_image = torch.multinomial(weights_t2i + fallback, 1, generator=generator).squeeze(1)
+    # nan_to_num: in a diverging step the similarities can be NaN or infinite. The draw must still
+    # succeed, so that the step's loss comes out non-finite and the trainer skips the step (and
+    # stops after train.max_nonfinite_in_row), rather than torch.multinomial raising mid-forward.
+    weights_i2t = torch.nan_to_num(F.softmax(sim_i2t.float(), dim=1), 0.0, 0.0, 0.0).masked_fill(~allowed, 0)
+    weights_t2i = torch.nan_to_num(F.softmax(sim_t2i.float(), dim=1), 0.0, 0.0, 0.0).masked_fill(~allowed, 0)
+    # Rows with no allowed candidate draw uniformly and are then dropped from the loss; so do rows
+    # left with no weight by a non-finite step (their loss is skipped with the step anyway).
+    neg_text = torch.multinomial(weights_i2t + _uniform_where_empty(weights_i2t, valid), 1,
+                                 generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights_t2i + _uniform_where_empty(weights_t2i, valid), 1,
+                                  generator=generator).squeeze(1)
     return neg_text, neg_image, valid
+
+
+def _uniform_where_empty(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1) ones for the rows of ``weights`` that cannot be drawn from (no allowed candidate, or
+    all weights zero), zeros elsewhere: added to the weights, those rows draw uniformly. Computed
+    on the device, without reading anything back to the host."""
+    return (~valid | (weights.sum(dim=1) <= 0))[:, None].float()
 
 
 class ITM(nn.Module):
