@@ -52,3 +52,15 @@ def test_unknown_recipe_and_user_yaml(tmp_path):
     user.write_text("train:\n  batch_size: 12\n  colour: red\n")
     with pytest.raises(ConfigError, match=r"mine.yaml: unknown config key 'train.colour'"):
         build_config(config_file=str(user))
+
+
+@pytest.mark.parametrize("recipe,overrides,message", [
+    ("maskvlm", ["masking.text_ratio=0"], r"masking.text_ratio=0 leaves loss.mlm nothing to predict"),
+    ("maskvlm", ["masking.image_ratio=0"], r"masking.image_ratio=0 leaves loss.mim nothing to predict"),
+    ("mamo", ["masking.image_ratio=0"], r"leaves loss.mim_feat nothing to predict"),
+])
+def test_a_zero_masking_ratio_under_an_objective_that_needs_it_is_refused_up_front(recipe, overrides, message):
+    # found at the first step before, and for MLM as "batch has no mlm_labels, so no mlm_query_positions"
+    with pytest.raises(ConfigError, match=message):
+        build_config(recipe, overrides=overrides)
+    build_config(recipe, overrides=[*overrides, "loss.mlm=0", "loss.mim=0", "loss.mim_feat=0"])  # fine without them

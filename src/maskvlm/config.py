@@ -364,6 +364,14 @@ class Config:
             value = _get(self, key)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key}={value}: expected a ratio in [0, 1)")
+        if not mk.modality_aware:  # (modality-aware masking has its own ratios)
+            lo = self.loss
+            for ratio, needs in (("text_ratio", {"mlm": lo.mlm}),
+                                 ("image_ratio", {"mim": lo.mim, "mim_feat": lo.mim_feat, "proto_mim": lo.proto_mim})):
+                on = [name for name, weight in needs.items() if weight > 0]
+                if getattr(mk, ratio) == 0 and on:
+                    raise ConfigError(f"masking.{ratio}=0 leaves {', '.join('loss.' + n for n in on)} nothing to "
+                                      f"predict: set a ratio above 0, or {' '.join('loss.' + n + '=0' for n in on)}")
         for key in ("train.batch_size", "train.grad_accum", "train.max_steps", "eval.k",
                     "eval.batch_size", "model.patch_size", "model.image_size", "masking.image_block"):
             if _get(self, key) < 1:

@@ -184,9 +184,9 @@ class StepState:
         tokens (each row padded to the longest row's count); the others are not used."""
         def compute():
             if isinstance(self.model, MaskVLM) and not self.joint and "fused_masked_text" not in self._cache:
+                text = self.masked_text  # first: its error names the cause when the collator masked no text
                 positions = self.batch.index("mlm_query_positions")
                 if positions.shape[1]:
-                    text = self.masked_text
                     out = self.fuse_with_images(text.hidden, text.attention_mask, None, output_positions=positions)
                     return out.reshape(-1, out.shape[-1]).index_select(0, self.batch.index("mlm_query_slots"))
             return self.at_mlm_positions(self.fused_masked_text)
