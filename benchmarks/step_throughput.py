@@ -143,14 +143,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def compile_stacks(lib: str, module: torch.nn.Module) -> int:
-    """``--compile``: torch.compile (inductor, default mode) each encoder stack of either library
-    in place, the same treatment for both: maskvlm's ViT, text and cross-modality stacks
-    (``train.compile``), FLAVA's image, text and multimodal ``FlavaEncoder``s. Heads and losses stay
-    eager in both. Returns how many stacks were compiled."""
+def compile_stacks(lib: str, module: torch.nn.Module, cfg) -> int:
+    """torch.compile each encoder stack of either library in place: maskvlm's ViT, text and
+    cross-modality stacks as ``train.compile`` does (its backend and mode), FLAVA's image, text and
+    multimodal ``FlavaEncoder``s (inductor, default mode; ``--compile``). Heads and losses stay eager
+    in both. Returns how many stacks were compiled."""
     if lib == "maskvlm":
         from maskvlm.models.layers import compile_encoders
-        return compile_encoders(module)
+        return compile_encoders(module, cfg.train.compile_backend, cfg.train.compile_mode)
     stacks = [m for m in module.modules() if type(m).__name__ == "FlavaEncoder"]
     for m in stacks:
         m.compile()
@@ -183,11 +183,8 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
     flops = counter.get_total_flops()
     # Compiled after the FLOP count: a first call under FlopCounterMode (a dispatch mode) makes
     # torch.compile skip the stacks for good, and the "compiled" run would time eager code.
-    if compile_both:
-        compile_stacks(lib, module)
-    elif lib == "maskvlm" and cfg.train.compile:
-        from maskvlm.models.layers import compile_encoders
-        compile_encoders(module, cfg.train.compile_backend, cfg.train.compile_mode)
+    if compile_both or (lib == "maskvlm" and cfg.train.compile):
+        compile_stacks(lib, module, cfg)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step(dtype)
@@ -287,10 +284,16 @@ def run_worker(lib: str, dtype: str, preset: str, device: str, batch_size: int, 
                overrides=(), compile_both: bool = False) -> dict:
     """:func:`worker` in a fresh subprocess (so its peak memory is its own); RuntimeError with the
     end of its stderr when it fails."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset, "--device", device,
-           "--batch-size", str(batch_size), "--warmup", str(warmup), "--repeats", str(repeats),
-           *[f"--override={o}" for o in overrides], *(["--compile"] if compile_both else [])]
-    return run_result(cmd)
+    return run_result(_worker_cmd(lib, dtype, preset, device, batch_size, warmup, overrides, compile_both,
+                                  "--repeats", str(repeats)))
+
+
+def _worker_cmd(lib: str, dtype: str, preset: str, device: str, batch_size: int, warmup: int, overrides,
+                compile_both: bool, *extra: str) -> list[str]:
+    """The command line of a :func:`worker` subprocess."""
+    return [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset, "--device", device,
+            "--batch-size", str(batch_size), "--warmup", str(warmup), *[f"--override={o}" for o in overrides],
+            *(["--compile"] if compile_both else []), *extra]
 
 
 def run_interleaved(libs: list[str], dtype: str, preset: str, device: str, batch_size: int, warmup: int,
@@ -305,9 +308,7 @@ def run_interleaved(libs: list[str], dtype: str, preset: str, device: str, batch
     procs = {}
     try:
         for lib in libs:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, dtype, "--preset", preset,
-                   "--device", device, "--batch-size", str(batch_size), "--warmup", str(warmup), "--serve",
-                   *[f"--override={o}" for o in overrides], *(["--compile"] if compile_both else [])]
+            cmd = _worker_cmd(lib, dtype, preset, device, batch_size, warmup, overrides, compile_both, "--serve")
             err = tempfile.TemporaryFile(mode="w+")
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})

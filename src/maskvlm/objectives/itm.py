@@ -26,25 +26,19 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, image_ids: torch.Tensor, genera
     candidate_ids = image_ids if candidate_ids is None else candidate_ids
     allowed = image_ids[:, None] != candidate_ids[None, :]
     valid = allowed.any(dim=1)
-    # nan_to_num: in a diverging step the similarities can be NaN or infinite. The draw must still
-    # succeed, so that the step's loss comes out non-finite and the trainer skips the step (and
-    # stops after train.max_nonfinite_in_row), rather than torch.multinomial raising mid-forward.
-    weights_i2t = torch.nan_to_num(F.softmax(sim_i2t.float(), dim=1), 0.0, 0.0, 0.0).masked_fill(~allowed, 0)
-    weights_t2i = torch.nan_to_num(F.softmax(sim_t2i.float(), dim=1), 0.0, 0.0, 0.0).masked_fill(~allowed, 0)
-    # Rows with no allowed candidate draw uniformly and are then dropped from the loss; so do rows
-    # left with no weight by a non-finite step (their loss is skipped with the step anyway).
-    neg_text = torch.multinomial(weights_i2t + _uniform_where_empty(weights_i2t, valid), 1,
-                                 generator=generator).squeeze(1)
-    neg_image = torch.multinomial(weights_t2i + _uniform_where_empty(weights_t2i, valid), 1,
-                                  generator=generator).squeeze(1)
-    return neg_text, neg_image, valid
+    return _draw(sim_i2t, allowed, valid, generator), _draw(sim_t2i, allowed, valid, generator), valid
 
 
-def _uniform_where_empty(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, 1) ones for the rows of ``weights`` that cannot be drawn from (no allowed candidate, or
-    all weights zero), zeros elsewhere: added to the weights, those rows draw uniformly. Computed
-    on the device, without reading anything back to the host."""
-    return (~valid | (weights.sum(dim=1) <= 0))[:, None].float()
+def _draw(sim: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor, generator) -> torch.Tensor:
+    """One candidate per row of ``sim`` with probability softmax(row) over the allowed candidates.
+    Rows with no allowed candidate draw uniformly and are then dropped from the loss. In a diverging
+    step the similarities can be NaN or infinite: their weights are zeroed (``nan_to_num``) and a row
+    left with no weight draws uniformly too, so the draw succeeds, the step's loss comes out
+    non-finite and the trainer skips it (and stops after train.max_nonfinite_in_row), rather than
+    torch.multinomial raising mid-forward. All on the device, nothing read back to the host."""
+    weights = torch.nan_to_num(F.softmax(sim.float(), dim=1), 0.0, 0.0, 0.0).masked_fill(~allowed, 0)
+    uniform = (~valid | (weights.sum(dim=1) <= 0))[:, None].float()
+    return torch.multinomial(weights + uniform, 1, generator=generator).squeeze(1)
 
 
 class ITM(nn.Module):
