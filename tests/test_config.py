@@ -64,3 +64,43 @@ def test_a_zero_masking_ratio_under_an_objective_that_needs_it_is_refused_up_fro
     with pytest.raises(ConfigError, match=message):
         build_config(recipe, overrides=overrides)
     build_config(recipe, overrides=[*overrides, "loss.mlm=0", "loss.mim=0", "loss.mim_feat=0"])  # fine without them
+
+
+@pytest.mark.parametrize("override,message", [
+    # each of these ran before: log_every=0 crashed with ZeroDivisionError at the first step; the rest trained
+    # something other than what was asked (a negative temperature, an empty caption, a mirror-only data set...)
+    ("train.log_every=0", r"train.log_every=0: expected a positive number of steps"),
+    ("model.temp=0", r"model.temp=0.0: expected a positive temperature"),
+    ("data.hflip=2", r"data.hflip=2.0: expected a probability in \[0, 1\]"),
+    ("data.max_text_len=2", r"data.max_text_len=2: expected at least 3"),
+    ("loss.itc=-1", r"loss.itc=-1.0: expected a weight >= 0"),
+    ("train.lr=-0.1", r"train.lr=-0.1: expected a learning rate >= 0"),
+    ("train.min_lr=0.1", r"train.min_lr=0.1 is above train.lr=0.001"),
+    ("train.keep_last=-1", r"train.keep_last=-1: expected a count >= 0 \(0: keep every checkpoint\)"),
+    ("model.text_heads=-1", r"model.text_heads=-1: expected a positive integer"),
+    ("model.hidden_dropout=1.5", r"model.hidden_dropout=1.5: expected a probability in \[0, 1\)"),
+    ("data.crop_scale=[0.5]", r"data.crop_scale=\[0.5\]: expected 2 numbers"),
+    ("train.betas=[0.9, 1.5]", r"train.betas=\[0.9, 1.5\]: expected 2 numbers, each in \[0, 1\)"),
+    ("data.std=[0.2, 0, 0.2]", r"data.std=.*positive channel standard deviation"),
+    ("train.freeze=[1]", r"train.freeze=\[1\]: expected a list of names"),
+    # crashed with a shape error in the first step: MIM reads the image cross-modality encoder's output
+    ("model.image_cross_layers=0", r"model.image_cross_layers=0: loss.mim read the output of that cross-modality"),
+    # trained: ITM and MLM then never saw the image
+    ("model.cross_layers=0", r"model.cross_layers=0: loss.itm, loss.mlm read"),
+])
+def test_numbers_out_of_range_are_config_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=[override])
+
+
+def test_zero_layers_are_fine_where_no_objective_reads_them_and_one_name_freezes():
+    build_config(overrides=["model.image_cross_layers=0", "loss.mim=0"])
+    build_config(overrides=["model.text_layers=0"])
+    assert build_config(overrides=["train.freeze=visual_encoder"]).train.freeze == ["visual_encoder"]
+    assert build_config(overrides=["train.keep_last=0", "train.save_every=0"]).train.keep_last == 0
+
+
+def test_every_recipe_and_preset_is_in_range():
+    for recipe in list_recipes():
+        for preset in ("tiny", "small", "base"):
+            build_config(recipe, preset)

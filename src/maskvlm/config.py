@@ -203,7 +203,7 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 10
     save_every: int = 500  # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # 0: keep every checkpoint
     tensorboard: bool = True  # written when the tensorboard package is installed
     # also log to a Weights & Biases run (pip install wandb; WANDB_MODE=offline needs no network or account)
     wandb: bool = False
@@ -272,6 +272,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        self._check_ranges()
         _check_choice("masking.mode", self.masking.mode, ("separate", "joint"))
         _check_choice("masking.image_policy", self.masking.image_policy, ("block", "random", "text_guided"))
         _check_choice("prototypes.assign", self.prototypes.assign, ("sinkhorn", "centering"))
@@ -397,6 +398,100 @@ class Config:
         lo, hi = self.data.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale={self.data.crop_scale}: expected 0 < min <= max <= 1")
+        if self.train.min_lr > self.train.lr:
+            raise ConfigError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}: the schedule "
+                              "decays from train.lr to train.min_lr")
+        if self.model.arch == "two_stream":
+            w = self.loss
+            for key, objectives in (("cross_layers", {"itm": w.itm, "mlm": w.mlm, "mrm": w.mrm}),
+                                    ("image_cross_layers", {"mim": w.mim, "mim_feat": w.mim_feat,
+                                                            "mrm": w.mrm, "proto_mim": w.proto_mim})):
+                on = [name for name, weight in objectives.items() if weight > 0]
+                if getattr(self.model, key) < 1 and on:
+                    raise ConfigError(f"model.{key}={getattr(self.model, key)}: "
+                                      f"{', '.join('loss.' + n for n in on)} read the output of that "
+                                      "cross-modality encoder, which needs at least 1 layer")
+
+    def _check_ranges(self) -> None:
+        """Every number and list a user can set is in its range, so a typo (``train.log_every=0``,
+        ``model.temp=-1``, ``data.hflip=5``) stops the run at once with the key's name instead of
+        crashing at step 10, or training something that is not what was asked."""
+        for key, ok, expected in _RANGES:
+            value = _get(self, key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and ok(value)):
+                raise ConfigError(f"{key}={value!r}: expected {expected}")
+        for key, length, ok, expected in _LISTS:
+            value = _get(self, key)
+            if (not isinstance(value, list) or len(value) != length
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in value)):
+                raise ConfigError(f"{key}={value!r}: expected {length} numbers, each {expected}")
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _probability(v):
+    return 0 <= v <= 1
+
+
+def _below_one(v):
+    return 0 <= v < 1
+
+
+def _at_least_one(v):
+    return v >= 1
+
+
+# (key, test, what was expected): numbers the trainer or model would otherwise take on trust
+_RANGES = (
+    *((f"model.{k}", _at_least_one, "a positive integer") for k in (
+        "vision_layers", "vision_heads", "text_heads", "text_intermediate", "image_cross_heads", "embed_dim",
+        "type_vocab_size", "single_layers")),
+    *((f"model.{k}", _non_negative, "an integer >= 0") for k in ("text_layers", "cross_layers", "image_cross_layers")),
+    ("model.vision_mlp_ratio", _positive, "a positive number"),
+    ("model.temp", _positive, "a positive temperature"),
+    ("model.hidden_dropout", _below_one, "a probability in [0, 1)"),
+    ("model.attention_dropout", _below_one, "a probability in [0, 1)"),
+    *((f"loss.{k}", _non_negative, "a weight >= 0 (0 turns the objective off)") for k in (
+        "itc", "itm", "mlm", "mim", "mrm", "mim_feat", "proto", "proto_mim", "recon")),
+    ("momentum.alpha_warmup_steps", lambda v: v >= -1, "a number of steps, or -1 for the first epoch"),
+    ("prototypes.student_temp", _positive, "a positive temperature"),
+    ("prototypes.teacher_temp", _positive, "a positive temperature"),
+    ("prototypes.sinkhorn_eps", _positive, "a positive value"),
+    ("prototypes.sinkhorn_iters", _at_least_one, "a positive integer"),
+    ("prototypes.center_momentum", _below_one, "a value in [0, 1)"),
+    ("data.vocab_size", _at_least_one, "a positive integer"),
+    ("data.max_text_len", lambda v: v >= 3, "at least 3 ([CLS], one token, [SEP])"),
+    ("data.hflip", _probability, "a probability in [0, 1]"),
+    ("data.num_workers", _non_negative, "an integer >= 0 (0: load in the training process)"),
+    *((f"data.synthetic.{k}", _at_least_one, "a positive integer") for k in ("num_train", "num_val", "num_test")),
+    ("data.synthetic.image_size", lambda v: v >= 16, "at least 16 pixels"),
+    ("train.lr", _non_negative, "a learning rate >= 0 (0: the weights stay as they are)"),
+    ("train.min_lr", _non_negative, "a learning rate >= 0"),
+    ("train.warmup_steps", _non_negative, "a number of steps >= 0"),
+    ("train.cooldown_steps", lambda v: v >= -1, "a number of steps, or -1 for a fifth of train.max_steps"),
+    ("train.weight_decay", _non_negative, "a value >= 0"),
+    ("train.clip_grad", _non_negative, "a gradient norm >= 0 (0: no clipping)"),
+    ("train.log_every", _at_least_one, "a positive number of steps"),
+    ("train.save_every", _non_negative, "a number of steps >= 0 (0: only at the end)"),
+    ("train.keep_last", _non_negative, "a count >= 0 (0: keep every checkpoint)"),
+    ("eval.every_steps", _non_negative, "a number of steps >= 0 (0: only at the end)"),
+    ("task.head_hidden", _non_negative, "a width >= 0 (0: twice the text width)"),
+)
+# (key, length, test of each number, what each was expected to be)
+_LISTS = (
+    ("data.crop_scale", 2, _positive, "> 0 (min and max share of the image area)"),
+    ("data.mean", 3, lambda v: True, "a channel mean"),
+    ("data.std", 3, _positive, "a positive channel standard deviation"),
+    ("train.betas", 2, _below_one, "in [0, 1) (AdamW's beta1, beta2)"),
+    ("masking.modality_probs", 3, _non_negative, ">= 0"),
+)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -445,6 +540,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif base is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+    elif typing.get_origin(base) is list and typing.get_args(base) == (str,):
+        if isinstance(value, str):  # train.freeze=visual_encoder: one name
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{key}={value!r}: expected a list of names (strings)")
     else:
         return value
     raise ConfigError(f"{key}={value!r}: expected {base.__name__}, got {type(value).__name__}")

@@ -24,7 +24,9 @@ def _model(text_layers, cross_layers):
         f"model.max_position={arch['max_position']}", f"model.text_layers={text_layers}",
         f"model.cross_layers={cross_layers}", "model.vision_width=96", "model.vision_heads=2",
         "model.vision_layers=1", "model.image_cross_layers=1", "model.image_cross_heads=2",
-        "model.image_size=32", "model.attention=math"])
+        "model.image_size=32", "model.attention=math",
+        # no text cross-modality layers: only the objectives that do not read them
+        *(["loss.itm=0", "loss.mlm=0"] if cross_layers == 0 else [])])
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -103,7 +105,7 @@ def test_roberta_folder_with_byte_level_bpe(tmp_path):
     assert (tokenizer.cls_id, tokenizer.pad_id, tokenizer.sep_id) == (0, 1, 2)
     build = build_config("maskvlm", overrides=[f"model.text_init={folder}", "model.text_layers=2",
                                                "model.cross_layers=0", "model.vocab_size=300",
-                                               "model.attention=math"])
+                                               "model.attention=math", "loss.itm=0", "loss.mlm=0"])
     assert (build.model.text_width, build.model.max_position, build.model.type_vocab_size) == (32, 38, 1)
     model = build_model(build).eval()
     init_text_from_hf(model, folder, 2, 0)

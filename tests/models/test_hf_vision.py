@@ -91,7 +91,8 @@ def test_pretraining_from_a_vit_folder_takes_its_sizes_and_weights(synthetic_dir
     _, folder = _hf_vit(tmp_path, width=48, layers=2, heads=3)
     cfg = micro_config(f"model.image_init={folder}", "model.image_cross_heads=3",
                        f"data.train={synthetic_dir / 'train.json'}", "data.test=null",
-                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.lr=0")
+                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.lr=0",
+                       "train.min_lr=0")
     pretrain(cfg)
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     saved = load_file(str(ckpt / "model.safetensors"))

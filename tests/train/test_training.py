@@ -174,3 +174,14 @@ def test_periodic_evaluation_does_not_change_training(synthetic_dir, tmp_path):
         runs[every] = load_file(str(list_checkpoints(out)[-1] / "model.safetensors"))
     assert any('"val"' in line for line in open(tmp_path / "eval2" / "metrics.jsonl"))
     assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_a_batch_of_one_pair_is_flagged_for_the_objectives_it_leaves_without_negatives():
+    # a batch of one trained before without a word: ITC's loss 0, ITM only ever shown matching pairs
+    from maskvlm.config import build_config
+    from maskvlm.train.loop import no_negatives
+    assert no_negatives(build_config(overrides=["train.batch_size=1"])) == ["ITC", "ITM"]
+    assert no_negatives(build_config("albef", overrides=["train.batch_size=1"])) == ["ITM"]  # ITC has its queue
+    assert no_negatives(build_config(overrides=["train.batch_size=1", "train.grad_accum=4",
+                                                "train.accumulate_itc=true"])) == ["ITM"]
+    assert no_negatives(build_config(overrides=["train.batch_size=2"])) == []

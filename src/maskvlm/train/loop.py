@@ -95,6 +95,17 @@ def eager_evaluation(compiled: bool):
     return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
 
+def no_negatives(config: Config) -> list[str]:
+    """The contrastive objectives (ITC, ITM) that a batch of one pair leaves without a negative: ITC's
+    loss is then 0 and ITM, its negative rows dropped, only ever sees matching pairs. ITC with a
+    momentum queue or over an accumulated batch (train.accumulate_itc) still has negatives."""
+    t, lo = config.train, config.loss
+    if config.task.name not in ("pretrain", "retrieval") or t.batch_size * world_size() > 1:
+        return []
+    itc_alone = config.momentum.queue_size == 0 and not (t.accumulate_itc and t.grad_accum > 1)
+    return [name for name, on in (("ITC", lo.itc > 0 and itc_alone), ("ITM", lo.itm > 0)) if on]
+
+
 class Trainer:
     def __init__(self, task: nn.Module, config: Config, dataset: Dataset, collator: Callable,
                  output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None,
@@ -122,6 +133,11 @@ class Trainer:
                          "(torch.use_deterministic_algorithms)")
         if t.freeze:
             log.info("frozen (train.freeze): %s", freeze_parameters(task.model, t.freeze))
+        lonely = no_negatives(config)
+        if lonely:
+            log.warning("%s find their negatives among the other pairs of a batch, and a batch of %d pair on %d "
+                        "process has none: they learn nothing (set train.batch_size to 2 or more)",
+                        " and ".join(lonely), t.batch_size, world_size())
         self.fsdp = None  # FSDPTask when train.fsdp under torchrun
         if t.fsdp and world_size() > 1:
             from .fsdp import FSDPTask
