@@ -20,7 +20,6 @@ from ..train.distributed import broadcast_object, broadcast_tensor, gather_share
 
 log = logging.getLogger("maskvlm")
 
-_OUTSIDE_TOP_K = 1e4  # candidates outside the top-k keep their ITC order, below every re-ranked one
 
 
 def protocol_k(path: str, k: int, auto: bool = True) -> int:
@@ -139,8 +138,13 @@ def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool, same_on_al
         top_sim = sim.gather(1, top_idx)
     rows = torch.arange(sim.shape[0]).repeat_interleave(k)
     itm = pair_scores_fn(rows, top_idx.reshape(-1)).view(-1, k)
-    scores = sim - _OUTSIDE_TOP_K
-    scores.scatter_(1, top_idx, itm + (top_sim if add_itc else 0))
+    reranked = (itm + (top_sim if add_itc else 0)).float()
+    # candidates outside the top-k keep their ITC order, below every re-ranked one. The shift is
+    # the size of the scores, not a large constant: at 1e4 float32 steps are 1e-3 apart, and close
+    # similarities (an early model's) became ties, which count against the query at R@5/R@10 (k < 10)
+    scores = sim.float()
+    scores = scores - (scores.max() - reranked.min() + 1)
+    scores.scatter_(1, top_idx, reranked)
     return scores
 
 
