@@ -30,6 +30,7 @@ def _number(kind, low, high=None, open_ends=False, what=""):
 POSITIVE = _number(int, 1, what="an integer of 1 or more")
 NON_NEGATIVE = _number(int, 0, what="an integer of 0 or more")
 SHARE = _number(float, 0.0, 1.0, what="a value in [0, 1]")
+SCENE_SIZE = _number(int, 16, what="at least 16 pixels")  # the bound of data.synthetic.image_size
 
 
 OVERRIDES_HELP = ("configuration overrides as key.sub=value (YAML values), e.g. train.max_steps=200 "
@@ -219,7 +220,7 @@ def _add_data(sub) -> None:
     s.add_argument("--num-train", type=POSITIVE, default=4000, help="training images (5 captions each)")
     s.add_argument("--num-val", type=NON_NEGATIVE, default=100, help="validation images")
     s.add_argument("--num-test", type=NON_NEGATIVE, default=200, help="test images")
-    s.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
+    s.add_argument("--image-size", type=SCENE_SIZE, default=64, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     c = tools.add_parser("corrupt", help="a copy of a dataset with a share of broken samples (for testing)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -248,7 +249,7 @@ def _add_data(sub) -> None:
     k.add_argument("--attribute", default="color-shape", choices=("shape", "color", "color-shape"),
                    help="what the classes name: 5 shapes, 7 colours or their 35 pairs")
     k.add_argument("--per-class", type=POSITIVE, default=20, help="images per class")
-    k.add_argument("--image-size", type=POSITIVE, default=64, help="image side in pixels")
+    k.add_argument("--image-size", type=SCENE_SIZE, default=64, help="image side in pixels")
     k.add_argument("--seed", type=int, default=0, help="random seed")
     v = tools.add_parser("convert", help="convert a Karpathy split, COCO captions file or CSV/TSV table into the "
                                          "ALBEF layout",
