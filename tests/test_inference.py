@@ -61,6 +61,12 @@ def test_fill_mask_ranks_tokens_for_each_mask(vlm, pairs):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     with pytest.raises(ValueError, match="no \\[MASK\\] token"):
         vlm.fill_mask(images[0], "a red circle")
+    # masks past the text's cut at max_len tokens: reported as missing before, or left out without a word
+    long = " ".join(["circle"] * vlm.max_len)
+    with pytest.raises(ValueError, match="1 of its 1 \\[MASK\\] tokens fall after the cut"):
+        vlm.fill_mask(images[0], long + " [MASK]")
+    with pytest.raises(ValueError, match="1 of its 2 \\[MASK\\] tokens fall after the cut"):
+        vlm.fill_mask(images[0], "a [MASK] " + long + " [MASK]")
 
 
 def test_one_item_arrays_and_bad_inputs(vlm, pairs):

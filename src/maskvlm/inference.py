@@ -117,6 +117,21 @@ class VLM:
         ids, mask = self.tokenizer(_strings(texts), self.max_len)
         return ids.to(self.device), mask.to(self.device)
 
+    def _masked_text(self, text: str, who: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask, positions of the mask tokens) of one text with at least one mask
+        token, every one of them within the model's max_len tokens."""
+        ids, mask = self._texts([text])
+        positions = (ids[0] == self.tokenizer.mask_id).nonzero().flatten()
+        mask_token = self.tokenizer.id_to_token(self.tokenizer.mask_id)
+        written = text.count(mask_token)
+        if written == 0:
+            raise ValueError(f"{who}: the text has no {mask_token} token: {text!r}")
+        cut = written - len(positions)
+        if cut > 0:  # the text was cut at max_len tokens
+            raise ValueError(f"{who}: the text is longer than the model's {self.max_len} tokens and {cut} of its "
+                             f"{written} {mask_token} tokens fall after the cut; shorten it")
+        return ids, mask, positions
+
     @staticmethod
     def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         for start in range(0, len(items), size):
@@ -186,11 +201,7 @@ class VLM:
         if top_k < 0:
             raise ValueError(f"fill_mask: top_k={top_k}: expected 0 or more")
         self.warn_untrained("fill_mask", ["mlm"])
-        ids, mask = self._texts([text])
-        positions = (ids[0] == self.tokenizer.mask_id).nonzero().flatten()
-        if len(positions) == 0:
-            mask_token = self.tokenizer.id_to_token(self.tokenizer.mask_id)
-            raise ValueError(f"fill_mask: the text has no {mask_token} token: {text!r}")
+        ids, mask, positions = self._masked_text(text, "fill_mask")
         with autocast(self.device, self.precision):
             encoded = self.model.encode_image(self._image_tensor([image]))
             fused = self.model.fuse_text(self.model.encode_text(ids, mask), encoded.hidden)

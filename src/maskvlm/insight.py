@@ -160,11 +160,7 @@ def fill_mask_compare(vlm: VLM, image: ImageLike, mismatched_image: ImageLike, t
     """For each [MASK] in ``text``: the top-k tokens given the image, the image with every patch
     masked, and a mismatched image."""
     vlm.warn_untrained("fill-mask", ["mlm"])
-    ids, attn = vlm._texts([text])
-    positions = (ids[0] == vlm.tokenizer.mask_id).nonzero().flatten()
-    if len(positions) == 0:
-        raise ValueError(f"fill-mask: the text has no {vlm.tokenizer.id_to_token(vlm.tokenizer.mask_id)} "
-                         f"token: {text!r}")
+    ids, attn, positions = vlm._masked_text(text, "fill-mask")
     pixels = vlm._image_tensor([image, mismatched_image])
     results: dict[str, torch.Tensor] = {}
     with autocast(vlm.device, vlm.precision):
