@@ -79,6 +79,10 @@ def test_finetune_help_and_missing_checkpoint(capsys):
     (["evaluate", "linear-probe", "--checkpoint", "x", "--val-fraction", "0"], "--val-fraction: 0: expected a value "
                                                                                "in (0, 1)"),
     (["data", "synthetic", "--out", "x", "--num-train", "0"], "--num-train: 0: expected an integer of 1 or more"),
+    (["data", "synthetic", "--out", "x", "--image-size", "8"], "--image-size: 8: expected at least 16 pixels"),
+    # checked before the work: a batch reconstruction failed in PIL's save after rendering every image
+    (["reconstruct", "--checkpoint", "x", "--data", "d.json", "--out", "grid"], "--out: grid: expected an image file"),
+    (["ground", "--checkpoint", "x", "--image", "a.png", "--text", "t", "--out", "g.txt"], "--out: g.txt: expected"),
 ])
 def test_out_of_range_numbers_are_refused_by_the_parser(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -116,3 +120,12 @@ def test_overrides_may_follow_options_that_take_several_values(monkeypatch):
     monkeypatch.setattr(cli, "_ablate", lambda args: seen.update(seeds=args.seeds, overrides=args.overrides) or 0)
     assert main(["ablate", "--seeds", "0", "1", "train.clip_grad=0", "--fractions", "0.5", "loss.mim=0"]) == 0
     assert seen == {"seeds": [0, 1], "overrides": ["train.clip_grad=0", "loss.mim=0"]}
+
+
+def test_folder_outputs_given_a_file_name_it(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    assert main(["export", "--checkpoint", str(model), "--out", str(taken)]) == 2
+    assert f"{taken} is a file; --out names a folder" in capsys.readouterr().err  # was "[Errno 17] File exists"

@@ -40,6 +40,9 @@ def test_index_is_incremental_and_skips_unreadable_images(exported, image_folder
     assert len(index) == 6 and sorted(index.paths) == sorted(p for p in list_images(folder) if p != "broken.png")
     direct = vlm.encode_images([folder / p for p in index.paths]).numpy()
     assert np.allclose(np.asarray(index.embeddings, dtype=np.float32), direct, atol=2e-3)  # float16 storage
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(FileExistsError, match="taken is a file; it names the index folder"):  # was "[Errno 17]"
+        build_index(vlm, exported, folder, tmp_path / "taken", progress=False)
 
 
 def test_exact_top_k_matches_brute_force(exported, image_folder, tmp_path):

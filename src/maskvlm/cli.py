@@ -621,10 +621,12 @@ def _export(args) -> int:
     from .tasks.downstream import CLASSES_FILE
     from .train.checkpoint import model_folder, model_only
 
-    source = model_folder(args.checkpoint)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out names a folder to write the model into")
     if (out / MODEL_FILE).exists():
         raise FileExistsError(f"{out} already holds {MODEL_FILE}; choose another --out")
+    source = model_folder(args.checkpoint)
     config = read_config(source)
     state = read_weights(source / MODEL_FILE)
     # an exported folder (no model. prefix) is copied as it is

@@ -3,11 +3,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from .cli import POSITIVE, SHARE
+
+
+def picture_file(text: str) -> str:
+    """--out of a command that writes an image: checked before the work, not when saving after it."""
+    from PIL import Image
+
+    suffix = Path(text).suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text}: expected an image file name ending in .png, .jpg or another "
+                                         "suffix of a format PIL writes")
+    return text
 from .config import PRECISIONS
 
 CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
@@ -38,7 +50,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--num", type=POSITIVE, default=8, help="batch mode: images in the grid")
     r.add_argument("--mask-ratio", type=SHARE, default=None, help="share of patches masked (default: the recipe's)")
     r.add_argument("--seed", type=int, default=0, help="mask seed")
-    r.add_argument("--out", required=True, help="PNG file to write")
+    r.add_argument("--out", required=True, type=picture_file, help="PNG file to write")
 
     f = sub.add_parser(
         "fill-mask", help="top-k tokens for each [MASK] given the image, a masked image and a mismatched image",
@@ -65,7 +77,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--layer", type=int, default=None,
                    help="cross-attention layer of the text cross-modality encoder (single-stream "
                         "models: layer of the joint transformer; default: the middle one, rounded down)")
-    g.add_argument("--out", required=True, help="PNG file to write")
+    g.add_argument("--out", required=True, type=picture_file, help="PNG file to write")
 
     p = sub.add_parser("plot", help="training curves of one or more runs",
                        description="Loss terms, learning rate, throughput and evaluation metrics over steps, "

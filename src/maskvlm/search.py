@@ -115,6 +115,8 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
     follows each batch, so a stopped build keeps what it wrote: the index is searchable as it
     stands, and the same command continues it."""
     start = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; it names the index folder")
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(model_dir)
     meta_path = out / META
