@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .cli import POSITIVE, SHARE
+from .config import PRECISIONS
 
 
 def picture_file(text: str) -> str:
@@ -20,7 +21,6 @@ def picture_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: expected an image file name ending in .png, .jpg or another "
                                          "suffix of a format PIL writes")
     return text
-from .config import PRECISIONS
 
 CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
 
