@@ -22,6 +22,7 @@ def picture_file(text: str) -> str:
                                          "suffix of a format PIL writes")
     return text
 
+
 CHECKPOINT_HELP = "a run folder (newest checkpoint), a checkpoint folder or an exported model folder"
 
 
