@@ -53,6 +53,10 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(synthetic_dir,
     assert (sa["step"], sa["epoch"], sa["batch_in_epoch"]) == (sb["step"], sb["epoch"], sb["batch_in_epoch"])
     # the first run's batches (8 pairs of 200) put step 6 at epoch 0, batch 6
     assert (sa["epoch"], sa["batch_in_epoch"]) == (0, 6)
+    # resuming step 6 with 4 steps asked for: nothing to train, and the log says so (it said "training 4 steps")
+    pretrain(_config(synthetic_dir, tmp_path / "resumed", *extra), resume="auto", overrides=["train.max_steps=4"])
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert "the checkpoint is at step 6 and train.max_steps is 4: there is nothing left to train" in log
 
 
 def test_checkpoints_are_pruned_and_a_failed_write_keeps_the_previous(synthetic_dir, tmp_path, monkeypatch):

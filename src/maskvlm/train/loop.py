@@ -274,6 +274,10 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
+        if self.step >= self.config.train.max_steps:
+            log.warning("the checkpoint is at step %d and train.max_steps is %d: there is nothing left to train, "
+                        "only the final evaluations run (raise --steps / train.max_steps to train on)",
+                        self.step, self.config.train.max_steps)
         if is_main():
             set_aside_later(self.output_dir, self.step)
         barrier()  # every rank then reads the same OUTPUT/best
