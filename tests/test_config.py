@@ -98,6 +98,7 @@ def test_zero_layers_are_fine_where_no_objective_reads_them_and_one_name_freezes
     build_config(overrides=["model.text_layers=0"])
     assert build_config(overrides=["train.freeze=visual_encoder"]).train.freeze == ["visual_encoder"]
     assert build_config(overrides=["train.keep_last=0", "train.save_every=0"]).train.keep_last == 0
+    build_config(overrides=["train.lr=1e-6", "train.schedule=constant"])  # min_lr (1e-5) is not used then
 
 
 def test_every_recipe_and_preset_is_in_range():
