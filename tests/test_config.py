@@ -75,7 +75,6 @@ def test_a_zero_masking_ratio_under_an_objective_that_needs_it_is_refused_up_fro
     ("data.max_text_len=2", r"data.max_text_len=2: expected at least 3"),
     ("loss.itc=-1", r"loss.itc=-1.0: expected a weight >= 0"),
     ("train.lr=-0.1", r"train.lr=-0.1: expected a learning rate >= 0"),
-    ("train.min_lr=0.1", r"train.min_lr=0.1 is above train.lr=0.001"),
     ("train.keep_last=-1", r"train.keep_last=-1: expected a count >= 0 \(0: keep every checkpoint\)"),
     ("model.text_heads=-1", r"model.text_heads=-1: expected a positive integer"),
     ("model.hidden_dropout=1.5", r"model.hidden_dropout=1.5: expected a probability in \[0, 1\)"),
@@ -98,7 +97,6 @@ def test_zero_layers_are_fine_where_no_objective_reads_them_and_one_name_freezes
     build_config(overrides=["model.text_layers=0"])
     assert build_config(overrides=["train.freeze=visual_encoder"]).train.freeze == ["visual_encoder"]
     assert build_config(overrides=["train.keep_last=0", "train.save_every=0"]).train.keep_last == 0
-    build_config(overrides=["train.lr=1e-6", "train.schedule=constant"])  # min_lr (1e-5) is not used then
 
 
 def test_every_recipe_and_preset_is_in_range():

@@ -398,9 +398,6 @@ class Config:
         lo, hi = self.data.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale={self.data.crop_scale}: expected 0 < min <= max <= 1")
-        if self.train.min_lr > self.train.lr and self.train.schedule != "constant":
-            raise ConfigError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}: the "
-                              f"{self.train.schedule} schedule decays from train.lr to train.min_lr")
         if self.model.arch == "two_stream":
             w = self.loss
             for key, objectives in (("cross_layers", {"itm": w.itm, "mlm": w.mlm, "mrm": w.mrm}),

@@ -189,3 +189,13 @@ def test_a_batch_of_one_pair_is_flagged_for_the_objectives_it_leaves_without_neg
     assert no_negatives(build_config(overrides=["train.batch_size=1", "train.grad_accum=4",
                                                 "train.accumulate_itc=true"])) == ["ITM"]
     assert no_negatives(build_config(overrides=["train.batch_size=2"])) == []
+
+
+def test_a_minimum_lr_above_the_peak_is_a_warning_where_the_schedule_decays_to_it():
+    from maskvlm.config import build_config
+    from maskvlm.train.loop import setting_warnings
+    warned = setting_warnings(build_config(overrides=["train.lr=1e-6"]))  # min_lr 1e-5
+    assert warned == ["train.min_lr=1e-05 is above train.lr=1e-06: the cosine schedule goes from train.lr up to "
+                      "train.min_lr after the warm-up instead of decaying"]
+    assert setting_warnings(build_config(overrides=["train.lr=1e-6", "train.schedule=constant"])) == []
+    assert setting_warnings(build_config()) == []

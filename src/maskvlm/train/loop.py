@@ -106,6 +106,21 @@ def no_negatives(config: Config) -> list[str]:
     return [name for name, on in (("ITC", lo.itc > 0 and itc_alone), ("ITM", lo.itm > 0)) if on]
 
 
+def setting_warnings(config: Config) -> list[str]:
+    """Settings that are allowed but probably not meant. Warnings, not config errors: the
+    checkpoints of runs made with them must stay readable."""
+    t, out = config.train, []
+    if t.min_lr > t.lr and t.schedule != "constant":
+        out.append(f"train.min_lr={t.min_lr:g} is above train.lr={t.lr:g}: the {t.schedule} schedule goes from "
+                   "train.lr up to train.min_lr after the warm-up instead of decaying")
+    lonely = no_negatives(config)
+    if lonely:
+        out.append(f"{' and '.join(lonely)} find their negatives among the other pairs of a batch, and a batch of "
+                   f"{t.batch_size} pair on {world_size()} process has none: they learn nothing (set "
+                   "train.batch_size to 2 or more)")
+    return out
+
+
 class Trainer:
     def __init__(self, task: nn.Module, config: Config, dataset: Dataset, collator: Callable,
                  output_dir: Path, tokenizer=None, evaluate: Optional[Callable[[], dict]] = None,
@@ -133,11 +148,8 @@ class Trainer:
                          "(torch.use_deterministic_algorithms)")
         if t.freeze:
             log.info("frozen (train.freeze): %s", freeze_parameters(task.model, t.freeze))
-        lonely = no_negatives(config)
-        if lonely:
-            log.warning("%s find their negatives among the other pairs of a batch, and a batch of %d pair on %d "
-                        "process has none: they learn nothing (set train.batch_size to 2 or more)",
-                        " and ".join(lonely), t.batch_size, world_size())
+        for warning in setting_warnings(config):
+            log.warning(warning)
         self.fsdp = None  # FSDPTask when train.fsdp under torchrun
         if t.fsdp and world_size() > 1:
             from .fsdp import FSDPTask
