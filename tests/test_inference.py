@@ -85,6 +85,10 @@ def test_one_item_arrays_and_bad_inputs(vlm, pairs):
         vlm.encode_images([array.astype(np.float32)])
     with pytest.raises(TypeError, match="got Tensor"):
         vlm.encode_images([torch.zeros(3, 32, 32)])
+    with pytest.raises(ValueError, match="batch_size=0: expected an integer of 1 or more"):  # was range()'s error
+        vlm.encode_images(images[:1], batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=0: expected an integer of 1 or more"):
+        vlm.itm_score(images[:1], texts[:1], batch_size=0)
     assert len(vlm.fill_mask(images[0], "a [MASK] circle", top_k=10**6)[0]) == vlm.tokenizer.vocab_size
     with pytest.raises(ValueError, match="top_k=-1"):
         vlm.fill_mask(images[0], "a [MASK] circle", top_k=-1)

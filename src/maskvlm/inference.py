@@ -134,6 +134,8 @@ class VLM:
 
     @staticmethod
     def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"batch_size={size!r}: expected an integer of 1 or more")
         for start in range(0, len(items), size):
             yield items[start:start + size]
 
@@ -179,9 +181,9 @@ class VLM:
             raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
         self.warn_untrained("itm_score", ["itm"])
         scores = []
-        for start in range(0, len(images), batch_size):
-            image_rows, image_index = _distinct(images[start:start + batch_size])
-            text_rows, text_index = _distinct(texts[start:start + batch_size])
+        for pair_images, pair_texts in zip(self._batches(images, batch_size), self._batches(texts, batch_size)):
+            image_rows, image_index = _distinct(pair_images)
+            text_rows, text_index = _distinct(pair_texts)
             with autocast(self.device, self.precision):
                 image = self.model.encode_image(self._image_tensor(image_rows))
                 text = self.model.encode_text(*self._texts(text_rows))
