@@ -184,6 +184,9 @@ def test_cli_commands_write_pictures(trained, synthetic_dir, entries, tmp_path, 
     assert "MLM accuracy on masked tokens" in capsys.readouterr().out
     assert main(["plot", "--log", str(trained), "--out", str(tmp_path / "curves.png")]) == 0
     assert Image.open(tmp_path / "curves.png").size[0] > 400
+    capsys.readouterr()
+    assert main(["plot", "--log", str(trained), "--out", str(tmp_path / "bare")]) == 0  # printed "wrote bare"
+    assert f"wrote {tmp_path / 'bare.png'}" in capsys.readouterr().out and (tmp_path / "bare.png").is_file()
     assert main(["reconstruct", "--checkpoint", str(trained), "--image", img, "--out", str(tmp_path / "x.png")]) == 2
     assert "needs --text" in capsys.readouterr().err
 

@@ -495,6 +495,8 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
         fig.legend(handles, labels, loc="lower right", fontsize=8)
     fig.tight_layout()
     out = Path(out)
+    if not out.suffix:  # matplotlib would add .png itself, and the caller report the name without it
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
