@@ -196,3 +196,11 @@ def test_evaluation_runs_compiled_stacks_eager(model, config, batch):
         compiled = encode()
     assert counters["frames"]["ok"] > frames  # outside it the same call compiles (the check can fail)
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+def test_a_device_name_torch_does_not_know_is_an_error_naming_it():
+    # was torch's "Expected one of cpu, cuda, ipu, ... device type at start of device string: tpu" traceback
+    from maskvlm.runtime import resolve_device
+    with pytest.raises(ValueError, match="device 'tpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"
