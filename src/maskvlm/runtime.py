@@ -17,7 +17,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N (or another torch device type)") from None
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N (or another torch device "
+                         "type)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
