@@ -91,8 +91,10 @@ def test_finetune_classification_tasks(task, pretrained, task_data, tmp_path):
         assert "vqa_prior_acc" in result["test"]
     else:
         assert classes == list(CLASSIFICATION_TASKS[task].classes)
-    again = evaluate_task(task, str(out), progress=False)  # reloads model, head and classes
+    # reloads model, head and classes; a predictions file in a folder not made yet (an error after the run before)
+    again = evaluate_task(task, str(out), predictions=str(tmp_path / "new" / "predictions.json"), progress=False)
     assert again[primary] == pytest.approx(result["test"][primary])
+    assert (tmp_path / "new" / "predictions.json").is_file()
     # the final val evaluation is the only one here, so the best weights are the last: same test figure
     assert result["best"] == {"step": 24, "metric": primary, "value": result["val"][primary]}
     from_best = evaluate_task(task, str(out / "best"), progress=False)

@@ -53,6 +53,7 @@ class ClassificationTask:
         return accuracy_by(predicted, examples, classes), names
 
     def write_predictions(self, path: Path, names: list[str], examples: list[Example]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as every other output file (was an error after the run)
         if self.soft:
             vqa.write_results(path, names, examples)
             return
