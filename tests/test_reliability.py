@@ -88,6 +88,13 @@ def test_corrupted_copy_counts_and_kinds(corrupted, synthetic_dir):
         v for k, v in summary["kinds"].items() if not k.endswith("caption"))
 
 
+def test_a_rate_that_changes_more_entries_than_there_are_is_refused(synthetic_dir, tmp_path):
+    # was random.sample's "Sample larger than population or is negative"
+    with pytest.raises(ValueError, match=r"--rate 0.6: .* more than the .* entries of .*; use a smaller rate"):
+        corrupt_dataset(synthetic_dir / "train.json", tmp_path / "c", rate=0.6)
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
 def test_bad_samples_are_replaced_deterministically_and_counted(corrupted, tokenizer):
     out, summary = corrupted
     ds = PairDataset(out / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3, train=True), seed=3)

@@ -73,10 +73,13 @@ def corrupt_dataset(src_json: Path, out_dir: Path, rate: float, seed: int = 0, i
     root = Path(image_root) if image_root else src_json.parent
     entries = json.loads(src_json.read_text())
     out_dir = Path(out_dir)
-    (out_dir / "broken").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     n_bad = round(rate * len(entries))
     n_conv = round((rate if converted_rate is None else converted_rate) * len(entries))
+    if n_bad + n_conv > len(entries):
+        raise ValueError(f"--rate {rate}: {n_bad} broken and {n_conv} converted entries (the same share of each) "
+                         f"are more than the {len(entries)} entries of {src_json}; use a smaller rate")
+    (out_dir / "broken").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
     chosen = rng.sample(range(len(entries)), n_bad + n_conv)
     counts: dict[str, int] = {}
     # unchanged entries point at the original images by absolute path (nothing is copied)
