@@ -34,6 +34,7 @@ def test_overrides_are_typed():
     ("masking.mode=both", "masking.mode='both': expected one of 'separate', 'joint'"),
     ("model.image_size=30", "not a multiple of model.patch_size"),
     ("train", "expected the form key.sub=value"),
+    ("train=5", r"^train: expected a mapping of its keys, got int 5$"),  # was "train.: expected a mapping"
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

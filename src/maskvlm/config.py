@@ -551,7 +551,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def merge_into(obj: Any, updates: dict, prefix: str = "") -> None:
     """Write ``updates`` (nested dict) into the dataclass ``obj`` in place, checking keys and types."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(updates).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of its keys, got {type(updates).__name__} {updates!r}")
     hints = typing.get_type_hints(type(obj))
     fields = {f.name for f in dataclasses.fields(obj)}
     for name, value in updates.items():
