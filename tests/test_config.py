@@ -35,6 +35,9 @@ def test_overrides_are_typed():
     ("model.image_size=30", "not a multiple of model.patch_size"),
     ("train", "expected the form key.sub=value"),
     ("train=5", r"^train: expected a mapping of its keys, got int 5$"),  # was "train.: expected a mapping"
+    # both only renamed the run: recipe=albef trained MaskVLM's objectives under ALBEF's name
+    ("recipe=albef", r"the recipe is chosen with `maskvlm pretrain --recipe albef`; as an override it would only"),
+    ("preset=base", r"the preset is chosen with `maskvlm pretrain --preset base`"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -115,9 +115,8 @@ def test_export_writes_a_standalone_model_folder(synthetic_dir, tmp_path, capsys
     from maskvlm.cli import main
     from maskvlm.pipeline import pretrain
     from tests.conftest import micro_config
-    pretrain(micro_config("recipe=albef", f"data.train={synthetic_dir / 'train.json'}", "data.test=null",
-                          "momentum.queue_size=16", "loss.mim=0", "momentum.alpha=0.4", "masking.text_ratio=0.15",
-                          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"))
+    pretrain(micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.test=null", "momentum.queue_size=16",
+                          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", recipe="albef"))
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "out" / "model.safetensors")).keys()

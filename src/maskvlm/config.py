@@ -584,6 +584,10 @@ def parse_overrides(items: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override")
         node[parts[-1]] = value
+    for name in ("recipe", "preset"):
+        if name in out:  # the field only names the run: the settings come from the recipe / preset files
+            raise ConfigError(f"{name}={out[name]}: the {name} is chosen with `maskvlm pretrain --{name} "
+                              f"{out[name]}`; as an override it would only rename the run, not change its settings")
     return out
 
 
