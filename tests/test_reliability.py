@@ -21,6 +21,7 @@ from maskvlm.data.corrupt import CONVERT_KINDS, SKIP_KINDS, _write_kind, corrupt
 from maskvlm.data.formats import BadSample, PairDataset, PretrainCollator, open_image
 from maskvlm.data.transforms import ImageTransform
 from maskvlm.models.io import load_state
+from maskvlm.folder_lock import FolderInUse
 from maskvlm.pipeline import pretrain
 from maskvlm.train.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
 from maskvlm.train.loop import NonFiniteTraining, TooManyBadSamples
@@ -129,6 +130,30 @@ def test_skip_rate_limit_stops_with_a_checkpoint_and_counts_are_saved(corrupted,
     assert sum(state["skipped_samples"].values()) > 0 and state["samples_used"] == 6 * 8
     rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_samples"] == sum(state["skipped_samples"].values())
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_process_ends(synthetic_dir, tmp_path):
+    # Two runs given one --output-dir used to write into it together: checkpoints of one replaced by
+    # the other's and one metrics.jsonl for both. The first process here only holds the folder.
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from maskvlm.folder_lock import hold_folder\n"
+                               f"with hold_folder({str(out)!r}, 'training run'):\n"
+                               "    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = _run_config(synthetic_dir, out, "train.max_steps=2")
+        with pytest.raises(FolderInUse, match=rf"run is in use by another maskvlm process \(training run, "
+                                              rf"pid {holder.pid} on .*\); wait for it to end, or pass another "
+                                              r"--output-dir"):
+            pretrain(cfg)
+        assert sorted(p.name for p in out.iterdir()) == [".maskvlm.lock"]  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, nothing to clean up
+        holder.wait()
+    pretrain(_run_config(synthetic_dir, out, "train.max_steps=2"))
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    assert "pid %d" % os.getpid() in (out / ".maskvlm.lock").read_text()
 
 
 def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):

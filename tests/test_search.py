@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from maskvlm.inference import VLM
+from maskvlm.folder_lock import FolderInUse, hold_folder
 from maskvlm.search import ImageIndex, build_index, list_images, search
 
 
@@ -43,6 +44,10 @@ def test_index_is_incremental_and_skips_unreadable_images(exported, image_folder
     (tmp_path / "taken").write_text("")
     with pytest.raises(FileExistsError, match="taken is a file; it names the index folder"):  # was "[Errno 17]"
         build_index(vlm, exported, folder, tmp_path / "taken", progress=False)
+    with hold_folder(tmp_path / "index", "index build"):  # a second build into the same folder is refused
+        with pytest.raises(FolderInUse, match="index is in use by another maskvlm process .index build, pid"):
+            build_index(vlm, exported, folder, tmp_path / "index", progress=False)
+    assert len(ImageIndex(tmp_path / "index")) == 6
 
 
 def test_exact_top_k_matches_brute_force(exported, image_folder, tmp_path):

@@ -55,7 +55,8 @@ def _add_pretrain(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="maskvlm", help="recipe name (see `maskvlm recipes`) or a recipe YAML path "
                                                        "(default: maskvlm)")
-    p.add_argument("--preset", default=None, help="model size preset (tiny, base) or YAML path; default: the recipe's")
+    p.add_argument("--preset", default=None,
+                   help="model size preset (tiny, small, base) or YAML path; default: the recipe's")
     p.add_argument("--config", default=None, help="a YAML file of settings applied over the recipe")
     p.add_argument("--data", default=None, help="training annotation JSON (ALBEF layout), or several joined by "
                                                 "'::' (concatenated); sets data.train")
@@ -685,6 +686,7 @@ OVERRIDE_COMMANDS = ("pretrain", "finetune", "ablate")
 def main(argv=None) -> int:
     from .config import ConfigError
     from .data.formats import DataError
+    from .folder_lock import FolderInUse
     from .train.logging import setup_logging
     from .train.distributed import shutdown
     from .train.loop import NonFiniteTraining
@@ -714,7 +716,8 @@ def main(argv=None) -> int:
         code = handlers[args.command](args)
         clean = True
         return code
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteTraining) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, FolderInUse, ValueError,
+            NonFiniteTraining) as e:
         print(f"maskvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -86,7 +86,7 @@ def prepare_task_data(config: Config, progress: bool = True) -> None:
 def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
              evaluate_test: bool = True) -> dict:
     """Fine-tune ``config.task.name`` starting from ``config.task.init`` (or continue ``resume``)."""
-    from .pipeline import resolve_run
+    from .pipeline import hold_run_folder, resolve_run
 
     setup_logging()
     if init_from_env() and not is_main():  # under torchrun: DDP (or FSDP), rank 0 reports
@@ -97,10 +97,11 @@ def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[l
         raise ConfigError(f"{checkpoint} is a '{config.task.name}' run; it cannot be resumed as '{wanted}'")
     if checkpoint is None and not config.task.init:
         raise ConfigError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH (task.init)")
-    if not is_main():
-        return _finetune(config, checkpoint, output_dir, evaluate_test)
-    with log_to_file(output_dir):
-        return _finetune(config, checkpoint, output_dir, evaluate_test)
+    with hold_run_folder(output_dir):
+        if not is_main():
+            return _finetune(config, checkpoint, output_dir, evaluate_test)
+        with log_to_file(output_dir):
+            return _finetune(config, checkpoint, output_dir, evaluate_test)
 
 
 def _load_start(config: Config, checkpoint: Optional[Path]):

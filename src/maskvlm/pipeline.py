@@ -3,6 +3,7 @@ objectives, trainer, then zero-shot retrieval on the test split."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import Config, merge_into, objectives_train, parse_overrides, trained_heads
+from .folder_lock import FolderInUse, hold_folder
 from .data.formats import PairDataset, PretrainCollator
 from .data.tokenizer import load_tokenizer, train_wordpiece
 from .data.transforms import ImageTransform
@@ -42,10 +44,29 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     if init_from_env() and not is_main():
         logging.getLogger("maskvlm").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     output_dir, checkpoint, config = resolve_run(config, resume, overrides)
-    if not is_main():
-        return _pretrain(config, checkpoint, output_dir, evaluate_test)
-    with log_to_file(output_dir):
-        return _pretrain(config, checkpoint, output_dir, evaluate_test)
+    with hold_run_folder(output_dir):
+        if not is_main():
+            return _pretrain(config, checkpoint, output_dir, evaluate_test)
+        with log_to_file(output_dir):
+            return _pretrain(config, checkpoint, output_dir, evaluate_test)
+
+
+@contextlib.contextmanager
+def hold_run_folder(output_dir: Path):
+    """This run is the only writer of ``output_dir`` (``folder_lock``): rank 0 holds the folder for
+    all ranks, and its refusal is raised on every rank."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if is_main():
+            try:
+                stack.enter_context(hold_folder(output_dir, "training run",
+                                                "pass another --output-dir (train.output_dir)"))
+            except FolderInUse as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            raise FolderInUse(error)
+        yield
 
 
 def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[str]]):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data.formats import DataError, open_image
+from .folder_lock import hold_folder
 from .inference import VLM
 
 log = logging.getLogger("maskvlm")
@@ -117,52 +118,52 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
     start = time.perf_counter()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; it names the index folder")
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = model_fingerprint(model_dir)
-    meta_path = out / META
-    dim = vlm.config.model.embed_dim
-    if meta_path.exists() and not rebuild:
-        meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] != fingerprint:
-            raise ValueError(f"{out} was built with another model ({meta['model']}); pass --rebuild to re-index "
-                             "with this one")
-        if Path(meta["images"]).resolve() != images.resolve():
-            raise ValueError(f"{out} indexes {meta['images']}, not {images}; use another --out")
-        existing = _complete_rows(out, dim)
-        if len(existing) != meta["count"]:
-            log.info("%s: continuing a build that stopped part-way: %d rows kept (%s said %d)", out, len(existing),
-                     META, meta["count"])
-    else:
-        for name in (PATHS, EMBEDDINGS):
-            (out / name).unlink(missing_ok=True)
-        existing = []
-    meta = {"model": str(model_dir), "fingerprint": fingerprint, "images": str(images), "embed_dim": dim,
-            "count": len(existing), "dtype": "float16"}
-    _write_meta(out, meta)  # from the start: a first build stopped part-way is continued, not redone
-    known = set(existing)
-    todo = [p for p in list_images(images) if p not in known]
-    added, unreadable = 0, 0
-    loader = DataLoader(_Pixels(images, todo, vlm.transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list)  # a batch: the list of its samples, in order
-    with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
-        bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
-        for batch in loader:
-            for rel, _, why in batch:
-                if why:
-                    unreadable += 1
-                    log.warning("skipping unreadable image %s (%s)", rel, why)
-            good = [(rel, pixels) for rel, pixels, why in batch if not why]
-            if good:
-                feats = vlm.encode_pixels(torch.stack([p for _, p in good])).numpy().astype(np.float16)
-                emb.write(feats.tobytes())
-                emb.flush()  # rows first, then the paths that commit them
-                paths.write("".join(rel + "\n" for rel, _ in good))
-                paths.flush()
-                added += len(good)
-                _write_meta(out, {**meta, "count": len(existing) + added})
-            bar.update(len(batch))
-        bar.close()
-    return IndexStats(added, len(existing), unreadable, len(existing) + added, time.perf_counter() - start)
+    with hold_folder(out, "index build", "choose another --out"):  # one build at a time
+        fingerprint = model_fingerprint(model_dir)
+        meta_path = out / META
+        dim = vlm.config.model.embed_dim
+        if meta_path.exists() and not rebuild:
+            meta = json.loads(meta_path.read_text())
+            if meta["fingerprint"] != fingerprint:
+                raise ValueError(f"{out} was built with another model ({meta['model']}); pass --rebuild to re-index "
+                                 "with this one")
+            if Path(meta["images"]).resolve() != images.resolve():
+                raise ValueError(f"{out} indexes {meta['images']}, not {images}; use another --out")
+            existing = _complete_rows(out, dim)
+            if len(existing) != meta["count"]:
+                log.info("%s: continuing a build that stopped part-way: %d rows kept (%s said %d)", out, len(existing),
+                         META, meta["count"])
+        else:
+            for name in (PATHS, EMBEDDINGS):
+                (out / name).unlink(missing_ok=True)
+            existing = []
+        meta = {"model": str(model_dir), "fingerprint": fingerprint, "images": str(images), "embed_dim": dim,
+                "count": len(existing), "dtype": "float16"}
+        _write_meta(out, meta)  # from the start: a first build stopped part-way is continued, not redone
+        known = set(existing)
+        todo = [p for p in list_images(images) if p not in known]
+        added, unreadable = 0, 0
+        loader = DataLoader(_Pixels(images, todo, vlm.transform), batch_size=batch_size, num_workers=workers,
+                            collate_fn=list)  # a batch: the list of its samples, in order
+        with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
+            bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
+            for batch in loader:
+                for rel, _, why in batch:
+                    if why:
+                        unreadable += 1
+                        log.warning("skipping unreadable image %s (%s)", rel, why)
+                good = [(rel, pixels) for rel, pixels, why in batch if not why]
+                if good:
+                    feats = vlm.encode_pixels(torch.stack([p for _, p in good])).numpy().astype(np.float16)
+                    emb.write(feats.tobytes())
+                    emb.flush()  # rows first, then the paths that commit them
+                    paths.write("".join(rel + "\n" for rel, _ in good))
+                    paths.flush()
+                    added += len(good)
+                    _write_meta(out, {**meta, "count": len(existing) + added})
+                bar.update(len(batch))
+            bar.close()
+        return IndexStats(added, len(existing), unreadable, len(existing) + added, time.perf_counter() - start)
 
 
 class ImageIndex:
