@@ -115,6 +115,27 @@ def test_tokenizer_train_save_load_and_vocab_txt(tmp_path):
     assert tok.decode(tok(["a red circle"], 8)[0][0].tolist()) == "a red circle"
 
 
+def test_a_vocab_txt_with_a_repeated_line_sizes_the_model_by_its_largest_id(synthetic_dir, tmp_path, caplog):
+    # A token's id is its line number, so a repeated line leaves a gap: 9 tokens with ids up to 9.
+    # The model used to be sized by the count and failed with "index out of range" at the first step.
+    from maskvlm.pipeline import pretrain
+    from tests.conftest import micro_config
+    captions = [e["caption"] for e in json.loads((synthetic_dir / "train.json").read_text())]
+    trained = train_wordpiece(captions)
+    vocab = [trained.id_to_token(i) for i in range(trained.vocab_size)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab[:6] + [vocab[5]] + vocab[6:]) + "\n")
+    tok = load_tokenizer(tmp_path / "vocab.txt")
+    assert f"{vocab[5]!r} (lines 6 and 7)" in caplog.text
+    assert tok.vocab_size == len(vocab) + 1 and tok.tokenizer.token_to_id(vocab[5]) == 6
+    assert 5 not in tok.ordinary_ids().tolist() and tok.mask_id not in tok.ordinary_ids().tolist()
+    ids, _ = tok(captions[:50], 24)
+    assert int(ids.max()) == len(vocab)  # the last token is used, one above the count of distinct tokens
+    cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null", "data.test=null",
+                       f"data.tokenizer={tmp_path / 'vocab.txt'}", f"train.output_dir={tmp_path / 'run'}",
+                       "train.max_steps=2", "train.precision=fp32")
+    assert pretrain(cfg)["train"]["mlm_loss"] > 0
+
+
 def test_collator_builds_masked_views(synthetic_dir, tokenizer):
     ds = PairDataset(synthetic_dir / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
     collate = PretrainCollator(tokenizer, 24, text_ratio=0.3, image_ratio=0.6, grid=(4, 4), image_block=2)

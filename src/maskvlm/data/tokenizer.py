@@ -3,6 +3,7 @@ captions (saved with every checkpoint) or one loaded from ``vocab.txt`` / ``toke
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -10,6 +11,8 @@ from typing import Iterable, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
+
+log = logging.getLogger("maskvlm")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Names a loaded tokenizer may use for each role (BERT-style first, RoBERTa-style second).
@@ -31,7 +34,11 @@ class TextTokenizer:
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             ids["pad"], ids["unk"], ids["cls"], ids["sep"], ids["mask"])
         self.special_ids = sorted(set(ids.values()))
-        self.vocab_size = tokenizer.get_vocab_size()
+        # The largest id + 1, not the number of tokens: a vocab.txt with a repeated line (or a
+        # tokenizer.json with a gap) has ids above the count, and an embedding table sized by the
+        # count fails on them at the first step.
+        self._ids = sorted(set(tokenizer.get_vocab(with_added_tokens=True).values()))
+        self.vocab_size = self._ids[-1] + 1
         self._padding = None
 
     def __len__(self) -> int:
@@ -39,7 +46,8 @@ class TextTokenizer:
 
     def ordinary_ids(self) -> torch.Tensor:
         """Ids a random replacement may use (everything but special tokens)."""
-        keep = torch.ones(self.vocab_size, dtype=torch.bool)
+        keep = torch.zeros(self.vocab_size, dtype=torch.bool)
+        keep[self._ids] = True  # ids no token has (gaps) are never drawn
         keep[self.special_ids] = False
         return keep.nonzero().squeeze(1)
 
@@ -133,12 +141,17 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             return TextTokenizer(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-    vocab = {}
+    vocab, repeated = {}, []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             token = line.rstrip("\n")
             if token:
-                vocab[token] = i
+                if token in vocab:
+                    repeated.append(f"{token!r} (lines {vocab[token] + 1} and {i + 1})")
+                vocab[token] = i  # a token's id is its line number; a repeated one keeps its last line
+    if repeated:
+        log.warning("%s: %d token(s) appear on more than one line, the last line's id is used: %s%s", path,
+                    len(repeated), ", ".join(repeated[:5]), ", ..." if len(repeated) > 5 else "")
     if "[UNK]" not in vocab:
         raise ValueError(f"{path}: vocab.txt has no [UNK] token")
     return TextTokenizer(_bert_pipeline(Tokenizer(WordPiece(vocab, unk_token="[UNK]"))))
