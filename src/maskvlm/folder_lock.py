@@ -44,10 +44,11 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold_folder(folder: Path, purpose: str, hint: str = "choose another folder"):
+def hold_folder(folder: Path, purpose: str, hint: str = "choose another folder", wait: bool = False):
     """Hold ``folder`` (created if needed) for this process while the block runs; ``FolderInUse``,
-    naming the holder and ``hint``, if another process holds it. ``purpose`` (e.g. "pre-training")
-    is what the lock file tells a process that finds the folder taken."""
+    naming the holder and ``hint``, if another process holds it, or with ``wait``, a log line naming
+    the holder and a wait until it lets go. ``purpose`` (e.g. "training run") is what the lock file
+    tells a process that finds the folder taken."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
@@ -60,8 +61,11 @@ def hold_folder(folder: Path, purpose: str, hint: str = "choose another folder")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderInUse(f"{folder} is in use by another maskvlm process ({_holder(path)}); "
-                              f"wait for it to end, or {hint}") from None
+            if not wait:
+                raise FolderInUse(f"{folder} is in use by another maskvlm process ({_holder(path)}); "
+                                  f"wait for it to end, or {hint}") from None
+            log.info("%s is in use by another maskvlm process (%s); waiting for it", folder, _holder(path))
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:  # e.g. ENOLCK / EOPNOTSUPP on a file system without locks
             locked = False
             log.warning("cannot lock %s (%s); make sure no other process writes to %s", path, e, folder)

@@ -66,6 +66,36 @@ def test_missing_image_is_a_clear_error(tmp_path):
         ds[0]
 
 
+def test_runs_started_together_generate_the_synthetic_data_once(tmp_path, caplog):
+    # A process that holds the folder to generate; ours must wait for it and then find the data made,
+    # not generate over the files the first one has started training on.
+    import subprocess
+    import sys
+    import threading
+    import time
+    from maskvlm.data.synthetic import ensure_synthetic
+    out = tmp_path / "synthetic"
+    code = ("import sys; from maskvlm.folder_lock import hold_folder; from maskvlm.data.synthetic import generate\n"
+            f"with hold_folder({str(out)!r}, 'synthetic data generation'):\n"
+            "    print('held', flush=True); sys.stdin.read()\n"
+            f"    generate({str(out)!r}, 6, 2, 2, 32, 0, progress=False)")
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "held"
+    caplog.set_level("INFO", logger="maskvlm")
+    done = []
+    ours = threading.Thread(target=lambda: done.append(ensure_synthetic(out, 6, 2, 2, 32, 0, progress=False)))
+    ours.start()
+    deadline = time.time() + 30
+    while "waiting for it" not in caplog.text and time.time() < deadline:
+        time.sleep(0.05)
+    assert "synthetic data generation, pid %d" % first.pid in caplog.text and not done
+    first.stdin.close()  # the first process generates now, then lets go
+    assert first.wait(60) == 0
+    ours.join(60)
+    assert done == [out] and "generating synthetic scenes" not in caplog.text
+    assert len({e["image"] for e in json.loads((out / "train.json").read_text())}) == 6
+
+
 def test_pair_dataset_is_reproducible_per_epoch_and_index(synthetic_dir):
     t = ImageTransform(32, [0.5] * 3, [0.5] * 3, train=True, crop_scale=(0.5, 1.0), hflip=0.5)
     ds = PairDataset(synthetic_dir / "train.json", None, t, seed=1)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..folder_lock import hold_folder
+
 log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -247,12 +249,24 @@ def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test
     out = Path(out_dir)
     wanted = dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, train=num_train, val=num_val,
                   test=num_test)
-    if is_complete(out):
-        with open(out / "synthetic.json") as f:
-            if json.load(f) == wanted:
-                return out
-        log.info("synthetic data in %s was made with other settings; regenerating", out)
-    log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
-             num_test)
-    (out / "synthetic.json").unlink(missing_ok=True)  # incomplete until generate() rewrites it
-    return generate(out, num_train, num_val, num_test, image_size, seed, progress=progress)
+
+    def made() -> bool:
+        if is_complete(out):
+            with open(out / "synthetic.json") as f:
+                return json.load(f) == wanted
+        return False
+
+    if made():
+        return out
+    # Runs started together on a fresh machine (a sweep sent to the background) would otherwise all
+    # generate here at once, each rewriting files another has started training on: one makes the
+    # data, the others wait for it and find it made.
+    with hold_folder(out, "synthetic data generation", wait=True):
+        if made():
+            return out
+        if is_complete(out):
+            log.info("synthetic data in %s was made with other settings; regenerating", out)
+        log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
+                 num_test)
+        (out / "synthetic.json").unlink(missing_ok=True)  # incomplete until generate() rewrites it
+        return generate(out, num_train, num_val, num_test, image_size, seed, progress=progress)
