@@ -156,6 +156,17 @@ def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_process_ends
     assert "pid %d" % os.getpid() in (out / ".maskvlm.lock").read_text()
 
 
+def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path, monkeypatch):
+    from maskvlm.pipeline import default_output_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261124-101500")
+    cfg = micro_config()
+    names = [default_output_dir(cfg) for _ in range(3)]
+    assert [str(p) for p in names] == ["runs/maskvlm-tiny-20261124-101500", "runs/maskvlm-tiny-20261124-101500-2",
+                                       "runs/maskvlm-tiny-20261124-101500-3"]
+    assert all(p.is_dir() for p in names)
+
+
 def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):
     from maskvlm.tasks.pretrain import PretrainTask
 

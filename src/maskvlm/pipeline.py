@@ -29,8 +29,19 @@ log = logging.getLogger("maskvlm")
 
 
 def default_output_dir(config: Config) -> Path:
+    """``runs/[task-]recipe-preset-time``, made here: a name no other run has. Runs started in the
+    same second (a sweep sent to the background) get ``-2``, ``-3``, ... rather than one folder."""
     job = "" if config.task.name == "pretrain" else f"{config.task.name}-"
-    return Path("runs") / f"{job}{config.recipe}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("runs") / f"{job}{config.recipe}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()  # atomic: exactly one process creates a given name
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: no free run folder name; pass --output-dir")
 
 
 def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -80,13 +91,15 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
         merge_into(config, parse_overrides(overrides or []))
         config.validate()
         output_dir = output_dir or checkpoint.parent.parent
-    output_dir = Path(broadcast_object(str(output_dir or default_output_dir(config))))  # one folder for all ranks
+    if checkpoint is None:
+        record_trained_heads(config)
+    if output_dir is None:
+        output_dir = default_output_dir(config) if is_main() else None
+    output_dir = Path(broadcast_object(str(output_dir)))  # rank 0's folder for all ranks
     config.train.output_dir = str(output_dir)
     if checkpoint is None and list_checkpoints(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output-dir")
-    if checkpoint is None:
-        record_trained_heads(config)
     return output_dir, checkpoint, config
 
 
