@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,34 @@ MICRO = [
 
 def micro_config(*overrides: str, recipe: str = "maskvlm"):
     return build_config(recipe, overrides=MICRO + list(overrides))
+
+
+class LogLines(logging.Handler):
+    """The messages a logger emits, joined in ``text``."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def maskvlm_log():
+    """The ``maskvlm`` logger's INFO and higher messages during the test (the logger does not
+    propagate to the root logger once the CLI or a job has set it up, so caplog misses them)."""
+    logger = logging.getLogger("maskvlm")
+    handler, level = LogLines(), logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -167,6 +167,36 @@ def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path,
     assert all(p.is_dir() for p in names)
 
 
+def test_a_stop_request_during_a_validation_ends_it_and_checkpoints_at_once(synthetic_dir, tmp_path, monkeypatch):
+    # Ctrl-C (or a scheduler's SIGTERM) during a periodic validation used to wait for the whole
+    # evaluation before the checkpoint: minutes at scale, past a grace period, and a second Ctrl-C
+    # then lost every step since the last checkpoint.
+    import signal
+    import maskvlm.pipeline
+    calls = []
+
+    def slow_validation(*args, **kwargs):
+        def run():
+            calls.append("started")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)  # a long evaluation: the signal ends it
+            calls.append("finished")
+            return {"r_mean": 1.0}
+        return run
+    monkeypatch.setattr(maskvlm.pipeline, "make_retrieval_eval", slow_validation)
+    out = tmp_path / "run"
+    cfg = _run_config(synthetic_dir, out, f"data.val={synthetic_dir / 'val.json'}", "eval.every_steps=2",
+                      "train.max_steps=6", "train.save_every=0")
+    start = time.perf_counter()
+    result = pretrain(cfg)
+    assert time.perf_counter() - start < 50
+    assert calls == ["started"] and result["interrupted"] and result["step"] == 2
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["split"] == "val"]  # the stopped evaluation is not recorded
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):
     from maskvlm.tasks.pretrain import PretrainTask
 

@@ -66,7 +66,7 @@ def test_missing_image_is_a_clear_error(tmp_path):
         ds[0]
 
 
-def test_runs_started_together_generate_the_synthetic_data_once(tmp_path, caplog):
+def test_runs_started_together_generate_the_synthetic_data_once(tmp_path, maskvlm_log):
     # A process that holds the folder to generate; ours must wait for it and then find the data made,
     # not generate over the files the first one has started training on.
     import subprocess
@@ -81,18 +81,17 @@ def test_runs_started_together_generate_the_synthetic_data_once(tmp_path, caplog
             f"    generate({str(out)!r}, 6, 2, 2, 32, 0, progress=False)")
     first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert first.stdout.readline().strip() == "held"
-    caplog.set_level("INFO", logger="maskvlm")
     done = []
     ours = threading.Thread(target=lambda: done.append(ensure_synthetic(out, 6, 2, 2, 32, 0, progress=False)))
     ours.start()
     deadline = time.time() + 30
-    while "waiting for it" not in caplog.text and time.time() < deadline:
+    while "waiting for it" not in maskvlm_log.text and time.time() < deadline:
         time.sleep(0.05)
-    assert "synthetic data generation, pid %d" % first.pid in caplog.text and not done
+    assert "synthetic data generation, pid %d" % first.pid in maskvlm_log.text and not done
     first.stdin.close()  # the first process generates now, then lets go
     assert first.wait(60) == 0
     ours.join(60)
-    assert done == [out] and "generating synthetic scenes" not in caplog.text
+    assert done == [out] and "generating synthetic scenes" not in maskvlm_log.text
     assert len({e["image"] for e in json.loads((out / "train.json").read_text())}) == 6
 
 
@@ -145,7 +144,7 @@ def test_tokenizer_train_save_load_and_vocab_txt(tmp_path):
     assert tok.decode(tok(["a red circle"], 8)[0][0].tolist()) == "a red circle"
 
 
-def test_a_vocab_txt_with_a_repeated_line_sizes_the_model_by_its_largest_id(synthetic_dir, tmp_path, caplog):
+def test_a_vocab_txt_with_a_repeated_line_sizes_the_model_by_its_largest_id(synthetic_dir, tmp_path, maskvlm_log):
     # A token's id is its line number, so a repeated line leaves a gap: 9 tokens with ids up to 9.
     # The model used to be sized by the count and failed with "index out of range" at the first step.
     from maskvlm.pipeline import pretrain
@@ -155,7 +154,7 @@ def test_a_vocab_txt_with_a_repeated_line_sizes_the_model_by_its_largest_id(synt
     vocab = [trained.id_to_token(i) for i in range(trained.vocab_size)]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab[:6] + [vocab[5]] + vocab[6:]) + "\n")
     tok = load_tokenizer(tmp_path / "vocab.txt")
-    assert f"{vocab[5]!r} (lines 6 and 7)" in caplog.text
+    assert f"{vocab[5]!r} (lines 6 and 7)" in maskvlm_log.text
     assert tok.vocab_size == len(vocab) + 1 and tok.tokenizer.token_to_id(vocab[5]) == 6
     assert 5 not in tok.ordinary_ids().tolist() and tok.mask_id not in tok.ordinary_ids().tolist()
     ids, _ = tok(captions[:50], 24)

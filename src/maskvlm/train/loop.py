@@ -63,11 +63,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class EvaluationStopped(Exception):
+    """A stop request (SIGINT/SIGTERM) arrived during a periodic evaluation of a one-process run."""
+
+
+class StopRequest(threading.Event):
+    """Set by the first SIGINT/SIGTERM. While ``evaluating`` is set, that signal also ends the
+    evaluation under way (``EvaluationStopped``), so the checkpoint is written at once rather than
+    after a validation that can take minutes (past a scheduler's grace period)."""
+
+    def __init__(self):
+        super().__init__()
+        self.evaluating = False
+
+
 @contextlib.contextmanager
 def stop_requests():
     """While active, SIGINT/SIGTERM set the returned event instead of killing the process, so the
     loop can finish its step and checkpoint; a second signal raises KeyboardInterrupt at once."""
-    event = threading.Event()
+    event = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
@@ -76,6 +90,10 @@ def stop_requests():
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
+        if event.evaluating:
+            log.warning("received %s: stopping this evaluation and writing a checkpoint (send again to abort now)",
+                        signal.Signals(signum).name)
+            raise EvaluationStopped
         log.warning("received %s: finishing this step and writing a checkpoint (send again to abort now)",
                     signal.Signals(signum).name)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -393,6 +411,20 @@ class Trainer:
             with self.fsdp.gathered():
                 return evaluate()
 
+    def interruptible_evaluation(self, stop: StopRequest) -> Optional[dict]:
+        """A periodic val evaluation that a stop request ends at once in a one-process run (None then):
+        nothing of the training state changes during an evaluation, so leaving it part-way loses
+        nothing. Under torchrun it runs to its end, since a rank that left it would leave the others
+        waiting in its collectives."""
+        stop.evaluating = world_size() == 1
+        try:
+            return self.run_evaluation(self.evaluate)
+        except EvaluationStopped:
+            log.warning("step %d: evaluation stopped part-way by the stop request; not recorded", self.step)
+            return None
+        finally:  # (the evaluations put the model's training mode back themselves)
+            stop.evaluating = False
+
     # --- data ---------------------------------------------------------------------------------
     def _loader_batches(self):
         """``_batches``, with a DataLoader whose worker died (killed for memory, say) replaced by a new
@@ -629,8 +661,13 @@ class Trainer:
                 is_last = self.step == t.max_steps
                 e = self.config.eval
                 evaluates = bool(self.evaluate and e.every_steps and self.step % e.every_steps == 0 and not is_last)
+                if evaluates and any_rank(stop.is_set()):  # a stop request during the step: no evaluation
+                    evaluates = False
                 if evaluates:  # every rank takes part: the evaluations split their work over the ranks
-                    improved = self.record_val(self.run_evaluation(self.evaluate), logger)
+                    val = self.interruptible_evaluation(stop)
+                    evaluates = val is not None
+                if evaluates:
+                    improved = self.record_val(val, logger)
                     self.evals_since_best = 0 if improved else self.evals_since_best + 1
                 if evaluates and e.patience:  # every rank learns the deciding ranks' verdict
                     self.stopped_early = any_rank(saves and self.evals_since_best >= e.patience)
