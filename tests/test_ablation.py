@@ -42,6 +42,46 @@ def test_study_runs_each_config_once_and_reports(tmp_path):
     assert (tmp_path / "study" / "ablation.png").stat().st_size > 1000
 
 
+def test_a_stopped_run_is_not_recorded_and_the_same_command_continues_it(tmp_path, monkeypatch):
+    # A Ctrl-C in a study's run used to be recorded as a finished run (fine-tuned from the half-trained
+    # model, without its zero-shot figure) and the study went on; running the command again then
+    # failed on the run folder's checkpoints.
+    import contextlib
+    import maskvlm.train.loop as loop
+    from maskvlm.ablation import StudyStopped
+    real, fits = loop.stop_requests, []
+
+    class StopAfter(loop.StopRequest):  # a stop request during the third step
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls >= 3
+
+    @contextlib.contextmanager
+    def first_fit_stopped():
+        fits.append(1)
+        if len(fits) == 1:
+            yield StopAfter()
+        else:
+            with real() as event:
+                yield event
+    monkeypatch.setattr(loop, "stop_requests", first_fit_stopped)
+    study = Study(out=tmp_path / "study", configs=["itc"], fractions=[1.0], seeds=[0], pretrain_steps=6,
+                  finetune_steps=1, batch_size=8, size_overrides=list(MICRO),
+                  extra_overrides=[f"data.synthetic.dir={tmp_path / 'data'}", "data.synthetic.num_val=4",
+                                   "data.synthetic.num_test=6", "data.synthetic.image_size=32"], num_train=16)
+    with pytest.raises(StudyStopped, match=r"stopped during itc-f1-s0 \(pre-training at step 3\); it is not recorded"):
+        run_study(study)
+    assert not (tmp_path / "study" / "results.jsonl").exists()
+    rows = run_study(study)  # continues the stopped run from its step-3 checkpoint
+    assert len(rows) == 1 and "zero_shot_r1" in rows[0] and "finetuned_r1" in rows[0]
+    from maskvlm.train.checkpoint import list_checkpoints, load_trainer_state
+    pre = tmp_path / "study" / "runs" / "itc-f1-s0" / "pre"
+    assert load_trainer_state(list_checkpoints(pre)[-1])["step"] == 6
+    assert "resumed from" in (pre / "train.log").read_text()
+
+
 def test_every_ablation_config_names_a_recipe():
     from maskvlm.config import list_recipes
     assert {recipe for recipe, _ in CONFIGS.values()} <= set(list_recipes())

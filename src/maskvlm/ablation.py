@@ -90,6 +90,23 @@ def _done(results_file: Path) -> dict[tuple, dict]:
     return {(r["config"], r["fraction"], r["seed"]): r for r in rows}
 
 
+class StudyStopped(Exception):
+    """A run of the study was stopped part-way (SIGINT / SIGTERM): it is not recorded, and the same
+    command continues it from its checkpoint."""
+
+
+def _resume(cfg) -> Optional[str]:
+    """A run stopped part-way by an earlier invocation continues from its checkpoint."""
+    from .train.checkpoint import list_checkpoints
+    return "auto" if list_checkpoints(Path(cfg.train.output_dir)) else None
+
+
+def _check_finished(result: dict, tag: str, stage: str) -> None:
+    if result.get("interrupted"):
+        raise StudyStopped(f"stopped during {tag} ({stage} at step {result['step']}); it is not recorded. Run the "
+                           "same command again to continue it from its checkpoint and go on with the study")
+
+
 def run_study(study: Study, progress: bool = False) -> list[dict]:
     """Run every (config, fraction, seed) not yet in ``results.jsonl``; returns all rows."""
     from .config import build_config
@@ -128,7 +145,8 @@ def run_study(study: Study, progress: bool = False) -> list[dict]:
         cfg = build_config(recipe, overrides=study.size_overrides + overrides + common + study.extra_overrides + [
             f"data.train={subset}", f"train.seed={seed}", f"train.max_steps={study.pretrain_steps}",
             f"train.warmup_steps={warmup}", f"train.output_dir={study.out / 'runs' / tag / 'pre'}"])
-        pre = pretrain(cfg)
+        pre = pretrain(cfg, resume=_resume(cfg))
+        _check_finished(pre, tag, "pre-training")
         row = {"config": name, "recipe": recipe, "fraction": fraction, "seed": seed,
                "train_pairs": sum(1 for _ in json.loads(subset.read_text())),
                "pretrain_steps": study.pretrain_steps, "finetune_steps": study.finetune_steps}
@@ -140,7 +158,8 @@ def run_study(study: Study, progress: bool = False) -> list[dict]:
                 f"data.train={subset}", f"train.seed={seed}", f"train.max_steps={study.finetune_steps}",
                 f"train.warmup_steps={max(1, study.finetune_steps // 10)}",
                 f"train.output_dir={study.out / 'runs' / tag / 'retrieval'}"])
-            ft = finetune(ft_cfg)
+            ft = finetune(ft_cfg, resume=_resume(ft_cfg))
+            _check_finished(ft, tag, "retrieval fine-tuning")
             row["finetuned_r1"] = ft["test"]["r1_mean"]
             row["finetuned_itc_r1"] = ft["test"]["itc_r1_mean"]
         row["seconds"] = round(time.perf_counter() - start, 1)

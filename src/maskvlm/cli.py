@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -335,7 +336,8 @@ def _add_ablate(sub) -> None:
         description="The ablation study on the synthetic scenes: each config is pre-trained on nested fractions "
                     "of the training images with the same number of steps, for each seed, then evaluated "
                     "zero-shot and after retrieval fine-tuning. Finished runs are kept in OUT/results.jsonl "
-                    "and skipped when the command is run again. The defaults take under an hour on 2 CPU cores.")
+                    "and skipped when the command is run again; a run stopped part-way (Ctrl-C, SIGTERM) is "
+                    "continued from its checkpoint. The defaults take under an hour on 2 CPU cores.")
     p.add_argument("--out", default="runs/ablation", help="folder for runs, results.jsonl, ablation.md/.png")
     p.add_argument("--configs", nargs="+", default=d.configs, choices=list(CONFIGS), metavar="NAME",
                    help=f"configs to run (default all: {', '.join(CONFIGS)})")
@@ -644,7 +646,7 @@ def _export(args) -> int:
 
 
 def _ablate(args) -> int:
-    from .ablation import SMALL, Study, report, run_study
+    from .ablation import SMALL, Study, StudyStopped, report, run_study
     from .train.logging import setup_logging
 
     setup_logging()
@@ -653,7 +655,11 @@ def _ablate(args) -> int:
                   pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
                   size_overrides=list(SMALL) if args.size == "small" else [], extra_overrides=list(args.overrides),
                   num_train=args.num_train)
-    rows = run_study(study, progress=not args.no_progress)
+    try:
+        rows = run_study(study, progress=not args.no_progress)
+    except StudyStopped as e:  # like a stopped pretrain: exit 0, with how to continue
+        logging.getLogger("maskvlm").warning("ablation %s", e)
+        return 0
     from .runtime import invocation, machine_description
     text = report(rows, out, command=invocation(), machine=machine_description())
     (out / "ablation.md").write_text(text)
