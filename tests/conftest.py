@@ -37,8 +37,8 @@ def micro_config(*overrides: str, recipe: str = "maskvlm"):
 class LogLines(logging.Handler):
     """The messages a logger emits, joined in ``text``."""
 
-    def __init__(self):
-        super().__init__(logging.INFO)
+    def __init__(self, level: int = logging.INFO):
+        super().__init__(level)
         self.lines: list[str] = []
 
     def emit(self, record):
@@ -47,6 +47,9 @@ class LogLines(logging.Handler):
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+    def clear(self):
+        self.lines.clear()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from maskvlm.pipeline import pretrain, record_trained_heads
 from maskvlm.tasks import retrieval
 from maskvlm.tasks.retrieval import choose_score, format_table
 from maskvlm.train.checkpoint import resolve_resume
-from tests.conftest import micro_config
+from tests.conftest import LogLines, micro_config
 
 EXPECTED = {"albef": {"itc", "itm", "mlm"}, "itc": {"itc"}, "mamo": {"itc", "itm", "mlm"},
             "maskvlm": {"itc", "itm", "mlm", "mim"}, "mlim": {"mlm", "mim"}, "semmim": {"itc", "itm", "mlm"}}
@@ -34,26 +34,10 @@ def test_each_recipe_trains_the_heads_its_losses_reach():
     assert "ITM and MIM heads" in note and "loss.itm / loss.mim / loss.recon > 0" in note and "recipe itc" in note
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def clear(self):
-        self.lines.clear()
-
-
 @pytest.fixture
 def warnings_logged():
     """The ``maskvlm`` logger's warnings (it does not propagate to the root logger, so not caplog)."""
-    handler = _Records()
+    handler = LogLines(logging.WARNING)
     logger = logging.getLogger("maskvlm")
     logger.addHandler(handler)
     yield handler
