@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from maskvlm.data.corrupt import CONVERT_KINDS, SKIP_KINDS, _write_kind, corrupt_dataset
-from maskvlm.data.formats import BadSample, PairDataset, PretrainCollator, open_image
+from maskvlm.data.formats import BadSample, DataError, PairDataset, PretrainCollator, open_image
 from maskvlm.data.transforms import ImageTransform
 from maskvlm.models.io import load_state
 from maskvlm.folder_lock import FolderInUse
@@ -195,6 +195,39 @@ def test_a_stop_request_during_a_validation_ends_it_and_checkpoints_at_once(synt
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["split"] == "val"]  # the stopped evaluation is not recorded
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def _val_with(synthetic_dir, tmp_path, bad_image):
+    """The synthetic val split with its first image replaced by ``bad_image`` (absolute paths)."""
+    entries = json.loads((synthetic_dir / "val.json").read_text())
+    for e in entries:
+        e["image"] = str(synthetic_dir / e["image"])
+    first = entries[0]["image"]
+    for e in entries:
+        if e["image"] == first:
+            e["image"] = str(bad_image)
+    path = tmp_path / f"val-{bad_image.name}.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_a_val_evaluation_that_fails_keeps_the_steps_trained_before_it(synthetic_dir, tmp_path):
+    # An unreadable val image failed the run at its first evaluation with the steps before it unsaved
+    # (every eval.every_steps steps lost: hours at scale). A missing one is now found before training.
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    cfg = _run_config(synthetic_dir, out, f"data.val={_val_with(synthetic_dir, tmp_path, tmp_path / 'broken.png')}",
+                      "eval.every_steps=3", "train.max_steps=6", "train.save_every=0")
+    with pytest.raises(BadSample, match="broken.png"):
+        pretrain(cfg)
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000003"]
+    assert "the val evaluation failed" in (out / "train.log").read_text()
+    missing = _val_with(synthetic_dir, tmp_path, tmp_path / "gone.png")
+    with pytest.raises(DataError, match=r"1 of 6 images not found .*gone.png.*; an evaluation needs every image"):
+        pretrain(_run_config(synthetic_dir, tmp_path / "run2", f"data.val={missing}"))
+    with pytest.raises(DataError, match="gone.png"):  # the test split is looked at before training too
+        pretrain(_run_config(synthetic_dir, tmp_path / "run3", f"data.test={missing}"))
+    assert not list_checkpoints(tmp_path / "run2") and not list_checkpoints(tmp_path / "run3")
 
 
 def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, ConfigError, DataConfig, LossConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
-from .data.formats import DataError, PairDataset, PretrainCollator
+from .data.formats import DataError, PairDataset, PretrainCollator, RetrievalDataset
 from .data.tokenizer import load_tokenizer
 from .data.transforms import ImageTransform
 from .models.io import MODEL_FILE, TOKENIZER_FILE, load_state, model_weights, read_config, read_weights
@@ -158,6 +158,11 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         collator = ExampleCollator(tokenizer, d.max_text_len, len(classes) if spec.soft else 0)
         evaluate = _classification_eval(spec, module, tokenizer, config, classes, d.val)[0] if d.val else None
         extra = {CLASSES_FILE: classes}
+    if evaluate_test and d.test:  # read now (its loader looks for every image): an error before training
+        if name == "retrieval":
+            RetrievalDataset(d.test, d.image_root, eval_transform(config))
+        else:
+            spec.load(d.test, d.image_root)
     log.info("fine-tuning %s on %s (%d training examples) from %s", name, d.train, len(dataset),
              checkpoint or config.task.init)
     trainer = Trainer(module, config, dataset, collator, output_dir, tokenizer, evaluate, extra_files=extra)

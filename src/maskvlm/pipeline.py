@@ -214,6 +214,9 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     if not aligned:
         log.info("no ITC/ITM objective in this recipe: zero-shot retrieval is skipped (fine-tune retrieval instead)")
     evaluate = make_retrieval_eval(model, tokenizer, config, d.val) if d.val and aligned else None
+    # the test split is read now: a missing image is an error before training, not after it
+    test_eval = make_retrieval_eval(model, tokenizer, config, d.test, progress=config.train.progress and is_main()) \
+        if evaluate_test and d.test and aligned else None
     trainer = Trainer(task, config, dataset, collator, output_dir, tokenizer, evaluate)
     if checkpoint is not None:
         trainer.resume(checkpoint)
@@ -231,10 +234,9 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
     if evaluate is not None and ends and config.eval.keep_best:  # the final weights' val figures, for the best choice
         trainer.record_val(trainer.run_evaluation(evaluate))
         result["best"] = trainer.best
-    if evaluate_test and d.test and aligned and ends:
+    if test_eval is not None and ends:
         weights = trainer.use_best_for_test()
-        test = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, d.test,
-                                                          progress=config.train.progress and is_main()))
+        test = trainer.run_evaluation(test_eval)
         if not is_main():
             return result
         result["test"] = test

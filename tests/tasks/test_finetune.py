@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from maskvlm.config import ConfigError
+from maskvlm.data.formats import DataError
 from maskvlm.data.synthetic_tasks import generate_task
 from maskvlm.finetune import build_finetune_config, evaluate_task, finetune
 from maskvlm.tasks import nlvr2, ve, vqa
@@ -139,6 +140,19 @@ def test_finetune_config_and_errors(pretrained, task_data, tmp_path):
         build_finetune_config("ve", str(pretrained), overrides=["task.layer_decay=1.5"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         build_finetune_config("ve", str(tmp_path / "nope"))
+
+
+def test_a_missing_test_image_is_an_error_before_fine_tuning(pretrained, task_data, tmp_path):
+    import shutil
+    copy = tmp_path / "nlvr2"
+    shutil.copytree(task_data["nlvr2"], copy)
+    test_file = copy / CLASSIFICATION_TASKS["nlvr2"].synthetic_files[2]
+    gone = nlvr2.load_nlvr2(test_file)[0].images[1]
+    gone.unlink()
+    cfg = _config("nlvr2", pretrained, {"nlvr2": copy}, tmp_path / "out")
+    with pytest.raises(DataError, match=rf"image file not found: {gone} \(1 of 8 images missing"):
+        finetune(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists()  # found before training, not after it
 
 
 def test_a_printed_config_names_its_pretrained_model(pretrained, tmp_path, capsys):

@@ -613,6 +613,14 @@ class RetrievalDataset(Dataset):
                 self.img2txt[i].append(len(self.texts))
                 self.txt2img.append(i)
                 self.texts.append(caption)
+        # An evaluation cannot skip an image without changing its figures, so a missing one is an
+        # error, and it is found here, before any work (a training run's first validation comes
+        # after steps that would otherwise be trained for nothing).
+        missing = [p for p in self.images if not (self.root / p).is_file()]
+        if missing:
+            raise DataError(f"{annotation_path}: {len(missing)} of {len(self.images)} images not found under "
+                            f"{self.root} (e.g. {', '.join(missing[:3])}); an evaluation needs every image. Is the "
+                            "image root right? Set it with --image-root / data.image_root")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -664,7 +664,15 @@ class Trainer:
                 if evaluates and any_rank(stop.is_set()):  # a stop request during the step: no evaluation
                     evaluates = False
                 if evaluates:  # every rank takes part: the evaluations split their work over the ranks
-                    val = self.interruptible_evaluation(stop)
+                    try:
+                        val = self.interruptible_evaluation(stop)
+                    except Exception:  # a bad val image, say: the steps trained since the last checkpoint stay
+                        path = self.save() if saves else None
+                        if path is not None:
+                            log.error("step %d: the val evaluation failed (the error follows); the training so far "
+                                      "is saved in %s: fix the cause, then continue with --resume auto", self.step,
+                                      path)
+                        raise
                     evaluates = val is not None
                 if evaluates:
                     improved = self.record_val(val, logger)
