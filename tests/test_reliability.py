@@ -230,6 +230,35 @@ def test_a_val_evaluation_that_fails_keeps_the_steps_trained_before_it(synthetic
     assert not list_checkpoints(tmp_path / "run2") and not list_checkpoints(tmp_path / "run3")
 
 
+def test_a_step_that_fails_keeps_the_steps_trained_before_it(synthetic_dir, tmp_path, monkeypatch):
+    # An error inside a step's forward or backward (out of memory, most often) ended the run with
+    # every step since the last checkpoint lost (here: all of them, train.save_every=0).
+    from maskvlm.tasks.pretrain import PretrainTask
+    whole = tmp_path / "whole"
+    pretrain(_run_config(synthetic_dir, whole, "train.max_steps=6", "train.save_every=3"))
+    real, calls = PretrainTask.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pretrain(_run_config(synthetic_dir, out, "train.max_steps=6", "train.save_every=0"))
+    saved = list_checkpoints(out)
+    assert [p.name for p in saved] == ["step-00000003"]
+    state = load_trainer_state(saved[0])
+    assert (state["step"], state["batch_in_epoch"], state["samples_used"]) == (3, 3, 24)  # the failed batch is not used
+    assert all(torch.equal(v, load_file(whole / "checkpoints" / "step-00000003" / "model.safetensors")[k])
+               for k, v in load_file(saved[0] / "model.safetensors").items())  # the weights after step 3
+    assert "step 4 failed" in (out / "train.log").read_text()
+    monkeypatch.setattr(PretrainTask, "forward", real)
+    done = pretrain(_run_config(synthetic_dir, out, "train.max_steps=6"), resume="auto")
+    assert done["step"] == 6
+
+
 def test_non_finite_steps_are_skipped_then_a_run_of_them_stops(synthetic_dir, tmp_path, monkeypatch):
     from maskvlm.tasks.pretrain import PretrainTask
 

@@ -498,7 +498,7 @@ class Trainer:
                 f"(checked after data.skip_check_after={d.skip_check_after} samples). Fix or remove the files (the "
                 "log names the first ones of each kind), or raise data.max_skip_rate")
 
-    def _save_before_loader_failure(self, step_start: tuple) -> None:
+    def _save_before_loader_failure(self, step_start: tuple) -> Optional[Path]:
         """The loader gave up inside a step: write a checkpoint of the last finished step, with the data
         position and counts put back to that step's end, so that no sample is skipped on resume. Only
         where this process can write alone (one process, or rank 0 without FSDP); under torchrun the
@@ -506,7 +506,20 @@ class Trainer:
         self.epoch, self.batch_in_epoch, skipped, self.samples_used = step_start
         self.skipped_samples = dict(skipped)
         if self.step > 0 and (world_size() == 1 or (self.fsdp is None and is_main())):
-            self.save()
+            return self.save()
+        return None
+
+    def _save_after_failed_step(self, step_start: tuple) -> None:
+        """A step failed in its forward or backward (out of memory, a shape the model cannot take): the
+        weights and optimizer are still those of the last finished step, so write that step's checkpoint
+        with the data position put back (``_save_before_loader_failure``) before the error goes on.
+        The random state, and a momentum queue or prototype centre the failed forward updated, are as
+        the failure left them: the resumed run is a sound continuation, not a bit-identical one."""
+        path = self._save_before_loader_failure(step_start)
+        if path is not None:
+            log.error("step %d failed (the error follows); the %d steps trained so far are saved in %s: fix the "
+                      "cause (e.g. a smaller train.batch_size with train.grad_accum), then continue with --resume "
+                      "auto", self.step + 1, self.step, path)
 
     def _gradient_sync(self, sync: bool):
         """Gradient accumulation under torchrun: reduce gradients over ranks only on the last micro-batch."""
@@ -563,36 +576,43 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
                 finite = True
-                pooled = None  # train.accumulate_itc: every micro-batch first, for the ITC pool
-                if accumulate_itc:
-                    pooled = [fetch() for _ in range(t.grad_accum)]
-                    with autocast(self.device, t.precision):  # through the root's forward (FSDP), not DDP's
-                        self.task.pool = self.task(None, pool_of=pooled)
-                for micro in range(t.grad_accum):
-                    if pooled is not None:
-                        batch = pooled[micro]
-                        self.task.pool.micro = micro
-                    else:
-                        batch = fetch()
-                    too_many_bad = self._count_skips(batch)
-                    with self._gradient_sync(micro == t.grad_accum - 1):
-                        with autocast(self.device, t.precision):
-                            loss, metrics = self.forward_module(batch)
-                        # One collective decides for every rank, before any backward: a rank that skipped
-                        # its backward (or stopped) alone would leave the others waiting forever.
-                        flags = global_max(_NONFINITE * (not bool(torch.isfinite(loss))) + _TOO_MANY_BAD * too_many_bad)
-                        if flags & _TOO_MANY_BAD:
-                            if saves and self.step > 0:
-                                self.save()  # keep the progress made so far (no update of this step applied)
-                            raise TooManyBadSamples(self._skip_message())
-                        if flags & _NONFINITE:
-                            finite = False
-                            break
-                        scaled = loss / t.grad_accum
-                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    for k, v in metrics.items():
-                        step_metrics[k] += float(v) / t.grad_accum
-                    window_samples += len(batch)
+                try:  # forward and backward: nothing of the model or optimizer has changed yet
+                    pooled = None  # train.accumulate_itc: every micro-batch first, for the ITC pool
+                    if accumulate_itc:
+                        pooled = [fetch() for _ in range(t.grad_accum)]
+                        with autocast(self.device, t.precision):  # through the root's forward (FSDP), not DDP's
+                            self.task.pool = self.task(None, pool_of=pooled)
+                    for micro in range(t.grad_accum):
+                        if pooled is not None:
+                            batch = pooled[micro]
+                            self.task.pool.micro = micro
+                        else:
+                            batch = fetch()
+                        too_many_bad = self._count_skips(batch)
+                        with self._gradient_sync(micro == t.grad_accum - 1):
+                            with autocast(self.device, t.precision):
+                                loss, metrics = self.forward_module(batch)
+                            # One collective decides for every rank, before any backward: a rank that skipped
+                            # its backward (or stopped) alone would leave the others waiting forever.
+                            flags = global_max(_NONFINITE * (not bool(torch.isfinite(loss))) +
+                                               _TOO_MANY_BAD * too_many_bad)
+                            if flags & _TOO_MANY_BAD:
+                                if saves and self.step > 0:
+                                    self.save()  # keep the progress made so far (no update of this step applied)
+                                raise TooManyBadSamples(self._skip_message())
+                            if flags & _NONFINITE:
+                                finite = False
+                                break
+                            scaled = loss / t.grad_accum
+                            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                        for k, v in metrics.items():
+                            step_metrics[k] += float(v) / t.grad_accum
+                        window_samples += len(batch)
+                except (TooManyBadSamples, LoaderFailed):
+                    raise  # their checkpoints are written where they are raised
+                except Exception:  # out of memory, say: keep the steps trained so far
+                    self._save_after_failed_step(step_start)
+                    raise
                 if pooled is not None:
                     self.task.pool = None
                 grad_norm = float("nan")
