@@ -25,7 +25,7 @@ from .tasks.pretrain import (PretrainTask, eval_transform, make_retrieval_eval, 
 from .tasks.retrieval import format_table
 from .train.checkpoint import model_folder
 from .train.distributed import init_from_env, is_main
-from .train.logging import log_to_file, setup_logging
+from .train.logging import setup_logging
 from .train.loop import Trainer, seed_everything
 
 log = logging.getLogger("maskvlm")
@@ -86,7 +86,7 @@ def prepare_task_data(config: Config, progress: bool = True) -> None:
 def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
              evaluate_test: bool = True) -> dict:
     """Fine-tune ``config.task.name`` starting from ``config.task.init`` (or continue ``resume``)."""
-    from .pipeline import hold_run_folder, resolve_run
+    from .pipeline import resolve_run, run_folder
 
     setup_logging()
     if init_from_env() and not is_main():  # under torchrun: DDP (or FSDP), rank 0 reports
@@ -97,11 +97,8 @@ def finetune(config: Config, resume: Optional[str] = None, overrides: Optional[l
         raise ConfigError(f"{checkpoint} is a '{config.task.name}' run; it cannot be resumed as '{wanted}'")
     if checkpoint is None and not config.task.init:
         raise ConfigError("fine-tuning starts from a pre-trained model: pass --checkpoint PATH (task.init)")
-    with hold_run_folder(output_dir):
-        if not is_main():
-            return _finetune(config, checkpoint, output_dir, evaluate_test)
-        with log_to_file(output_dir):
-            return _finetune(config, checkpoint, output_dir, evaluate_test)
+    with run_folder(output_dir):
+        return _finetune(config, checkpoint, output_dir, evaluate_test)
 
 
 def _load_start(config: Config, checkpoint: Optional[Path]):
@@ -158,11 +155,11 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         collator = ExampleCollator(tokenizer, d.max_text_len, len(classes) if spec.soft else 0)
         evaluate = _classification_eval(spec, module, tokenizer, config, classes, d.val)[0] if d.val else None
         extra = {CLASSES_FILE: classes}
-    if evaluate_test and d.test:  # read now (its loader looks for every image): an error before training
-        if name == "retrieval":
-            RetrievalDataset(d.test, d.image_root, eval_transform(config))
-        else:
-            spec.load(d.test, d.image_root)
+    # the test split is read now (its loader looks for every image): a missing one is an error before training
+    test_data = None
+    if evaluate_test and d.test:
+        test_data = RetrievalDataset(d.test, d.image_root, eval_transform(config)) if name == "retrieval" \
+            else spec.load(d.test, d.image_root)
     log.info("fine-tuning %s on %s (%d training examples) from %s", name, d.train, len(dataset),
              checkpoint or config.task.init)
     trainer = Trainer(module, config, dataset, collator, output_dir, tokenizer, evaluate, extra_files=extra)
@@ -182,13 +179,15 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         if not path:
             continue
         weights = trainer.use_best_for_test() if split == "test" else ""
+        read = test_data if split == "test" else None
         if name == "retrieval":
             metrics = trainer.run_evaluation(make_retrieval_eval(model, tokenizer, config, path,
-                                                                 progress=config.train.progress and main))
+                                                                 progress=config.train.progress and main, dataset=read))
             title = f"fine-tuned retrieval on {path}"
         else:
             run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
-                                                 predictions=output_dir / f"predictions_{split}.json" if main else None)
+                                                 predictions=output_dir / f"predictions_{split}.json" if main else None,
+                                                 examples=read)
             metrics = trainer.run_evaluation(run)
             if name == "vqa":
                 metrics["vqa_prior_acc"] = question_prior_accuracy(train_examples, examples)

@@ -55,17 +55,15 @@ def pretrain(config: Config, resume: Optional[str] = None, overrides: Optional[l
     if init_from_env() and not is_main():
         logging.getLogger("maskvlm").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     output_dir, checkpoint, config = resolve_run(config, resume, overrides)
-    with hold_run_folder(output_dir):
-        if not is_main():
-            return _pretrain(config, checkpoint, output_dir, evaluate_test)
-        with log_to_file(output_dir):
-            return _pretrain(config, checkpoint, output_dir, evaluate_test)
+    with run_folder(output_dir):
+        return _pretrain(config, checkpoint, output_dir, evaluate_test)
 
 
 @contextlib.contextmanager
-def hold_run_folder(output_dir: Path):
-    """This run is the only writer of ``output_dir`` (``folder_lock``): rank 0 holds the folder for
-    all ranks, and its refusal is raised on every rank."""
+def run_folder(output_dir: Path):
+    """While a run works in ``output_dir``: it is the folder's only writer (``folder_lock``; rank 0
+    holds it for all ranks, and its refusal is raised on every rank) and rank 0 logs to its
+    ``train.log``."""
     with contextlib.ExitStack() as stack:
         error = None
         if is_main():
@@ -77,6 +75,8 @@ def hold_run_folder(output_dir: Path):
         error = broadcast_object(error)
         if error is not None:
             raise FolderInUse(error)
+        if is_main():
+            stack.enter_context(log_to_file(output_dir))
         yield
 
 

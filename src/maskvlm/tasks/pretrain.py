@@ -180,14 +180,17 @@ def eval_transform(config: Config):
                           reduced_decode=config.data.reduced_decode)
 
 
-def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_path: str, progress: bool = False):
-    """A zero-argument function returning zero-shot retrieval metrics on ``annotation_path``. Under
-    torchrun every rank calls it together: the ITM re-ranking is split over the ranks."""
+def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_path: str, progress: bool = False,
+                        dataset=None):
+    """A zero-argument function returning zero-shot retrieval metrics on ``annotation_path`` (``dataset``:
+    that file already read). Under torchrun every rank calls it together: the ITM re-ranking is split
+    over the ranks."""
     from ..data.formats import RetrievalDataset
     from ..runtime import resolve_device
     from .retrieval import choose_score, evaluate_retrieval, protocol_k
 
-    dataset = RetrievalDataset(annotation_path, config.data.image_root, eval_transform(config))
+    if dataset is None:
+        dataset = RetrievalDataset(annotation_path, config.data.image_root, eval_transform(config))
     device = resolve_device(config.train.device)
     k = protocol_k(annotation_path, config.eval.k, config.eval.k_auto)
     score = choose_score(config)

@@ -498,28 +498,20 @@ class Trainer:
                 f"(checked after data.skip_check_after={d.skip_check_after} samples). Fix or remove the files (the "
                 "log names the first ones of each kind), or raise data.max_skip_rate")
 
-    def _save_before_loader_failure(self, step_start: tuple) -> Optional[Path]:
-        """The loader gave up inside a step: write a checkpoint of the last finished step, with the data
-        position and counts put back to that step's end, so that no sample is skipped on resume. Only
-        where this process can write alone (one process, or rank 0 without FSDP); under torchrun the
-        launcher then stops the other ranks."""
+    def _save_after_failed_step(self, step_start: tuple) -> None:
+        """A step failed before its update (the loader gave up, out of memory, a shape the model cannot
+        take): the weights and optimizer are still those of the last finished step, so write that step's
+        checkpoint, with the data position and counts put back to its end so that no sample is skipped
+        on resume, before the error goes on. The random state, and a momentum queue or prototype centre
+        a failed forward updated, are as the failure left them: the resumed run is a sound continuation,
+        not a bit-identical one. Only where this process can write alone (one process, or rank 0 without
+        FSDP); under torchrun the launcher then stops the other ranks."""
         self.epoch, self.batch_in_epoch, skipped, self.samples_used = step_start
         self.skipped_samples = dict(skipped)
         if self.step > 0 and (world_size() == 1 or (self.fsdp is None and is_main())):
-            return self.save()
-        return None
-
-    def _save_after_failed_step(self, step_start: tuple) -> None:
-        """A step failed in its forward or backward (out of memory, a shape the model cannot take): the
-        weights and optimizer are still those of the last finished step, so write that step's checkpoint
-        with the data position put back (``_save_before_loader_failure``) before the error goes on.
-        The random state, and a momentum queue or prototype centre the failed forward updated, are as
-        the failure left them: the resumed run is a sound continuation, not a bit-identical one."""
-        path = self._save_before_loader_failure(step_start)
-        if path is not None:
+            path = self.save()
             log.error("step %d failed (the error follows); the %d steps trained so far are saved in %s: fix the "
-                      "cause (e.g. a smaller train.batch_size with train.grad_accum), then continue with --resume "
-                      "auto", self.step + 1, self.step, path)
+                      "cause, then continue with --resume auto", self.step + 1, self.step, path)
 
     def _gradient_sync(self, sync: bool):
         """Gradient accumulation under torchrun: reduce gradients over ranks only on the last micro-batch."""
@@ -562,14 +554,10 @@ class Trainer:
             graphs = t.compile and "reduce-overhead" in (t.compile_mode or "") and self.device.type == "cuda"
             accumulate_itc = t.accumulate_itc and t.grad_accum > 1
             def fetch():
-                try:
-                    return next(batches).to(self.device, non_blocking=True)
-                except LoaderFailed:
-                    self._save_before_loader_failure(step_start)
-                    raise
+                return next(batches).to(self.device, non_blocking=True)
 
             while self.step < t.max_steps:
-                # the data position and counts of the step's start, saved if the loader fails during the step
+                # the data position and counts of the step's start, saved if the step fails before its update
                 step_start = (self.epoch, self.batch_in_epoch, dict(self.skipped_samples), self.samples_used)
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -608,9 +596,9 @@ class Trainer:
                         for k, v in metrics.items():
                             step_metrics[k] += float(v) / t.grad_accum
                         window_samples += len(batch)
-                except (TooManyBadSamples, LoaderFailed):
-                    raise  # their checkpoints are written where they are raised
-                except Exception:  # out of memory, say: keep the steps trained so far
+                except TooManyBadSamples:
+                    raise  # its checkpoint is written where it is raised
+                except Exception:  # out of memory, a loader that gave up: keep the steps trained so far
                     self._save_after_failed_step(step_start)
                     raise
                 if pooled is not None:
