@@ -207,10 +207,13 @@ class VLM:
         with autocast(self.device, self.precision):
             encoded = self.model.encode_image(self._image_tensor([image]))
             fused = self.model.fuse_text(self.model.encode_text(ids, mask), encoded.hidden)
-            probs = self.model.mlm_head(fused[0, positions]).float().softmax(dim=-1)
+            logits = self.model.mlm_head(fused[0, positions]).float()
+        # only ids a token has: not the gaps nor unused rows of a padded embedding table
+        tokens = self.tokenizer.token_mask(logits.shape[-1]).to(logits.device)
+        probs = logits.masked_fill(~tokens, -torch.inf).softmax(dim=-1)
         out = []
         for row in probs:
-            p, idx = row.topk(min(top_k, row.numel()))
+            p, idx = row.topk(min(top_k, int(tokens.sum())))
             out.append([(self.tokenizer.id_to_token(int(i)), float(v)) for v, i in zip(p, idx)])
         return out
 

@@ -138,6 +138,32 @@ def init_from_model(model, source: Path) -> None:
              f"; not used by this model: {', '.join(unexpected)}" if unexpected else "")
 
 
+def embedding_rows(config: Config, tokenizer, source: Optional[Path]) -> int:
+    """``model.vocab_size``: the word-embedding rows. A maskvlm model to resume or continue from keeps
+    its own; a Hugging Face ``model.text_init`` folder keeps its config.json's where that is more than
+    its tokenizer has (vocabularies padded to a multiple of 8 or 64), and gains fresh rows for the
+    tokens it lacks (added to the tokenizer, embeddings not resized). The rows past the tokenizer's
+    ids are never targets nor random MLM replacements."""
+    if source is not None:
+        rows = read_config(source).model.vocab_size
+    elif config.model.text_init:
+        from .models.hf_text import read_hf_config
+        rows = read_hf_config(config.model.text_init).get("vocab_size", tokenizer.vocab_size)
+        if rows < tokenizer.vocab_size:
+            log.warning("%s: the tokenizer has %d tokens but config.json's vocab_size is %d; ids %d-%d get new "
+                        "(untrained) embedding rows", config.model.text_init, tokenizer.vocab_size, rows, rows,
+                        tokenizer.vocab_size - 1)
+        elif rows > tokenizer.vocab_size:
+            log.info("%s: %d embedding rows for %d tokens (config.json's vocab_size; the %d extra rows are unused)",
+                     config.model.text_init, rows, tokenizer.vocab_size, rows - tokenizer.vocab_size)
+    else:
+        return tokenizer.vocab_size
+    if rows < tokenizer.vocab_size and source is not None:
+        raise ValueError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"model.vocab_size={rows} embedding rows")
+    return max(rows, tokenizer.vocab_size)
+
+
 def modality_aware(config: Config):
     mk = config.masking
     return (mk.modality_probs, mk.heavy_ratio, mk.light_ratio) if mk.modality_aware else None
@@ -181,7 +207,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         captions = dataset.captions()
         tokenizer = train_wordpiece(captions, d.vocab_size)
         log.info("trained a WordPiece tokenizer on %d captions: %d tokens", len(captions), tokenizer.vocab_size)
-    config.model.vocab_size = tokenizer.vocab_size
+    config.model.vocab_size = embedding_rows(config, tokenizer, checkpoint or init)
 
     seed_everything(config.train.seed)
     model = build_model(config)

@@ -116,3 +116,62 @@ def test_roberta_folder_with_byte_level_bpe(tmp_path):
         theirs = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     assert torch.allclose(ours[real], theirs[real], atol=1e-4), (ours[real] - theirs[real]).abs().max()
+
+
+def _bert_folder(folder, captions, extra_rows):
+    """A 2-layer BERT folder whose config.json's vocab_size is its vocab.txt's size + ``extra_rows``."""
+    from tokenizers import BertWordPieceTokenizer
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(captions, vocab_size=120, show_progress=False)
+    folder.mkdir()
+    wordpiece.save_model(str(folder))
+    tokens = len((folder / "vocab.txt").read_text().splitlines())
+    cfg = transformers.BertConfig(vocab_size=tokens + extra_rows, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(folder)
+    return tokens
+
+
+@pytest.mark.parametrize("extra_rows", [8, -5])
+def test_a_folder_whose_embedding_rows_differ_from_its_tokenizer_trains_and_resumes(
+        extra_rows, synthetic_dir, tmp_path, maskvlm_log):
+    """config.json's vocab_size padded past the tokenizer (8 more rows), or short of it (tokens added to
+    the tokenizer without resizing the embeddings): pre-training starts, keeps the folder's rows and
+    resumes; fill-mask only ever predicts real tokens."""
+    from maskvlm.data.formats import PairDataset
+    from maskvlm.inference import VLM
+    from maskvlm.pipeline import pretrain
+    from tests.conftest import micro_config
+    folder = tmp_path / "bert"
+    tokens = _bert_folder(folder, PairDataset(synthetic_dir / "train.json", None, None).captions(), extra_rows)
+    rows = max(tokens, tokens + extra_rows)
+    run = tmp_path / "run"
+    cfg = micro_config(f"model.text_init={folder}", f"data.train={synthetic_dir / 'train.json'}",
+                       f"data.test={synthetic_dir / 'test.json'}", f"train.output_dir={run}", "train.max_steps=2",
+                       "train.save_every=2")
+    pretrain(cfg, evaluate_test=False)
+    if extra_rows < 0:
+        assert f"ids {tokens + extra_rows}-{tokens - 1} get new (untrained) embedding rows" in maskvlm_log.text
+    pretrain(micro_config(f"train.output_dir={run}"), resume="auto", overrides=["train.max_steps=3"],
+             evaluate_test=False)
+    vlm = VLM.from_pretrained(run, device="cpu")
+    assert vlm.model.text_encoder.embeddings.word_embeddings.weight.shape[0] == rows
+    image = next((synthetic_dir / "images" / "test").iterdir())
+    predictions = vlm.fill_mask(image, "a red [MASK] left of a blue square", top_k=rows)[0]
+    assert len(predictions) == tokens and all(token is not None for token, _ in predictions)
+
+
+def test_the_folders_embedding_rows_are_copied_and_the_missing_ones_stay_new(synthetic_dir, tmp_path):
+    from maskvlm.data.formats import PairDataset
+    folder = tmp_path / "bert"
+    tokens = _bert_folder(folder, PairDataset(synthetic_dir / "train.json", None, None).captions(), -5)
+    cfg = build_config("maskvlm", overrides=[f"model.text_init={folder}", "model.text_layers=1",
+                                             "model.cross_layers=1", f"model.vocab_size={tokens}"])
+    model = build_model(cfg)
+    fresh = model.text_encoder.embeddings.word_embeddings.weight.detach().clone()
+    report = init_text_from_hf(model, folder, 1, 1)
+    theirs = read_hf_folder(folder)[1]["bert.embeddings.word_embeddings.weight"]
+    ours = model.text_encoder.embeddings.word_embeddings.weight.detach()
+    assert torch.equal(ours[:tokens - 5], theirs) and torch.equal(ours[tokens - 5:], fresh[tokens - 5:])
+    assert "mlm_head.decoder.weight" not in report.new  # tied to the word embeddings, which were loaded

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
@@ -44,10 +44,16 @@ class TextTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def token_mask(self, size: Optional[int] = None) -> torch.Tensor:
+        """(size,) bool, True at the ids a token has: False at gaps and at the rows past the last id
+        of an embedding table with ``size`` (default ``vocab_size``) rows."""
+        keep = torch.zeros(max(size or 0, self.vocab_size), dtype=torch.bool)
+        keep[self._ids] = True
+        return keep[:size or self.vocab_size]
+
     def ordinary_ids(self) -> torch.Tensor:
         """Ids a random replacement may use (everything but special tokens)."""
-        keep = torch.zeros(self.vocab_size, dtype=torch.bool)
-        keep[self._ids] = True  # ids no token has (gaps) are never drawn
+        keep = self.token_mask()  # ids no token has (gaps) are never drawn
         keep[self.special_ids] = False
         return keep.nonzero().squeeze(1)
 

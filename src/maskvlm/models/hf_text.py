@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .io import read_weights
+from .io import read_weights, tied_names
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -161,8 +161,14 @@ def init_text_from_hf(model: torch.nn.Module, folder: str | Path, text_layers: i
     def adjust(name, tensor, target):
         if name.endswith("position_embeddings.weight") and tensor.shape[0] > target.shape[0]:
             return tensor[:target.shape[0]]  # our model keeps fewer positions
+        if name.endswith(("word_embeddings.weight", "decoder.bias")) and tensor.shape[0] < target.shape[0]:
+            grown = target.clone()  # tokens the folder's embeddings lack keep their new rows
+            grown[:tensor.shape[0]] = tensor
+            return grown
         return tensor
     report.copy_weights(mapped, ours, adjust, str(folder), "check model.text_* against config.json")
-    text_keys = [k for k in ours if k.startswith(("text_encoder.", "text_cross_encoder.", "mlm_head."))]
+    tied = tied_names(model)  # the MLM decoder's weight is the word embeddings, loaded under that name
+    text_keys = [k for k in ours if k.startswith(("text_encoder.", "text_cross_encoder.", "mlm_head."))
+                 and k not in tied]
     report.new = sorted(k for k in text_keys if k not in set(report.loaded))
     return report
