@@ -129,3 +129,23 @@ def test_folder_outputs_given_a_file_name_it(tmp_path, capsys):
     model.mkdir()
     assert main(["export", "--checkpoint", str(model), "--out", str(taken)]) == 2
     assert f"{taken} is a file; --out names a folder" in capsys.readouterr().err  # was "[Errno 17] File exists"
+
+
+def test_a_full_disk_is_a_clear_error_and_an_interrupted_export_leaves_no_partial_model(tmp_path, capsys,
+                                                                                      monkeypatch, model, config):
+    import safetensors.torch
+
+    source = model.save_pretrained(tmp_path / "model", config)
+    real = safetensors.torch.save_file
+
+    def full(tensors, path, metadata=None):  # writes part of the file, then fails as safetensors does
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    assert main(["export", "--checkpoint", str(source), "--out", str(out)]) == 1
+    assert "maskvlm export: error: no space left on the device (Error while serializing" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert main(["export", "--checkpoint", str(source), "--out", str(out)]) == 0  # once there is room

@@ -3,6 +3,7 @@ counted (or converted), the skip rate is enforced, non-finite steps are skipped 
 them stops with a checkpoint, checkpoints survive SIGKILL mid-write and a full disk, malicious
 pickles are refused, and mismatched checkpoints name the tensors."""
 
+import errno
 import json
 import os
 import pickle
@@ -316,22 +317,101 @@ def test_checkpoint_of_another_architecture_names_the_tensors(model, tmp_path):
         load_state(model, state, "other.safetensors")
 
 
+class _FullDisk:
+    """A file on a disk with ``room`` bytes free: a write past them fails with ENOSPC, as the OS's does."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+def _disk_full_after(monkeypatch, root, checkpoints: int):
+    """torch.save runs out of space once ``root/checkpoints`` holds ``checkpoints`` step folders (the
+    real torch.save writing to a full file: it raises its own RuntimeError from the OSError)."""
+    real = torch.save
+
+    def save(state, f):
+        full = len(list((root / "checkpoints").glob("step-*"))) >= checkpoints
+        return real(state, _FullDisk(64) if full else f)
+    monkeypatch.setattr(torch, "save", save)
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(model, config, tmp_path, monkeypatch):
-    import errno
-
     save_checkpoint(tmp_path, 1, model, config, None, {"step": 1})
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
+    _disk_full_after(monkeypatch, tmp_path, 1)
     with pytest.raises(OSError, match="no space left .*step-00000001\\) is intact"):
         save_checkpoint(tmp_path, 2, model, config, None, {"step": 2})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_disk_that_holds_keep_last_checkpoints_keeps_the_run_going(model, config, tmp_path, monkeypatch,
+                                                                      maskvlm_log):
+    """keep_last=2 on a disk with room for two: the third save removes the oldest, which it prunes
+    anyway, and writes again, instead of failing the run."""
+    _disk_full_after(monkeypatch, tmp_path, 2)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, config, None, {"step": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert "checkpoint of step 4: removing step-00000002 now" in maskvlm_log.text
+    assert load_trainer_state(list_checkpoints(tmp_path)[-1])["step"] == 4
+
+
+def _free_space(monkeypatch, free: int):
+    import shutil
+    from collections import namedtuple
+
+    from maskvlm.train import checkpoint
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free))
+    assert shutil.disk_usage is checkpoint.shutil.disk_usage
+
+
+def test_a_run_whose_first_checkpoint_cannot_fit_is_refused_before_training(synthetic_dir, tmp_path, monkeypatch):
+    _free_space(monkeypatch, 2 ** 12)  # a micro checkpoint takes about 0.5 MiB
+    run = tmp_path / "run"
+    cfg = micro_config(f"data.train={synthetic_dir / 'train.json'}", "data.val=null", "data.test=null",
+                       f"train.output_dir={run}")
+    with pytest.raises(OSError, match="run has 4 KiB free and a checkpoint of this run takes about"):
+        pretrain(cfg)
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+def test_disk_room_counts_what_a_save_may_prune_and_warns_when_the_kept_checkpoints_will_not_fit(
+        model, config, tmp_path, monkeypatch, maskvlm_log):
+    from maskvlm.train.checkpoint import check_disk_room
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, config, None, {"step": step})
+    size = sum(f.stat().st_size for f in list_checkpoints(tmp_path)[0].iterdir())
+    _free_space(monkeypatch, size // 2)
+    check_disk_room(tmp_path, size, keep_last=2, saves_left=3)  # step 1's room is freed by the next save
+    assert "keeps up to 2 checkpoints" not in maskvlm_log.text
+    with pytest.raises(OSError, match="no space left on the device for a checkpoint"):
+        check_disk_room(tmp_path, size, keep_last=3, saves_left=3)  # both stay after the next save
+    _free_space(monkeypatch, 2 * size)
+    check_disk_room(tmp_path, size, keep_last=0, saves_left=3)  # every checkpoint kept: room for 2 of 3 more
+    assert "keeps up to 5 checkpoints" in maskvlm_log.text
+
+
+def test_out_of_space_is_recognised_in_the_forms_torch_and_safetensors_raise_it():
+    from maskvlm.models.io import out_of_space
+    with pytest.raises(RuntimeError) as raised:
+        torch.save({"x": torch.zeros(1000)}, _FullDisk(64))
+    assert "No space" not in str(raised.value) and out_of_space(raised.value)  # only its context says so
+    assert out_of_space(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not out_of_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
+
+
 def test_disk_full_while_saving_the_best_weights_keeps_the_previous_best(model, config, tmp_path, monkeypatch):
-    import errno
     import json
 
     from maskvlm.train import checkpoint

@@ -620,7 +620,8 @@ def _export(args) -> int:
 
     from safetensors.torch import save_file
 
-    from .models.io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config, read_weights, write_checksums
+    from .models.io import (CHECKSUM_FILE, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config, read_weights,
+                            write_checksums)
     from .tasks.downstream import CLASSES_FILE
     from .train.checkpoint import model_folder, model_only
 
@@ -635,11 +636,16 @@ def _export(args) -> int:
     # an exported folder (no model. prefix) is copied as it is
     weights = model_only(state, config.task.name) if any(k.startswith("model.") for k in state) else state
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / MODEL_FILE), metadata={"format": "pt"})
-    for name in (CONFIG_FILE, TOKENIZER_FILE, CLASSES_FILE):
-        if (source / name).exists():
+    written = [MODEL_FILE] + [name for name in (CONFIG_FILE, TOKENIZER_FILE, CLASSES_FILE) if (source / name).exists()]
+    try:
+        save_file(weights, str(out / MODEL_FILE), metadata={"format": "pt"})
+        for name in written[1:]:
             shutil.copy(source / name, out / name)
-    write_checksums(out)
+        write_checksums(out)
+    except BaseException:  # e.g. a full disk: no half-written model is left to refuse the next try
+        for name in (*written, CHECKSUM_FILE):
+            (out / name).unlink(missing_ok=True)
+        raise
     size = (out / MODEL_FILE).stat().st_size / 2 ** 20
     print(f"exported {source} -> {out} ({len(weights)} tensors, {size:.1f} MiB)")
     return 0
@@ -729,6 +735,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from .models.io import out_of_space
+        if not out_of_space(e):
+            raise
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if not text.startswith("no space left"):
+            text = f"no space left on the device ({text})"
+        print(f"maskvlm {args.command}: error: {text}", file=sys.stderr)
+        return 1
     finally:
         shutdown(clean)  # under torchrun: leave the process group before the interpreter exits
 

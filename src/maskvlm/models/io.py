@@ -11,6 +11,7 @@ one they cannot parse."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -184,6 +185,31 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, s
                          f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}")
     return missing, unexpected
+
+
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is a full disk or an exceeded quota.
+    ``torch.save`` reports one as a RuntimeError (``unexpected pos ...``) raised from the file's
+    OSError, and safetensors as a SafetensorError whose text carries the OS error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def save_state(state: dict, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as the file's OSError
+    (given a path, torch's own writer loses it)."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def write_model_folder(directory: Path, module: nn.Module, config, tokenizer=None,

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.io import (CONFIG_FILE, MODEL_FILE, file_damage, folder_damage, unique_state_dict, write_checksums,
-                         write_model_folder)
+from ..models.io import (CONFIG_FILE, MODEL_FILE, file_damage, folder_damage, out_of_space, save_state,
+                         unique_state_dict, write_checksums, write_model_folder)
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,83 @@ def save_checkpoint(output_dir: Path, step: int, task: nn.Module, config, tokeni
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing (or our own retry)
         shutil.rmtree(stale, ignore_errors=True)
-    try:
-        write_model_folder(tmp, task, config, tokenizer, model_state, checksums=False)
-        _fault_delay()
-        torch.save(trainer_state, tmp / STATE_FILE)
-        _finish_folder(tmp, extra_files)  # e.g. a task's class names
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            previous = list_checkpoints(output_dir)
-            raise OSError(e.errno, f"no space left on the device while writing the checkpoint for step {step} in "
-                          f"{root}; the partial copy was removed and the previous checkpoint "
-                          f"({previous[-1] if previous else 'none'}) is intact. Free space, then continue with "
-                          "--resume auto") from None
-        raise
+    # On a full disk, the checkpoints this save prunes anyway (never the newest) go first and it tries
+    # again: a disk that holds keep_last checkpoints, not keep_last + 1, keeps the run going.
+    prunable = _prunable([c for c in list_checkpoints(output_dir) if c != final], keep_last)
+    while True:
+        try:
+            write_model_folder(tmp, task, config, tokenizer, model_state, checksums=False)
+            _fault_delay()
+            save_state(trainer_state, tmp / STATE_FILE)
+            _finish_folder(tmp, extra_files)  # e.g. a task's class names
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            break
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not out_of_space(e):
+                raise
+            newest = list_checkpoints(output_dir)[-1:]
+            needed = _folder_bytes(newest[0]) if newest else 0  # this save's size, near enough
+            if prunable and shutil.disk_usage(root).free + sum(map(_folder_bytes, prunable)) >= needed:
+                log.warning("no space left on the device for the checkpoint of step %d: removing %s now (this save "
+                            "prunes it anyway) and writing again", step, ", ".join(c.name for c in prunable))
+                for old in prunable:
+                    shutil.rmtree(old, ignore_errors=True)
+                prunable = []
+                continue
+            kept = (f"the previous checkpoint ({newest[0]}) is intact. Free space, then continue with --resume auto"
+                    if newest else "there is no earlier checkpoint. Free space and start again")
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing the checkpoint for step {step} "
+                          f"in {root}; the partial copy was removed and {kept}") from None
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _prunable(existing: list[Path], keep_last: int) -> list[Path]:
+    """The checkpoints a save may remove before its own is in place when the disk is full: those it
+    prunes anyway after writing, never the newest."""
+    return existing[:-max(keep_last - 1, 1)] if keep_last else []
+
+
+def checkpoint_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About how many bytes one checkpoint of ``task`` takes: its weights and buffers, and AdamW's two
+    moments per trained parameter."""
+    # parameters() and buffers() give a tied tensor once; under FSDP numel() is the whole tensor's
+    weights = sum(t.numel() * t.element_size() for t in (*task.parameters(), *task.buffers()))
+    return weights + sum(2 * p.numel() * p.element_size() for group in optimizer.param_groups
+                         for p in group["params"])
+
+
+def _mib(n: float) -> str:
+    if n < 2 ** 20:
+        return f"{n / 2 ** 10:.0f} KiB"
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def check_disk_room(output_dir: Path, size: int, keep_last: int, saves_left: int) -> None:
+    """Before training: a run whose first checkpoint cannot fit on the disk is refused (the steps
+    before that save would be lost); one whose kept checkpoints will not all fit is warned."""
+    existing = list_checkpoints(output_dir)
+    free = shutil.disk_usage(output_dir).free
+    if free + sum(_folder_bytes(c) for c in _prunable(existing, keep_last)) < size:
+        raise OSError(errno.ENOSPC, f"no space left on the device for a checkpoint: {output_dir} has {_mib(free)} "
+                      f"free and a checkpoint of this run takes about {_mib(size)}, so every step before the first "
+                      "save would be lost. Free space or choose another --output-dir")
+    slots = max(keep_last, 2) if keep_last else len(existing) + saves_left
+    held = sum(_folder_bytes(c) for c in existing)
+    if free + held < slots * size:
+        log.warning("%s has %s free; this run keeps up to %d checkpoints of about %s (train.keep_last=%d), %s in "
+                    "all. Once the disk is full a save fails and stops the run (the checkpoint before it stays "
+                    "intact)", output_dir, _mib(free), slots, _mib(size), keep_last, _mib(slots * size))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def _finish_folder(folder: Path, json_files: Optional[dict]) -> None:
@@ -130,9 +185,9 @@ def save_best(output_dir: Path, task: nn.Module, config, tokenizer, info: dict,
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(output_dir)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no space left on the device while writing the best weights (step "
+    except Exception as e:
+        if out_of_space(e):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing the best weights (step "
                           f"{info.get('step')}) to {final}; the partial copy was removed"
                           f"{' and the previous best is intact' if final.exists() or old.exists() else ''}. Free "
                           "space, then continue with --resume auto") from None

@@ -5,6 +5,7 @@ metrics logs, periodic evaluation and atomic checkpoints with exact resume."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import random
@@ -26,9 +27,9 @@ from ..config import Config, ConfigError, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state, read_weights
 from ..runtime import autocast, deterministic_compiled_kernels, keep_freed_host_memory, resolve_device
-from .checkpoint import (BEST_DIR, BEST_FILE, keeps_model_only, load_trainer_state, rng_state, save_best,
-                         save_checkpoint, set_aside_later, set_rng_state)
-from .distributed import any_rank, barrier, global_max, is_main, rank, world_size
+from .checkpoint import (BEST_DIR, BEST_FILE, check_disk_room, checkpoint_bytes, keeps_model_only, load_trainer_state,
+                         rng_state, save_best, save_checkpoint, set_aside_later, set_rng_state)
+from .distributed import any_rank, barrier, broadcast_object, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, append_metrics, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
 
@@ -269,6 +270,19 @@ class Trainer:
         self.last_checkpoint = path
         log.info("checkpoint written: %s", path)
         return path
+
+    def _check_disk_room(self) -> None:
+        """Refuse to start where the first checkpoint cannot be written (rank 0 looks; all ranks raise)."""
+        t, error = self.config.train, None
+        if is_main():
+            saves_left = (t.max_steps - self.step) // t.save_every + 1 if t.save_every else 1
+            try:
+                check_disk_room(self.output_dir, checkpoint_bytes(self.task, self.optimizer), t.keep_last, saves_left)
+            except OSError as e:
+                error = e.strerror
+        error = broadcast_object(error)
+        if error is not None:
+            raise OSError(errno.ENOSPC, error)
 
     def resume(self, checkpoint: Path) -> None:
         """Continue exactly where ``checkpoint`` stopped: weights, optimizer, schedule, data position, RNG."""
@@ -532,6 +546,7 @@ class Trainer:
     def fit(self) -> dict:
         t = self.config.train
         main = is_main()
+        self._check_disk_room()
         saves = main or self.fsdp is not None  # ranks that take part in writing a checkpoint
         wandb = dict(project=t.wandb_project, name=t.wandb_name, config=self.config.to_dict()) if t.wandb else None
         logger = MetricsLogger(self.output_dir, t.tensorboard, wandb) if main else None
