@@ -200,3 +200,21 @@ def test_a_minimum_lr_above_the_peak_is_a_warning_where_the_schedule_decays_to_i
                       "train.min_lr after the warm-up instead of decaying"]
     assert setting_warnings(build_config(overrides=["train.lr=1e-6", "train.schedule=constant"])) == []
     assert setting_warnings(build_config()) == []
+
+
+def test_a_training_file_that_changed_size_before_a_resume_starts_the_next_epoch(synthetic_dir, tmp_path,
+                                                                                 maskvlm_log):
+    """The data position (batch 2 of an epoch) means other samples once the file has other pairs: the
+    rest of that epoch is skipped with a warning instead of continuing at a position that no longer
+    matches (before 2026-11-24, silently)."""
+    pairs = json.loads((synthetic_dir / "train.json").read_text())
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(pairs[:40]))  # 5 batches of 8
+    run = tmp_path / "run"
+    pretrain(micro_config(f"data.train={train}", f"data.image_root={synthetic_dir}", "data.val=null",
+                          "data.test=null", f"train.output_dir={run}", "train.max_steps=2"))
+    train.write_text(json.dumps(pairs[:24]))
+    maskvlm_log.clear()
+    pretrain(micro_config(f"train.output_dir={run}"), resume="auto", overrides=["train.max_steps=3"])
+    assert "'samples': 40} and resumes with {'world': 1, 'batch_size': 8, 'samples': 24}" in maskvlm_log.text
+    assert "at step 2 (epoch 1, batch 0)" in maskvlm_log.text

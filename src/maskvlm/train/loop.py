@@ -234,7 +234,7 @@ class Trainer:
         """What the data position means: a streamed epoch is split by processes and workers."""
         if self.streaming:
             return self.dataset.layout()
-        layout = {"world": world_size(), "batch_size": self.config.train.batch_size}
+        layout = {"world": world_size(), "batch_size": self.config.train.batch_size, "samples": len(self.dataset)}
         if self.mix is not None:  # another mix orders the epoch differently
             layout["train_weights"] = self.mix[1]
         return layout
@@ -310,11 +310,13 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        saved = state.get("data_layout")
-        if saved is not None and saved != self._data_layout() and self.batch_in_epoch:
+        saved, layout = state.get("data_layout"), self._data_layout()
+        if saved is not None and "samples" not in saved:  # written before 2026-11-24, without the size
+            layout.pop("samples", None)
+        if saved is not None and saved != layout and self.batch_in_epoch:
             # the position within an epoch cannot be mapped onto another split: start the next epoch
             log.warning("the run was saved with data layout %s and resumes with %s: the rest of epoch %d is "
-                        "skipped so that no sample is repeated", saved, self._data_layout(), self.epoch)
+                        "skipped so that no sample is repeated", saved, layout, self.epoch)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.epoch,
                  self.batch_in_epoch)
