@@ -194,9 +194,29 @@ def test_cli_commands_write_pictures(trained, synthetic_dir, entries, tmp_path, 
 def test_plot_reports_a_missing_or_broken_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         insight.read_metrics(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
-    with pytest.raises(ValueError, match="line 2 is not JSON"):
+    (tmp_path / "metrics.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="no records \\(1 lines are not JSON\\)"):
         insight.read_metrics(tmp_path)
+
+
+def test_a_record_cut_by_a_killed_run_is_ended_before_the_next_and_skipped_by_readers(tmp_path, maskvlm_log):
+    """A run killed while writing metrics.jsonl leaves a cut last line. The resumed run's records used
+    to be glued onto it (both lost to every reader) and `maskvlm plot` then refused the whole file."""
+    from maskvlm.train.logging import MetricsLogger, append_metrics
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "tr')
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(2, "train", {"loss": 1.5})
+    logger.close()
+    append_metrics(tmp_path, 2, "val", {"r_mean": 3.0})
+    assert "its last line was cut short" in maskvlm_log.text
+    rows = insight.read_metrics(tmp_path)
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "val")]
+    assert "line 2 is not JSON" in maskvlm_log.text
+
+    from maskvlm.ablation import _done  # an ablation's results.jsonl: the cut run is done again
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"config": "itc", "fraction": 1.0, "seed": 0}\n{"config": "itc", "fra')
+    assert list(_done(results)) == [("itc", 1.0, 0)]
 
 
 def test_binding_probes_exchange_exactly_two_attributes():

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .train.logging import open_jsonl, read_jsonl
+
 log = logging.getLogger("maskvlm")
 
 # name -> (recipe, overrides). "itc" is both a recipe and the first MaskVLM loss ablation.
@@ -86,7 +88,7 @@ def subset_annotations(train_json: Path, fraction: float, seed: int, out: Path) 
 def _done(results_file: Path) -> dict[tuple, dict]:
     if not results_file.exists():
         return {}
-    rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    rows, _ = read_jsonl(results_file)  # a line cut by a killed study is skipped: that run is done again
     return {(r["config"], r["fraction"], r["seed"]): r for r in rows}
 
 
@@ -163,7 +165,7 @@ def run_study(study: Study, progress: bool = False) -> list[dict]:
             row["finetuned_r1"] = ft["test"]["r1_mean"]
             row["finetuned_itc_r1"] = ft["test"]["itc_r1_mean"]
         row["seconds"] = round(time.perf_counter() - start, 1)
-        with open(results_file, "a") as f:
+        with open_jsonl(results_file) as f:
             f.write(json.dumps(row) + "\n")
         done[(name, fraction, seed)] = row
     return list(done.values())

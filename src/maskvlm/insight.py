@@ -8,7 +8,6 @@ Every function takes a :class:`maskvlm.inference.VLM`; the CLI commands ``maskvl
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .data.formats import DataError, load_annotations, open_image
 from .inference import VLM, ImageLike
 from .masking import block_mask, mask_to_indices
 from .runtime import autocast
+from .train.logging import read_jsonl
 
 log = logging.getLogger("maskvlm")
 
@@ -432,22 +432,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no metrics.jsonl (give a run folder written by maskvlm pretrain/finetune)")
     rows: list[dict] = []
     last_train = None
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
-            if row.get("split") == "train" and isinstance(row.get("step"), (int, float)):
-                if last_train is not None and row["step"] <= last_train:
-                    # a resumed run logs again the steps after its checkpoint: the rows written before
-                    # the resume from those steps on are the lost (or abandoned) stretch
-                    rows = [r for r in rows if not (isinstance(r.get("step"), (int, float))
-                                                    and r["step"] >= row["step"])]
-                last_train = row["step"]
-            rows.append(row)
+    records, skipped = read_jsonl(path)
+    for row in records:
+        if row.get("split") == "train" and isinstance(row.get("step"), (int, float)):
+            if last_train is not None and row["step"] <= last_train:
+                # a resumed run logs again the steps after its checkpoint: the rows written before
+                # the resume from those steps on are the lost (or abandoned) stretch
+                rows = [r for r in rows if not (isinstance(r.get("step"), (int, float))
+                                                and r["step"] >= row["step"])]
+            last_train = row["step"]
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows yet")
+        raise ValueError(f"{path}: no records" + (f" ({skipped} lines are not JSON)" if skipped else " yet"))
     return rows
 
 

@@ -62,9 +62,37 @@ def metrics_line(step: int, split: str, metrics: dict) -> str:
     return json.dumps(record) + "\n"
 
 
+def open_jsonl(path: Path):
+    """A JSON-lines file (``metrics.jsonl``, an ablation's ``results.jsonl``) opened to append. A last
+    line cut short (a process killed while writing it) is ended first, so the records that follow stay
+    whole lines; :func:`read_jsonl` skips the cut one."""
+    path = Path(path)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                log.warning("%s: its last line was cut short (a process stopped while writing it); it is ended "
+                            "here and readers skip it", path)
+                f.write(b"\n")
+    return open(path, "a")
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(the records of a JSON-lines file, how many lines were not JSON and skipped with a warning)."""
+    rows, skipped = [], 0
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:  # e.g. cut short by a process killed while writing it
+                log.warning("%s: line %d is not JSON (%s): skipped", path, n, e)
+                skipped += 1
+    return rows, skipped
+
+
 def append_metrics(output_dir: Path, step: int, split: str, metrics: dict) -> None:
     """Add a record to ``metrics.jsonl`` after training has ended (e.g. the final weights' val figures)."""
-    with open(Path(output_dir) / "metrics.jsonl", "a") as f:
+    with open_jsonl(Path(output_dir) / "metrics.jsonl") as f:
         f.write(metrics_line(step, split, metrics))
 
 
@@ -97,7 +125,7 @@ class MetricsLogger:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._wandb = start_wandb(self.output_dir, **wandb) if wandb is not None else None
-        self._file = open(self.output_dir / "metrics.jsonl", "a")
+        self._file = open_jsonl(self.output_dir / "metrics.jsonl")
         self._writer = None
         if tensorboard:
             try:
