@@ -95,6 +95,36 @@ def test_cli_index_and_search(exported, image_folder, tmp_path, capsys):
     assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
 
 
+def test_search_refuses_a_model_other_than_the_indexes_and_takes_a_copy_of_it(exported, image_folder, tmp_path,
+                                                                             capsys, model, config, tokenizer):
+    """Query embeddings of other weights do not compare with the index's: before 2026-11-24 `search
+    --checkpoint OTHER` ranked the images by them without a word. A copy of the same weights in
+    another file (an export of the checkpoint) is the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from maskvlm.cli import main
+    from maskvlm.models.io import write_checksums
+    folder, entries = image_folder
+    assert main(["index", "--checkpoint", str(exported), "--images", str(folder), "--out", str(tmp_path / "ix"),
+                 "--no-progress"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    save_file(load_file(copy / "model.safetensors"), str(copy / "model.safetensors"), metadata={"copy": "1"})
+    write_checksums(copy)
+    query = ["search", "--index", str(tmp_path / "ix"), "--query", entries[0]["caption"][0], "--json"]
+    assert main([*query, "--checkpoint", str(copy)]) == 0
+    with torch.no_grad():
+        model.visual_encoder.norm.bias.add_(1.0)
+    other = model.save_pretrained(tmp_path / "other", config, tokenizer)
+    capsys.readouterr()
+    assert main([*query, "--checkpoint", str(other)]) == 2
+    assert f"and {other} holds other weights: their embeddings do not compare" in capsys.readouterr().err
+    shutil.rmtree(exported)
+    assert main(query) == 2
+    assert f"was built with {exported}, which is gone; pass --checkpoint" in capsys.readouterr().err
+
+
 def test_a_build_stopped_part_way_keeps_its_rows_and_continues(exported, image_folder, tmp_path, monkeypatch):
     folder, _ = image_folder
     vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")

@@ -599,10 +599,20 @@ def _index(args) -> int:
 
 def _search(args) -> int:
     from .inference import VLM
-    from .search import ImageIndex, search
+    from .search import ImageIndex, built_with, search
+    from .train.checkpoint import model_folder
 
     index = ImageIndex(Path(args.index))
-    vlm = VLM.from_pretrained(args.checkpoint or index.meta["model"], device=args.device)
+    source = args.checkpoint or index.meta["model"]
+    if not args.checkpoint and not Path(source).exists():
+        raise FileNotFoundError(f"{args.index} was built with {source}, which is gone; pass --checkpoint with those "
+                                "weights (a copy, or the model exported from them), or re-index with another model")
+    vlm = VLM.from_pretrained(source, device=args.device)
+    if not built_with(index.meta, vlm, model_folder(source)):
+        raise ValueError(f"{args.index} was built with {index.meta['model']}, and {source} holds other weights: their "
+                         "embeddings do not compare. Search with the model the index was built with, or re-index "
+                         f"with this one (maskvlm index --checkpoint {source} --images {index.meta['images']} "
+                         f"--out {args.index} --rebuild)")
     results = search(vlm, index, text=args.query, image=Path(args.image) if args.image else None,
                      top_k=args.top_k, rerank=args.rerank, candidates=args.candidates)
     if args.json:

@@ -48,6 +48,26 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Identifies a model by its weights as loaded (so a checkpoint and its ``maskvlm export`` copy
+    agree): every tensor's name and shape and its first and last 256 values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def built_with(meta: dict, vlm: VLM, model_dir: Optional[Path]) -> bool:
+    """Whether the index ``meta`` describes was built with ``vlm``'s weights (indexes written before
+    2026-11-24 hold only the fingerprint of their model.safetensors file)."""
+    if "weights" in meta:
+        return meta["weights"] == weights_fingerprint(vlm.model)
+    return model_dir is not None and (Path(model_dir) / "model.safetensors").is_file() and \
+        meta.get("fingerprint") == model_fingerprint(model_dir)
+
+
 def list_images(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursively), as sorted relative paths."""
     if not folder.is_dir():
@@ -124,7 +144,7 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
         dim = vlm.config.model.embed_dim
         if meta_path.exists() and not rebuild:
             meta = json.loads(meta_path.read_text())
-            if meta["fingerprint"] != fingerprint:
+            if not built_with(meta, vlm, model_dir):
                 raise ValueError(f"{out} was built with another model ({meta['model']}); pass --rebuild to re-index "
                                  "with this one")
             if Path(meta["images"]).resolve() != images.resolve():
@@ -137,8 +157,8 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
             for name in (PATHS, EMBEDDINGS):
                 (out / name).unlink(missing_ok=True)
             existing = []
-        meta = {"model": str(model_dir), "fingerprint": fingerprint, "images": str(images), "embed_dim": dim,
-                "count": len(existing), "dtype": "float16"}
+        meta = {"model": str(model_dir), "fingerprint": fingerprint, "weights": weights_fingerprint(vlm.model),
+                "images": str(images), "embed_dim": dim, "count": len(existing), "dtype": "float16"}
         _write_meta(out, meta)  # from the start: a first build stopped part-way is continued, not redone
         known = set(existing)
         todo = [p for p in list_images(images) if p not in known]
