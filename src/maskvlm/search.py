@@ -249,6 +249,9 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
         raise ValueError("the text query is empty")
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: expected 1 or more")
+    if "weights" in index.meta and index.meta["weights"] != weights_fingerprint(vlm.model):
+        raise ValueError(f"{index.folder} was built with other weights ({index.meta['model']}) than this model's: "
+                         "their embeddings do not compare")
     if text is not None:
         query = vlm.encode_texts([text])[0].numpy()
     else:
