@@ -155,6 +155,40 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint(synthetic_dir, tmp_path):
+    """A run in a terminal that closes (an ssh connection dropped) gets SIGHUP, which killed it with
+    every step since the last checkpoint lost (before 2026-11-24). Now it stops as for SIGTERM; its
+    console output, progress bar included, goes to the null device, where writing to the closed
+    terminal would fail, and train.log keeps the record."""
+    import os
+    import select
+    import sys
+    import time
+
+    pty = pytest.importorskip("pty")
+    from tests.conftest import MICRO
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
+           "--output-dir", str(run), *MICRO, "data.num_workers=1", "train.progress=true", "train.save_every=0",
+           "train.log_every=1", "train.max_steps=400"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the run, in the pseudo-terminal
+        os.execv(sys.executable, cmd)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        if select.select([terminal], [], [], 0.2)[0]:
+            os.read(terminal, 65536)  # what the terminal shows
+    os.close(terminal)  # the terminal closes: the kernel sends SIGHUP to the run's processes
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    step = load_trainer_state(list_checkpoints(run)[-1])["step"]
+    assert 3 <= step < 400
+    log = (run / "train.log").read_text()
+    assert "received SIGHUP: finishing this step" in log and "--resume auto" in log
+
+
+@pytest.mark.slow
 def test_two_fresh_processes_train_identical_weights(synthetic_dir, tmp_path):
     # tokenizer training, initialisation, augmentation, masks and negatives are all seeded
     import subprocess

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -37,10 +38,24 @@ STATE_VERSION = 1
 _NONFINITE, _TOO_MANY_BAD = 1, 2  # flags agreed over ranks after each micro-batch's forward
 
 
+# Ctrl-C, SIGTERM (preemption) and SIGHUP (the terminal closed) ask a run to stop with a checkpoint.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C / SIGTERM reach the whole process group; only the main process reacts (and checkpoints).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the stop signals reach the whole process group; only the main process reacts (and checkpoints)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _detach_from_terminal() -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would end the run at the next log line
+    or progress-bar update: console output goes to the null device from here; train.log keeps it."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 def _worker_failures_at_fetch() -> None:
@@ -80,14 +95,16 @@ class StopRequest(threading.Event):
 
 @contextlib.contextmanager
 def stop_requests():
-    """While active, SIGINT/SIGTERM set the returned event instead of killing the process, so the
-    loop can finish its step and checkpoint; a second signal raises KeyboardInterrupt at once."""
+    """While active, SIGINT/SIGTERM/SIGHUP set the returned event instead of killing the process, so
+    the loop can finish its step and checkpoint; a second signal raises KeyboardInterrupt at once."""
     event = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
 
     def handler(signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_terminal()
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
@@ -97,7 +114,7 @@ def stop_requests():
             raise EvaluationStopped
         log.warning("received %s: finishing this step and writing a checkpoint (send again to abort now)",
                     signal.Signals(signum).name)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield event
     finally:
