@@ -149,3 +149,24 @@ def test_a_full_disk_is_a_clear_error_and_an_interrupted_export_leaves_no_partia
     assert list(out.iterdir()) == []
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert main(["export", "--checkpoint", str(source), "--out", str(out)]) == 0  # once there is room
+
+
+def test_a_data_error_in_a_loader_worker_is_one_clear_line_with_the_backslash_hint(synthetic_dir, tmp_path, capsys):
+    """A training file written on Windows (images\\train\\x.png): every image is missing. The error is
+    raised in a DataLoader worker, which torch re-raises with the worker's traceback as its message;
+    the CLI prints the message alone (before 2026-11-24, the traceback) and names the backslashes."""
+    import json
+
+    from tests.conftest import MICRO
+    entries = json.loads((synthetic_dir / "train.json").read_text())
+    for e in entries:
+        e["image"] = e["image"].replace("/", "\\")
+    train = tmp_path / "win.json"
+    train.write_text(json.dumps(entries))
+    code = main(["pretrain", "--data", str(train), "--image-root", str(synthetic_dir), "--output-dir",
+                 str(tmp_path / "run"), "--no-progress", *MICRO, "data.num_workers=1", "data.test=null",
+                 "data.val=null"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith(f"maskvlm pretrain: error: {train}: 32 bad samples in a row ({{'missing file': 32}})")
+    assert "The image paths hold backslashes (Windows separators?)" in err

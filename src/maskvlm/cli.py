@@ -740,7 +740,7 @@ def main(argv=None) -> int:
         return code
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, FolderInUse, ValueError,
             NonFiniteTraining) as e:
-        print(f"maskvlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"maskvlm {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -756,6 +756,16 @@ def main(argv=None) -> int:
         return 1
     finally:
         shutdown(clean)  # under torchrun: leave the process group before the interpreter exits
+
+
+def _message(error: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker reaches this process re-raised by
+    torch with the worker's whole traceback as its message; its last line is the message."""
+    text = str(error)
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and name in text:
+        return text.rsplit(name, 1)[1].strip()
+    return text
 
 
 if __name__ == "__main__":

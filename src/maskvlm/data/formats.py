@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -62,6 +63,14 @@ def load_annotations(path: str | Path, strict: bool = True) -> list[dict]:
         if not ok:
             raise DataError(f"{path}: entry {i} field 'caption' must be a string or a non-empty list of strings")
     return data
+
+
+def root_hint(missing: str) -> str:
+    """What to check when images are not found (``missing``: their paths)."""
+    hint = "Is the image root right? Set it with --image-root / data.image_root"
+    if "\\" in missing and os.sep == "/":
+        hint = "The image paths hold backslashes (Windows separators?): write them with / here. " + hint
+    return hint
 
 
 def read_json(path: str | Path) -> Any:
@@ -281,7 +290,7 @@ class PairDataset(Dataset):
                 last = e
                 index = int(torch.randint(len(self.entries), (), generator=gen))
         raise DataError(f"{self._source(index)[0]}: {self.max_tries} bad samples in a row ({skipped}), the last: "
-                        f"{last}. Is the image root right? Set it with --image-root / data.image_root")
+                        f"{last}. {root_hint(str(last) if last.reason == 'missing file' else '')}")
 
     def _load(self, epoch: int, index: int) -> dict:
         entry = self.entries[index]
@@ -619,8 +628,8 @@ class RetrievalDataset(Dataset):
         missing = [p for p in self.images if not (self.root / p).is_file()]
         if missing:
             raise DataError(f"{annotation_path}: {len(missing)} of {len(self.images)} images not found under "
-                            f"{self.root} (e.g. {', '.join(missing[:3])}); an evaluation needs every image. Is the "
-                            "image root right? Set it with --image-root / data.image_root")
+                            f"{self.root} (e.g. {', '.join(missing[:3])}); an evaluation needs every image. "
+                            f"{root_hint(' '.join(missing[:3]))}")
 
     def __len__(self) -> int:
         return len(self.images)
