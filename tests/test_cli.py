@@ -170,3 +170,22 @@ def test_a_data_error_in_a_loader_worker_is_one_clear_line_with_the_backslash_hi
     assert code == 2
     assert err.startswith(f"maskvlm pretrain: error: {train}: 32 bad samples in a row ({{'missing file': 32}})")
     assert "The image paths hold backslashes (Windows separators?)" in err
+
+
+def test_a_path_that_cannot_be_written_is_one_line_naming_it(monkeypatch, capsys):
+    """e.g. --output-dir on a read-only disk: the OS error's path and reason, exit 2 (was a traceback)."""
+    import errno
+
+    import maskvlm.cli as cli
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run")
+    monkeypatch.setattr(cli, "_pretrain", read_only)
+    assert main(["pretrain"]) == 2
+    assert capsys.readouterr().err.strip() == "maskvlm pretrain: error: /mnt/ro/run: Read-only file system"
+
+    def other(args):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(cli, "_pretrain", other)
+    with pytest.raises(OSError, match="Input/output error"):  # anything else keeps its traceback
+        main(["pretrain"])

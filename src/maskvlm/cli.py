@@ -4,6 +4,7 @@ ablate | reconstruct | fill-mask | ground | plot``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -746,16 +747,25 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from .models.io import out_of_space
-        if not out_of_space(e):
-            raise
-        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if not text.startswith("no space left"):
-            text = f"no space left on the device ({text})"
-        print(f"maskvlm {args.command}: error: {text}", file=sys.stderr)
-        return 1
+        return _storage_error(args.command, e)
     finally:
         shutdown(clean)  # under torchrun: leave the process group before the interpreter exits
+
+
+def _storage_error(command: str, e: Exception) -> int:
+    """A path that cannot be written (read-only disk, no permission: exit 2) or a full disk or exceeded
+    quota, in whatever form it was raised (exit 1), as one line; any other error is raised on."""
+    from .models.io import out_of_space
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+        print(f"maskvlm {command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not out_of_space(e):
+        raise e
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if not text.startswith("no space left"):
+        text = f"no space left on the device ({text})"
+    print(f"maskvlm {command}: error: {text}", file=sys.stderr)
+    return 1
 
 
 def _message(error: BaseException) -> str:
