@@ -129,6 +129,10 @@ def test_folder_outputs_given_a_file_name_it(tmp_path, capsys):
     model.mkdir()
     assert main(["export", "--checkpoint", str(model), "--out", str(taken)]) == 2
     assert f"{taken} is a file; --out names a folder" in capsys.readouterr().err  # was "[Errno 17] File exists"
+    assert main(["pretrain", "--output-dir", str(taken), "--print-config"]) == 0  # nothing is written
+    capsys.readouterr()
+    assert main(["pretrain", "--output-dir", str(taken), "--steps", "1"]) == 2
+    assert f"{taken} is a file, not a folder; pass another --output-dir" in capsys.readouterr().err  # was [Errno 17]
 
 
 def test_a_full_disk_is_a_clear_error_and_an_interrupted_export_leaves_no_partial_model(tmp_path, capsys,

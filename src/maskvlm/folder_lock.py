@@ -50,6 +50,8 @@ def hold_folder(folder: Path, purpose: str, hint: str = "choose another folder",
     the holder and a wait until it lets go. ``purpose`` (e.g. "training run") is what the lock file
     tells a process that finds the folder taken."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder; {hint}")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     if fcntl is None:
