@@ -367,3 +367,21 @@ def test_reduced_decoding_of_a_rotated_jpeg_crops_the_same_region(tmp_path):
     part = pil.crop((0, 0, pil.width - 7, pil.height - 5))  # (a half would pass for a 1/8 decode)
     assert part.info.get(FULL_SIZE) == (480, 640) and _full_size(part) == part.size
     assert _full_size(pil) == (480, 640)
+
+
+def test_a_binary_file_given_as_text_input_is_named_not_a_codec_error(tmp_path):
+    """An image passed where an annotation, config or vocabulary file goes: the error names the file
+    and what was expected (was "'utf-8' codec can't decode byte 0x89 in position 0")."""
+    from maskvlm.config import ConfigError, build_config
+    from maskvlm.data.formats import read_json_lines
+    from maskvlm.data.tokenizer import load_tokenizer
+    png = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(png)
+    with pytest.raises(DataError, match=r"photo.png: not UTF-8 text \(byte 0: invalid start byte\); expected a JSON"):
+        load_annotations(png)
+    with pytest.raises(DataError, match="photo.png: not UTF-8 text"):
+        read_json_lines(png)
+    with pytest.raises(ConfigError, match="photo.png: not UTF-8 text .*expected a YAML config"):
+        build_config("maskvlm", config_file=str(png))
+    with pytest.raises(ValueError, match="photo.png: not UTF-8 text .*expected a vocab.txt"):
+        load_tokenizer(png)

@@ -37,13 +37,7 @@ def load_annotations(path: str | Path, strict: bool = True) -> list[dict]:
     With ``strict=False`` captions are not checked here (training data: a bad caption is skipped
     and counted when the sample is drawn)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         from .convert import format_hint
         raise DataError(format_hint(path, data) or
@@ -82,6 +76,12 @@ def read_json(path: str | Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(not_text(path, e)) from None
+
+
+def not_text(path: Path, error: UnicodeDecodeError) -> str:
+    return f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); expected a JSON annotation file"
 
 
 def read_json_lines(path: str | Path) -> list[dict]:
@@ -90,10 +90,12 @@ def read_json_lines(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        raise DataError(not_text(path, e)) from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:

@@ -148,13 +148,18 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
     vocab, repeated = {}, []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            token = line.rstrip("\n")
-            if token:
-                if token in vocab:
-                    repeated.append(f"{token!r} (lines {vocab[token] + 1} and {i + 1})")
-                vocab[token] = i  # a token's id is its line number; a repeated one keeps its last line
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a vocab.txt (one token "
+                         "per line) or a tokenizer.json") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for i, token in enumerate(lines):
+        if token:
+            if token in vocab:
+                repeated.append(f"{token!r} (lines {vocab[token] + 1} and {i + 1})")
+            vocab[token] = i  # a token's id is its line number; a repeated one keeps its last line
     if repeated:
         log.warning("%s: %d token(s) appear on more than one line, the last line's id is used: %s%s", path,
                     len(repeated), ", ".join(repeated[:5]), ", ..." if len(repeated) > 5 else "")
