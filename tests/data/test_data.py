@@ -385,3 +385,13 @@ def test_a_binary_file_given_as_text_input_is_named_not_a_codec_error(tmp_path):
         build_config("maskvlm", config_file=str(png))
     with pytest.raises(ValueError, match="photo.png: not UTF-8 text .*expected a vocab.txt"):
         load_tokenizer(png)
+
+
+def test_an_empty_caption_in_an_evaluation_file_is_an_error_naming_the_entry(synthetic_dir, tmp_path):
+    """Training skips and counts a blank caption; an evaluation cannot (before 2026-11-24 it ranked
+    '   ' as a query and counted it in R@1)."""
+    entries = json.loads((synthetic_dir / "test.json").read_text())[:4]
+    entries[2]["caption"][1] = "   "
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=r"test.json: entry 2 \(images/test/000002.png\) has an empty caption"):
+        RetrievalDataset(tmp_path / "test.json", str(synthetic_dir), ImageTransform(32, [0.5] * 3, [0.5] * 3))

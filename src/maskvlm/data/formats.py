@@ -614,7 +614,11 @@ class RetrievalDataset(Dataset):
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
         index: dict[str, int] = {}
-        for e in entries:
+        for n, e in enumerate(entries):
+            if any(not c.strip() for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])):
+                # ranked as a query it would count in the figures; skipping it would change them too
+                raise DataError(f"{annotation_path}: entry {n} ({e['image']}) has an empty caption; an evaluation "
+                                "ranks every caption, so remove it or write it")
             if e["image"] not in index:
                 index[e["image"]] = len(self.images)
                 self.images.append(e["image"])
