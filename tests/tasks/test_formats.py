@@ -107,6 +107,10 @@ def test_vqa_malformed_files_name_file_entry_and_field(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"field 'image_id' must be int \(missing\)"):
         vqa.load_vqa(path)
+    data["questions"][1].update(image_id=7, question="  ")
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"question 1 \(question_id 701\): field 'question' is empty"):
+        vqa.load_vqa(path)
     path = _official_vqa(tmp_path)
     (tmp_path / "val2014" / "COCO_val2014_000000000007.jpg").unlink()
     with pytest.raises(DataError, match=r"question_id 701: image file not found: .*COCO_val2014_000000000007.jpg"):
@@ -146,6 +150,9 @@ def test_nlvr2_malformed(tmp_path):
     _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "label": "True"}])
     with pytest.raises(DataError, match=r"line 1 \(dev-5-2-3\): field 'sentence' must be str \(missing\)"):
         nlvr2.load_nlvr2(tmp_path / "dev.json")
+    _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "sentence": " ", "label": "True"}])
+    with pytest.raises(DataError, match=r"line 1 \(dev-5-2-3\): field 'sentence' is empty"):  # was read as a statement
+        nlvr2.load_nlvr2(tmp_path / "dev.json", check=False)
     _jsonl(tmp_path / "dev.json", [{"identifier": "dev-5-2-3", "sentence": "s", "label": "True"}])
     with pytest.raises(DataError, match=r"dev\.json: dev-5-2-3: image file not found: .*dev-5-2-img0\.png"):
         nlvr2.load_nlvr2(tmp_path / "dev.json")
@@ -172,6 +179,9 @@ def test_snli_ve_malformed(tmp_path):
         ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
     _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": 3, "gold_label": "neutral"}])
     with pytest.raises(DataError, match=r"line 1: field 'sentence2' must be str \(got int 3\)"):
+        ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
+    _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": "", "gold_label": "neutral"}])
+    with pytest.raises(DataError, match=r"line 1: field 'sentence2' is empty"):
         ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
     _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "neutral"}])
     with pytest.raises(DataError, match=r"image file not found: .*1\.jpg"):

@@ -108,8 +108,9 @@ def read_json_lines(path: str | Path) -> list[dict]:
     return out
 
 
-def require(entry: dict, key: str, types, where: str) -> Any:
-    """``entry[key]`` if present and of ``types``; else a DataError naming ``where`` and the field."""
+def require(entry: dict, key: str, types, where: str, text: bool = False) -> Any:
+    """``entry[key]`` if present and of ``types``; else a DataError naming ``where`` and the field.
+    ``text``: a string the model reads (a question, a statement), which must not be blank."""
     allowed = types if isinstance(types, tuple) else (types,)
     value = entry.get(key) if isinstance(entry, dict) else None
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
@@ -117,6 +118,8 @@ def require(entry: dict, key: str, types, where: str) -> Any:
         names = "/".join(t.__name__ for t in allowed)
         got = "missing" if value is None else f"got {type(value).__name__} {value!r}"[:80]
         raise DataError(f"{where}: field '{key}' must be {names} ({got})")
+    if text and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
     return value
 
 

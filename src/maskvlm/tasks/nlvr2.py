@@ -48,7 +48,7 @@ def load_nlvr2(path: str | Path, image_root: Optional[str] = None, check: bool =
         where = f"{path}: line {n}"
         identifier = require(e, "identifier", str, where)
         where = f"{where} ({identifier})"
-        sentence = require(e, "sentence", str, where)
+        sentence = require(e, "sentence", str, where, text=True)
         directory = e.get("directory")
         if directory is not None and not isinstance(directory, (str, int)):
             raise DataError(f"{where}: field 'directory' must be a string")

@@ -33,7 +33,7 @@ def load_snli_ve(path: str | Path, image_root: Optional[str] = None, check: bool
     for n, e in enumerate(read_json_lines(path), 1):
         where = f"{path}: line {n}"
         flickr_id = str(require(e, "Flickr30K_ID", (str, int), where))
-        hypothesis = require(e, "sentence2", str, where)
+        hypothesis = require(e, "sentence2", str, where, text=True)
         label = e.get("gold_label")
         if label == "-":
             skipped += 1

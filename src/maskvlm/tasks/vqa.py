@@ -156,7 +156,7 @@ def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
         qid = require(q, "question_id", int, where)
         where = f"{where} (question_id {qid})"
         image_id = require(q, "image_id", int, where)
-        text = require(q, "question", str, where)
+        text = require(q, "question", str, where, text=True)
         a = answers.get(qid)
         if answers and a is None:
             raise DataError(f"{where}: no annotation for this question in {ann_path}")
@@ -171,7 +171,7 @@ def _load_list(path: Path, data: list, root: Path) -> list[Example]:
         where = f"{path}: entry {i}"
         qid = require(e, "question_id", (int, str), where)
         where = f"{where} (question_id {qid})"
-        text = require(e, "question", str, where)
+        text = require(e, "question", str, where, text=True)
         image = require(e, "image", str, where)
         answer = e.get("answer")
         if answer is not None:
