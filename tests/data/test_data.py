@@ -395,3 +395,20 @@ def test_an_empty_caption_in_an_evaluation_file_is_an_error_naming_the_entry(syn
     (tmp_path / "test.json").write_text(json.dumps(entries))
     with pytest.raises(DataError, match=r"test.json: entry 2 \(images/test/000002.png\) has an empty caption"):
         RetrievalDataset(tmp_path / "test.json", str(synthetic_dir), ImageTransform(32, [0.5] * 3, [0.5] * 3))
+
+
+def test_synthetic_data_of_other_settings_goes_beside_the_existing_one_not_over_it(tmp_path, maskvlm_log):
+    """Before 2026-11-24 a command with other synthetic settings regenerated data/synthetic in place:
+    under a run reading it, and under a finished run that would resume on other data."""
+    from maskvlm.data.synthetic import ensure_synthetic
+    first = ensure_synthetic(tmp_path / "synthetic", 6, 2, 2, 32, 0, progress=False)
+    before = (first / "train.json").read_text()
+    other = ensure_synthetic(tmp_path / "synthetic", 4, 2, 2, 32, 0, progress=False)
+    assert other == tmp_path / "synthetic-4-2-2-32px-seed0" and other != first
+    assert (first / "train.json").read_text() == before
+    assert len(json.loads((other / "train.json").read_text())) == 4 * 5  # 5 captions per image
+    assert "made with other settings (6 train / 2 val / 2 test images of 32 px, seed 0)" in maskvlm_log.text
+    assert ensure_synthetic(tmp_path / "synthetic", 6, 2, 2, 32, 0, progress=False) == first
+    maskvlm_log.clear()
+    assert ensure_synthetic(tmp_path / "synthetic", 4, 2, 2, 32, 0, progress=False) == other  # made once
+    assert "generating" not in maskvlm_log.text

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -243,18 +244,35 @@ def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num
     return out
 
 
+def _settings_text(settings: dict) -> str:
+    return (f"{settings.get('train')} train / {settings.get('val')} val / {settings.get('test')} test images of "
+            f"{settings.get('image_size')} px, seed {settings.get('seed')}")
+
+
 def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test: int, image_size: int,
                      seed: int, progress: bool = True) -> Path:
-    """Generate the dataset unless a complete one with the same settings is already there."""
+    """Generate the dataset unless a complete one with the same settings is already there; returns its
+    folder. Where ``out_dir`` holds one made with other settings (sizes, seed), those stay as they are
+    (a run may be reading them, or resume on them) and these go to a sibling folder named by them."""
     out = Path(out_dir)
     wanted = dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, train=num_train, val=num_val,
                   test=num_test)
 
-    def made() -> bool:
+    def settings() -> Optional[dict]:
         if is_complete(out):
             with open(out / "synthetic.json") as f:
-                return json.load(f) == wanted
-        return False
+                return json.load(f)
+        return None
+
+    found = settings()
+    if found is not None and found != wanted and found.get("version") == FORMAT_VERSION:
+        other = out.with_name(f"{out.name}-{num_train}-{num_val}-{num_test}-{image_size}px-seed{seed}")
+        log.info("%s holds synthetic data made with other settings (%s); these (%s) are in %s", out,
+                 _settings_text(found), _settings_text(wanted), other)
+        out = other
+
+    def made() -> bool:
+        return settings() == wanted
 
     if made():
         return out
@@ -265,7 +283,7 @@ def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test
         if made():
             return out
         if is_complete(out):
-            log.info("synthetic data in %s was made with other settings; regenerating", out)
+            log.info("synthetic data in %s is of an older format; regenerating", out)
         log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
                  num_test)
         (out / "synthetic.json").unlink(missing_ok=True)  # incomplete until generate() rewrites it
