@@ -91,7 +91,7 @@ def test_runs_started_together_generate_the_synthetic_data_once(tmp_path, maskvl
     first.stdin.close()  # the first process generates now, then lets go
     assert first.wait(60) == 0
     ours.join(60)
-    assert done == [out] and "generating synthetic scenes" not in maskvlm_log.text
+    assert done == [out] and "generating synthetic data" not in maskvlm_log.text
     assert len({e["image"] for e in json.loads((out / "train.json").read_text())}) == 6
 
 

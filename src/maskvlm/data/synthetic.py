@@ -9,7 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -206,9 +206,11 @@ def _choose_captions(rng, captions: list[str], k: int) -> list[str]:
     return [captions[i] for i in sorted(order)]
 
 
+MARKER = "synthetic.json"  # a complete dataset's settings, written last
+
+
 def is_complete(out_dir: str | Path) -> bool:
-    marker = Path(out_dir) / "synthetic.json"
-    return marker.exists()
+    return (Path(out_dir) / MARKER).exists()
 
 
 def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num_test: int = 200,
@@ -239,12 +241,45 @@ def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num
                 entries.append(dict(image=rel, caption=chosen, image_id=image_id, objects=meta))
         with open(out / f"{split}.json", "w") as f:
             json.dump(entries, f)
-    with open(out / "synthetic.json", "w") as f:  # written last: marks a complete dataset
+    with open(out / MARKER, "w") as f:  # written last: marks a complete dataset
         json.dump(dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, **counts), f)
     return out
 
 
-def _settings_text(settings: dict) -> str:
+def _settings(folder: Path) -> Optional[dict]:
+    """The settings of the complete synthetic dataset in ``folder`` (its synthetic.json), or None."""
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def made_once(out: Path, wanted: dict, make: Callable[[Path], None], describe: Callable[[dict], str],
+              sibling: Optional[str] = None) -> Path:
+    """The folder holding a complete synthetic dataset of the settings ``wanted``: ``out``, made by
+    ``make(out)`` unless it is there already (``MARKER``, written last, records the settings).
+    Processes started together make it once: one generates, the others wait on the folder's lock and
+    find it made (each would otherwise rewrite files another has started reading). With ``sibling``,
+    a dataset of other settings (same format) already in ``out`` stays as it is (a run may be reading
+    it, or resume on it) and this one goes to the sibling folder of that name."""
+    found = _settings(out)
+    if sibling and found is not None and found != wanted and found.get("version") == wanted["version"]:
+        log.info("%s holds synthetic data made with other settings (%s); these (%s) are in %s", out,
+                 describe(found), describe(wanted), out.with_name(sibling))
+        out = out.with_name(sibling)
+    if _settings(out) == wanted:
+        return out
+    with hold_folder(out, "synthetic data generation", wait=True):
+        if _settings(out) != wanted:
+            (out / MARKER).unlink(missing_ok=True)  # incomplete until make() is done
+            log.info("generating synthetic data in %s (%s)", out, describe(wanted))
+            make(out)
+            if _settings(out) != wanted:
+                (out / MARKER).write_text(json.dumps(wanted))
+    return out
+
+
+def _scenes_text(settings: dict) -> str:
     return (f"{settings.get('train')} train / {settings.get('val')} val / {settings.get('test')} test images of "
             f"{settings.get('image_size')} px, seed {settings.get('seed')}")
 
@@ -253,38 +288,10 @@ def ensure_synthetic(out_dir: str | Path, num_train: int, num_val: int, num_test
                      seed: int, progress: bool = True) -> Path:
     """Generate the dataset unless a complete one with the same settings is already there; returns its
     folder. Where ``out_dir`` holds one made with other settings (sizes, seed), those stay as they are
-    (a run may be reading them, or resume on them) and these go to a sibling folder named by them."""
-    out = Path(out_dir)
+    and these go to a sibling folder named by them (``made_once``)."""
     wanted = dict(version=FORMAT_VERSION, seed=seed, image_size=image_size, train=num_train, val=num_val,
                   test=num_test)
-
-    def settings() -> Optional[dict]:
-        if is_complete(out):
-            with open(out / "synthetic.json") as f:
-                return json.load(f)
-        return None
-
-    found = settings()
-    if found is not None and found != wanted and found.get("version") == FORMAT_VERSION:
-        other = out.with_name(f"{out.name}-{num_train}-{num_val}-{num_test}-{image_size}px-seed{seed}")
-        log.info("%s holds synthetic data made with other settings (%s); these (%s) are in %s", out,
-                 _settings_text(found), _settings_text(wanted), other)
-        out = other
-
-    def made() -> bool:
-        return settings() == wanted
-
-    if made():
-        return out
-    # Runs started together on a fresh machine (a sweep sent to the background) would otherwise all
-    # generate here at once, each rewriting files another has started training on: one makes the
-    # data, the others wait for it and find it made.
-    with hold_folder(out, "synthetic data generation", wait=True):
-        if made():
-            return out
-        if is_complete(out):
-            log.info("synthetic data in %s is of an older format; regenerating", out)
-        log.info("generating synthetic scenes in %s (%d train / %d val / %d test images)", out, num_train, num_val,
-                 num_test)
-        (out / "synthetic.json").unlink(missing_ok=True)  # incomplete until generate() rewrites it
-        return generate(out, num_train, num_val, num_test, image_size, seed, progress=progress)
+    out = Path(out_dir)
+    return made_once(out, wanted,
+                     lambda folder: generate(folder, num_train, num_val, num_test, image_size, seed, progress=progress),
+                     _scenes_text, sibling=f"{out.name}-{num_train}-{num_val}-{num_test}-{image_size}px-seed{seed}")

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from .synthetic import COLORS, NUMBER_WORDS, SHAPES, SceneObject, _article, _pick, _plural, _region, make_scene
+from .synthetic import (COLORS, NUMBER_WORDS, SHAPES, SceneObject, _article, _pick, _plural, _region, made_once,
+                        make_scene)
 
 log = logging.getLogger(__name__)
 
@@ -275,20 +276,10 @@ def generate_task(task: str, out_dir: str | Path, sizes: dict | None = None, ima
     if task not in _WRITERS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {', '.join(TASKS)}")
     sizes = dict(DEFAULT_SIZES[task], **(sizes or {}))
-    out = Path(out_dir)
-    marker = out / "synthetic.json"
     wanted = dict(task=task, version=TASK_FORMAT_VERSION, seed=seed, image_size=image_size, sizes=sizes)
-    if marker.exists():
-        with open(marker) as f:
-            if json.load(f) == wanted:
-                return out
-        marker.unlink()
-    log.info("generating synthetic %s data in %s (%s)", task, out, ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    out.mkdir(parents=True, exist_ok=True)
-    _WRITERS[task](out, sizes, image_size, seed, progress)
-    with open(marker, "w") as f:  # written last: marks a complete dataset
-        json.dump(wanted, f)
-    return out
+    return made_once(Path(out_dir), wanted, lambda out: _WRITERS[task](out, sizes, image_size, seed, progress),
+                     lambda w: f"{w['task']}: " + ", ".join(f"{k} {v}" for k, v in w["sizes"].items()) +
+                     f", {w['image_size']} px, seed {w['seed']}")
 
 
 # --- zero-shot classification: one object per image, a class folder per attribute value -------------
@@ -312,21 +303,21 @@ def generate_classes(out_dir: str | Path, attribute: str = "color-shape", per_cl
     ``_`` for spaces), ``per_class`` single-object scenes per class over random textured
     backgrounds; attributes the class leaves open (size, position, and colour or shape) are drawn
     at random. The draws use their own seeds, apart from the pre-training splits'."""
+    names = class_names(attribute)
+    wanted = dict(task="classes", version=TASK_FORMAT_VERSION, attribute=attribute, per_class=per_class,
+                  seed=seed, image_size=image_size)
+    return made_once(Path(out_dir), wanted, lambda out: _write_classes(out, names, attribute, per_class, image_size,
+                                                                       seed, progress),
+                     lambda w: f"{w['attribute']} classes, {w['per_class']} images each, {w['image_size']} px, "
+                     f"seed {w['seed']}")
+
+
+def _write_classes(out: Path, names: list[str], attribute: str, per_class: int, image_size: int, seed: int,
+                   progress: bool) -> None:
     from tqdm import tqdm
 
     from .synthetic import SIZES, _texture, render, SUPERSAMPLE
 
-    names = class_names(attribute)
-    out = Path(out_dir)
-    marker = out / "synthetic.json"
-    wanted = dict(task="classes", version=TASK_FORMAT_VERSION, attribute=attribute, per_class=per_class,
-                  seed=seed, image_size=image_size)
-    if marker.exists():
-        with open(marker) as f:
-            if json.load(f) == wanted:
-                return out
-        marker.unlink()
-    log.info("generating synthetic %s classes in %s (%d classes x %d images)", attribute, out, len(names), per_class)
     for index, name in enumerate(tqdm(names, desc="synthetic classes", disable=not progress, leave=False)):
         rng = np.random.default_rng([seed, 1000 + index])
         folder = out / name.replace(" ", "_")
@@ -339,6 +330,3 @@ def generate_classes(out_dir: str | Path, attribute: str = "color-shape", per_cl
             r = SIZES[obj.size]
             obj.cx, obj.cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
             render([obj], image_size, background).save(folder / f"{i:04d}.png")
-    with open(marker, "w") as f:  # written last: marks a complete folder
-        json.dump(wanted, f)
-    return out
