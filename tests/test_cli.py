@@ -193,3 +193,10 @@ def test_a_path_that_cannot_be_written_is_one_line_naming_it(monkeypatch, capsys
     monkeypatch.setattr(cli, "_pretrain", other)
     with pytest.raises(OSError, match="Input/output error"):  # anything else keeps its traceback
         main(["pretrain"])
+
+
+def test_an_out_file_that_is_a_folder_is_refused_before_the_evaluation(tmp_path, capsys):
+    """The metrics were computed, then writing them failed with IsADirectoryError (a traceback)."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert f"argument --out: {tmp_path} is a folder; it names the file to write" in capsys.readouterr().err

@@ -103,6 +103,8 @@ def test_grounding_maps_shape_range_and_batch_independence(vlm, synthetic_dir, e
     assert vlm.model.text_cross_encoder.layer[0].crossattention.attn.record is False  # hook switched off again
     with pytest.raises(ValueError, match="has 1 layers"):
         insight.grounding_maps(vlm, images[:1], texts[:1], layer=3)
+    with pytest.raises(ValueError, match="grounding: text 1 is empty"):  # was a map of nothing the text says
+        insight.grounding_maps(vlm, images[:2], ["the red circle", "  "])
 
 
 def test_grounding_of_the_single_stream_model_reads_its_joint_attention(synthetic_dir, entries, tokenizer):

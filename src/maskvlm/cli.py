@@ -32,6 +32,18 @@ def _number(kind, low, high=None, open_ends=False, what=""):
 POSITIVE = _number(int, 1, what="an integer of 1 or more")
 NON_NEGATIVE = _number(int, 0, what="an integer of 0 or more")
 SHARE = _number(float, 0.0, 1.0, what="a value in [0, 1]")
+
+
+def output_file(text: str) -> str:
+    """--out of a command that writes a file after its work: checked before the work."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; it names the file to write")
+    return text
+
+
+def write_json(path: str | Path, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
 SCENE_SIZE = _number(int, 16, what="at least 16 pixels")  # the bound of data.synthetic.image_size
 
 
@@ -145,7 +157,7 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--misses", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also show N queries of each direction that missed at R@1, the nearest misses first, with "
                         "what they retrieved instead (in --out too)")
-    r.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+    r.add_argument("--out", default=None, type=output_file, help="also write the metrics as JSON to this file")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, title, fmt in (("vqa", "VQA v2 accuracy (official metric) and the eval-server result file",
                               "official questions JSON (answers read from the annotations file next to it) or "
@@ -161,7 +173,7 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--batch-size", type=POSITIVE, default=None, help="default eval.batch_size")
         t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
         t.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the checkpoint's")
-        t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+        t.add_argument("--out", default=None, type=output_file, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true", help="no progress bars")
     z = tasks.add_parser(
         "classification", help="zero-shot image classification from class-name prompts (ITC, optional ITM re-rank)",
@@ -210,7 +222,7 @@ def _image_folder_options(p, out_help: str) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default, exact numbers) or bf16 autocast")
-    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--out", default=None, type=output_file, help=out_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -432,9 +444,7 @@ def _evaluate(args) -> int:
                             args.batch_size, args.predictions if reports else None,
                             progress=not args.no_progress and reports, report=reports)
     if args.out and reports:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.out, metrics)
     return 0
 
 
@@ -471,9 +481,7 @@ def _evaluate_image_folders(args) -> int:
         print(format_report(metrics, f"zero-shot classification of {data} ({metrics['images']} images, "
                                      f"{metrics['classes']} classes, {len(templates)} templates, {how})"))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.out, metrics)
     return 0
 
 
@@ -527,9 +535,7 @@ def _evaluate_retrieval(args, reports: bool = True) -> int:
               f"{d['ci_low']:+.1f} to {d['ci_high']:+.1f}, paired bootstrap over the {d['images']} images); the first "
                   f"is ahead in {100 * d['a_ahead_share']:.0f}% of the resamples")
     if args.out and reports:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.out, metrics)
     return 0
 
 

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .cli import POSITIVE, SHARE
+from .cli import POSITIVE, SHARE, output_file, write_json
 from .config import PRECISIONS
 
 
@@ -63,7 +62,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--mismatched-image", default=None,
                    help="another image (default: the next image file in --image's folder)")
     f.add_argument("--top-k", type=POSITIVE, default=5)
-    f.add_argument("--out", default=None, help="also write the tables as markdown to this file")
+    f.add_argument("--out", default=None, type=output_file, help="also write the tables as markdown to this file")
 
     g = sub.add_parser(
         "ground", help="Grad-CAM heat map of a phrase over an image",
@@ -108,7 +107,7 @@ def add_evaluate_parsers(tasks) -> None:
             t.add_argument("--seed", type=int, default=0, help="mask seed")
             t.add_argument("--text-ratio", type=SHARE, default=None, help="caption tokens masked (default: recipe's)")
             t.add_argument("--image-ratio", type=SHARE, default=None, help="patches masked (default: recipe's)")
-        t.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+        t.add_argument("--out", default=None, type=output_file, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true")
 
 
@@ -271,7 +270,6 @@ def evaluate(args) -> int:
               f"(standard error {m['mim_gain_stderr']:.4f}); matching lower on {m['mim_matching_lower_share']:.0f}% "
               "of the images")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(m, indent=2))
+        write_json(args.out, m)
     sys.stdout.flush()
     return 0

@@ -248,6 +248,9 @@ def grounding_maps(vlm: VLM, images: Sequence[ImageLike], texts: Sequence[str], 
     weakly-supervised grounding of ALBEF and MAMO. Computed in fp32."""
     if len(images) != len(texts):
         raise ValueError(f"grounding pairs images with texts: got {len(images)} images and {len(texts)} texts")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:  # no word tokens to ground: the map would be of nothing the text says
+        raise ValueError(f"grounding: text {blank[0]} is empty")
     vlm.warn_untrained("grounding", ["itm"])
     attn, last = _attention_at(vlm, layer)
     pixels = vlm._image_tensor(images)
