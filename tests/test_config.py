@@ -107,3 +107,15 @@ def test_every_recipe_and_preset_is_in_range():
     for recipe in list_recipes():
         for preset in ("tiny", "small", "base"):
             build_config(recipe, preset)
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypatch):
+    """`train.output_dir: ~/runs` in a YAML file (or --output-dir=~/runs, which no shell expands)
+    made a folder named `~` in the working directory (before 2026-11-24)."""
+    import os
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("train:\n  output_dir: ~/runs/a\ndata:\n  train: ~/d/one.json::~/d/two.json\n")
+    cfg = build_config("maskvlm", config_file=str(tmp_path / "c.yaml"), overrides=["data.tokenizer=~/vocab.txt"])
+    assert cfg.train.output_dir == os.path.join(str(tmp_path), "runs", "a")
+    assert cfg.data.train == f"{tmp_path}/d/one.json::{tmp_path}/d/two.json"
+    assert cfg.data.tokenizer == f"{tmp_path}/vocab.txt" and cfg.data.test is None

@@ -4,6 +4,7 @@ user YAML and ``a.b=c`` command-line overrides, in that order. Unknown keys are 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,7 +272,21 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _expand_home(self) -> None:
+        """A leading ``~`` of a path setting is the home folder, as in a shell (a YAML file or
+        ``--output-dir=~/runs`` is not expanded by one): ``train.output_dir=~/runs`` made a folder
+        named ``~`` in the working directory."""
+        for key in PATH_KEYS:
+            *parents, name = key.split(".")
+            section = self
+            for part in parents:
+                section = getattr(section, part)
+            value = getattr(section, name)
+            if isinstance(value, str) and "~" in value:
+                setattr(section, name, "::".join(os.path.expanduser(part) for part in value.split("::")))
+
     def validate(self) -> None:
+        self._expand_home()
         self._check_ranges()
         _check_choice("masking.mode", self.masking.mode, ("separate", "joint"))
         _check_choice("masking.image_policy", self.masking.image_policy, ("block", "random", "text_guided"))
@@ -548,6 +563,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}={value!r}: expected {base.__name__}, got {type(value).__name__}")
 
 
+# settings that name files or folders (``::`` joins several)
+PATH_KEYS = ("model.text_init", "model.image_init", "data.synthetic.dir", "data.train", "data.val", "data.test",
+             "data.image_root", "data.tokenizer", "data.shards", "train.output_dir", "task.init")
+
+
 def merge_into(obj: Any, updates: dict, prefix: str = "") -> None:
     """Write ``updates`` (nested dict) into the dataclass ``obj`` in place, checking keys and types."""
     if not isinstance(updates, dict):
@@ -652,6 +672,7 @@ def build_config(recipe: str = "maskvlm", preset: Optional[str] = None, config_f
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
     merge_into(cfg, user_overrides)
+    cfg._expand_home()  # before the folders named are read
     if cfg.task.init:
         apply_init_model(cfg, recipe_data.get("model") or {}, [user_file, user_overrides])
     if cfg.model.text_init or cfg.model.image_init:
