@@ -212,6 +212,25 @@ def _val_with(synthetic_dir, tmp_path, bad_image):
     return path
 
 
+def test_a_metrics_write_that_fails_keeps_the_steps_trained_before_it(synthetic_dir, tmp_path, monkeypatch):
+    """metrics.jsonl cannot be written (the disk filled up, a network file system went away): the
+    run stops, with the steps trained since the last checkpoint saved first (they were lost)."""
+    from maskvlm.train.logging import MetricsLogger
+    real = MetricsLogger.log
+
+    def log(self, step, split, metrics):
+        if step == 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, step, split, metrics)
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="Input/output error"):
+        pretrain(_run_config(synthetic_dir, out, "train.max_steps=6", "train.save_every=0", "train.log_every=2",
+                             "data.val=null"))
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004"]
+    assert "writing the metrics failed" in (out / "train.log").read_text()
+
+
 def test_a_val_evaluation_that_fails_keeps_the_steps_trained_before_it(synthetic_dir, tmp_path):
     # An unreadable val image failed the run at its first evaluation with the steps before it unsaved
     # (every eval.every_steps steps lost: hours at scale). A missing one is now found before training.

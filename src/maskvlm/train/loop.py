@@ -288,6 +288,22 @@ class Trainer:
         log.info("checkpoint written: %s", path)
         return path
 
+    @contextlib.contextmanager
+    def _checkpoint_on_failure(self, saves: bool, what: str):
+        """Work after a finished step: where it fails, the steps trained since the last checkpoint are
+        saved first (if that fails too, e.g. on a full disk, its error is raised, from this one)."""
+        try:
+            yield
+        except Exception as error:
+            try:
+                path = self.save() if saves else None
+            except Exception as failed_save:
+                raise failed_save from error
+            if path is not None:
+                log.error("step %d: %s failed (the error follows); the training so far is saved in %s: fix the "
+                          "cause, then continue with --resume auto", self.step, what, path)
+            raise
+
     def _check_disk_room(self) -> None:
         """Refuse to start where the first checkpoint cannot be written (rank 0 looks; all ranks raise)."""
         t, error = self.config.train, None
@@ -694,7 +710,8 @@ class Trainer:
                     if self.scaler is not None:
                         last.update(loss_scale=self.scaler.get_scale(), skipped_overflow=self.skipped_overflow)
                     if logger:
-                        logger.log(self.step, "train", last)
+                        with self._checkpoint_on_failure(saves, "writing the metrics"):  # e.g. a full disk
+                            logger.log(self.step, "train", last)
                     bar.set_postfix({k: f"{last[k]:.3f}" for k in last if k.endswith("_loss")} |
                                     {"samples/s": f"{last['samples_per_s']:.0f}"} |
                                     ({"skipped": int(last["skipped_samples"])} if last["skipped_samples"] else {}))
@@ -706,15 +723,8 @@ class Trainer:
                 if evaluates and any_rank(stop.is_set()):  # a stop request during the step: no evaluation
                     evaluates = False
                 if evaluates:  # every rank takes part: the evaluations split their work over the ranks
-                    try:
+                    with self._checkpoint_on_failure(saves, "the val evaluation"):  # a bad val image, say
                         val = self.interruptible_evaluation(stop)
-                    except Exception:  # a bad val image, say: the steps trained since the last checkpoint stay
-                        path = self.save() if saves else None
-                        if path is not None:
-                            log.error("step %d: the val evaluation failed (the error follows); the training so far "
-                                      "is saved in %s: fix the cause, then continue with --resume auto", self.step,
-                                      path)
-                        raise
                     evaluates = val is not None
                 if evaluates:
                     improved = self.record_val(val, logger)
