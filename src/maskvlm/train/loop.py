@@ -288,15 +288,21 @@ class Trainer:
         log.info("checkpoint written: %s", path)
         return path
 
+    def _writes_alone(self) -> bool:
+        """Whether this process can write a checkpoint by itself (one process, or rank 0 without FSDP,
+        whose save gathers over every rank): where one rank fails, the others are elsewhere."""
+        return world_size() == 1 or (self.fsdp is None and is_main())
+
     @contextlib.contextmanager
-    def _checkpoint_on_failure(self, saves: bool, what: str):
+    def _checkpoint_on_failure(self, what: str):
         """Work after a finished step: where it fails, the steps trained since the last checkpoint are
-        saved first (if that fails too, e.g. on a full disk, its error is raised, from this one)."""
+        saved first where this process can write alone (if that fails too, e.g. on a full disk, its
+        error is raised, from this one); under torchrun the launcher then stops the other ranks."""
         try:
             yield
         except Exception as error:
             try:
-                path = self.save() if saves else None
+                path = self.save() if self._writes_alone() else None
             except Exception as failed_save:
                 raise failed_save from error
             if path is not None:
@@ -553,11 +559,11 @@ class Trainer:
         checkpoint, with the data position and counts put back to its end so that no sample is skipped
         on resume, before the error goes on. The random state, and a momentum queue or prototype centre
         a failed forward updated, are as the failure left them: the resumed run is a sound continuation,
-        not a bit-identical one. Only where this process can write alone (one process, or rank 0 without
-        FSDP); under torchrun the launcher then stops the other ranks."""
+        not a bit-identical one. Only where this process can write alone (``_writes_alone``); under
+        torchrun the launcher then stops the other ranks."""
         self.epoch, self.batch_in_epoch, skipped, self.samples_used = step_start
         self.skipped_samples = dict(skipped)
-        if self.step > 0 and (world_size() == 1 or (self.fsdp is None and is_main())):
+        if self.step > 0 and self._writes_alone():
             path = self.save()
             log.error("step %d failed (the error follows); the %d steps trained so far are saved in %s: fix the "
                       "cause, then continue with --resume auto", self.step + 1, self.step, path)
@@ -710,7 +716,7 @@ class Trainer:
                     if self.scaler is not None:
                         last.update(loss_scale=self.scaler.get_scale(), skipped_overflow=self.skipped_overflow)
                     if logger:
-                        with self._checkpoint_on_failure(saves, "writing the metrics"):  # e.g. a full disk
+                        with self._checkpoint_on_failure("writing the metrics"):  # e.g. a full disk
                             logger.log(self.step, "train", last)
                     bar.set_postfix({k: f"{last[k]:.3f}" for k in last if k.endswith("_loss")} |
                                     {"samples/s": f"{last['samples_per_s']:.0f}"} |
@@ -723,7 +729,7 @@ class Trainer:
                 if evaluates and any_rank(stop.is_set()):  # a stop request during the step: no evaluation
                     evaluates = False
                 if evaluates:  # every rank takes part: the evaluations split their work over the ranks
-                    with self._checkpoint_on_failure(saves, "the val evaluation"):  # a bad val image, say
+                    with self._checkpoint_on_failure("the val evaluation"):  # a bad val image, say
                         val = self.interruptible_evaluation(stop)
                     evaluates = val is not None
                 if evaluates:
