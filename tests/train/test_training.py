@@ -154,25 +154,25 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(synthetic_dir, tmp_pat
     assert load_trainer_state(list_checkpoints(run)[-1])["step"] == step + 2
 
 
-@pytest.mark.slow
-def test_a_closed_terminal_stops_the_run_with_a_checkpoint(synthetic_dir, tmp_path):
-    """A run in a terminal that closes (an ssh connection dropped) gets SIGHUP, which killed it with
-    every step since the last checkpoint lost (before 2026-11-24). Now it stops as for SIGTERM; its
-    console output, progress bar included, goes to the null device, where writing to the closed
-    terminal would fail, and train.log keeps the record."""
+def _run_in_a_terminal_that_closes(synthetic_dir, run, max_steps, nohup=False):
+    """Run `maskvlm pretrain` in a pseudo-terminal (progress bar on) and close the terminal after its
+    third metrics line, as an ssh connection that drops; ``nohup``: started with SIGHUP ignored, as
+    `nohup` starts it. Returns the exit status."""
     import os
     import select
+    import signal
     import sys
     import time
 
     pty = pytest.importorskip("pty")
     from tests.conftest import MICRO
-    run = tmp_path / "run"
     cmd = [sys.executable, "-m", "maskvlm.cli", "pretrain", "--data", str(synthetic_dir / "train.json"),
            "--output-dir", str(run), *MICRO, "data.num_workers=1", "train.progress=true", "train.save_every=0",
-           "train.log_every=1", "train.max_steps=400"]
+           "train.log_every=1", f"train.max_steps={max_steps}"]
     pid, terminal = pty.fork()
     if pid == 0:  # the child: the run, in the pseudo-terminal
+        if nohup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.execv(sys.executable, cmd)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
@@ -180,12 +180,33 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(synthetic_dir, tmp_pa
         if select.select([terminal], [], [], 0.2)[0]:
             os.read(terminal, 65536)  # what the terminal shows
     os.close(terminal)  # the terminal closes: the kernel sends SIGHUP to the run's processes
-    _, status = os.waitpid(pid, 0)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint(synthetic_dir, tmp_path):
+    """A run in a terminal that closes (an ssh connection dropped) gets SIGHUP, which killed it with
+    every step since the last checkpoint lost (before 2026-11-24). Now it stops as for SIGTERM; its
+    console output, progress bar included, goes to the null device, where writing to the closed
+    terminal would fail, and train.log keeps the record."""
+    import os
+    run = tmp_path / "run"
+    status = _run_in_a_terminal_that_closes(synthetic_dir, run, 400)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     step = load_trainer_state(list_checkpoints(run)[-1])["step"]
     assert 3 <= step < 400
     log = (run / "train.log").read_text()
     assert "received SIGHUP: finishing this step" in log and "--resume auto" in log
+
+
+@pytest.mark.slow
+def test_a_run_started_with_nohup_goes_on_when_its_terminal_closes(synthetic_dir, tmp_path):
+    import os
+    run = tmp_path / "run"
+    status = _run_in_a_terminal_that_closes(synthetic_dir, run, 12, nohup=True)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert load_trainer_state(list_checkpoints(run)[-1])["step"] == 12  # trained to the end
+    assert "SIGHUP" not in (run / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -114,7 +114,10 @@ def stop_requests():
             raise EvaluationStopped
         log.warning("received %s: finishing this step and writing a checkpoint (send again to abort now)",
                     signal.Signals(signum).name)
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    # a run started with `nohup` has SIGHUP ignored: it is asked to go on when the terminal closes
+    hup = getattr(signal, "SIGHUP", None)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS
+                if not (sig == hup and signal.getsignal(sig) == signal.SIG_IGN)}
     try:
         yield event
     finally:
