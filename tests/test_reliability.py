@@ -228,7 +228,9 @@ def test_a_metrics_write_that_fails_keeps_the_steps_trained_before_it(synthetic_
         pretrain(_run_config(synthetic_dir, out, "train.max_steps=6", "train.save_every=0", "train.log_every=2",
                              "data.val=null"))
     assert [p.name for p in list_checkpoints(out)] == ["step-00000004"]
-    assert "writing the metrics failed" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "writing the metrics failed" in log
+    assert "stopped by OSError: [Errno 5] Input/output error" in log and "Traceback" in log  # the cause, on file
 
 
 def test_a_val_evaluation_that_fails_keeps_the_steps_trained_before_it(synthetic_dir, tmp_path):

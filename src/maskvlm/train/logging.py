@@ -42,7 +42,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 @contextlib.contextmanager
 def log_to_file(output_dir: Path):
-    """Also write the log to ``output_dir/train.log`` while the block runs."""
+    """Also write the log to ``output_dir/train.log`` while the block runs. An error that ends the
+    block is written there too, with its traceback (the console may be a scheduler's file elsewhere,
+    or gone with a closed terminal); the console shows it as the command reports it."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(Path(output_dir) / "train.log")
     handler.setFormatter(_FORMAT)
@@ -50,6 +52,11 @@ def log_to_file(output_dir: Path):
     root.addHandler(handler)
     try:
         yield
+    except BaseException as e:
+        record = root.makeRecord(root.name, logging.ERROR, __file__, 0, "stopped by %s: %s",
+                                 (type(e).__name__, e), (type(e), e, e.__traceback__))
+        handler.handle(record)  # the file only
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()
