@@ -168,7 +168,7 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder or run folder")
         t.add_argument("--data", default=None, help=f"{fmt} (default: the checkpoint's data.test)")
         t.add_argument("--image-root", default=None, help="image folder (default: the data file's folder)")
-        t.add_argument("--predictions", default=None, help="write the predictions here"
+        t.add_argument("--predictions", default=None, type=output_file, help="write the predictions here"
                        + (" ([{question_id, answer}], the eval-server format)" if name == "vqa" else ""))
         t.add_argument("--batch-size", type=POSITIVE, default=None, help="default eval.batch_size")
         t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
@@ -364,7 +364,7 @@ def _add_ablate(sub) -> None:
                    help="synthetic training images (5 captions each)")
     p.add_argument("--size", choices=("small", "recipe"), default="small",
                    help="small: a 32 px model sized for CPUs (default); recipe: each recipe's own preset")
-    p.add_argument("--report", default=None, metavar="FILE.md",
+    p.add_argument("--report", default=None, type=output_file, metavar="FILE.md",
                    help="also write the tables into this markdown file (between ablation markers) "
                         "and copy the plot next to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
