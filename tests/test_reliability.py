@@ -485,3 +485,18 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(sy
     b = load_file(str(list_checkpoints(tmp_path / "killed")[-1] / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(ckpts.glob(".tmp-*"))  # the partial write was cleaned up
+
+
+def test_resuming_a_run_whose_data_has_moved_names_the_file_and_the_override(synthetic_dir, tmp_path):
+    import shutil
+    train = tmp_path / "train.json"
+    shutil.copy(synthetic_dir / "train.json", train)
+    out = tmp_path / "run"
+    pretrain(micro_config(f"data.train={train}", f"data.image_root={synthetic_dir}", "data.val=null", "data.test=null",
+                          f"train.output_dir={out}", "train.max_steps=2"))
+    moved = train.rename(tmp_path / "moved.json")
+    with pytest.raises(FileNotFoundError, match=f"{train} is gone: the run in {out} was trained with data.train="):
+        pretrain(micro_config(f"train.output_dir={out}"), resume="auto", overrides=["train.max_steps=3"])
+    pretrain(micro_config(f"train.output_dir={out}"), resume="auto", overrides=["train.max_steps=3",
+                                                                                f"data.train={moved}"])
+    assert load_trainer_state(list_checkpoints(out)[-1])["step"] == 3

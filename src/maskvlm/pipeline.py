@@ -90,6 +90,7 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
         config = read_config(checkpoint)
         merge_into(config, parse_overrides(overrides or []))
         config.validate()
+        _check_run_data(config, checkpoint)
         output_dir = output_dir or checkpoint.parent.parent
     if checkpoint is None:
         record_trained_heads(config)
@@ -101,6 +102,19 @@ def resolve_run(config: Config, resume: Optional[str], overrides: Optional[list[
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output-dir")
     return output_dir, checkpoint, config
+
+
+def _check_run_data(config: Config, checkpoint: Path) -> None:
+    """The files a resumed run reads come from its own config: one that has moved since is named with
+    how to point the run at it."""
+    d = config.data
+    for key, value in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test),
+                       ("data.image_root", d.image_root)):
+        for path in (value.split("::") if value else []):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} is gone: the run in {checkpoint.parent.parent} was trained with "
+                                        f"{key}={value} (its config.yaml). If the data has moved, resume with "
+                                        f"{key}=NEW_PATH as well")
 
 
 def _resume_point(resume: str, output_dir: Optional[Path]) -> Optional[Path]:
