@@ -200,3 +200,13 @@ def test_an_out_file_that_is_a_folder_is_refused_before_the_evaluation(tmp_path,
     with pytest.raises(SystemExit):
         main(["evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert f"argument --out: {tmp_path} is a folder; it names the file to write" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`maskvlm recipes | head -1`: the reader leaves; the command used to end in a BrokenPipeError
+    traceback. Now it stops quietly with the status of a process SIGPIPE ends (141)."""
+    proc = subprocess.Popen([sys.executable, "-m", "maskvlm.cli", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes: the pipe has no reader
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and "Traceback" not in err, err

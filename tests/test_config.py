@@ -119,3 +119,14 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypa
     assert cfg.train.output_dir == os.path.join(str(tmp_path), "runs", "a")
     assert cfg.data.train == f"{tmp_path}/d/one.json::{tmp_path}/d/two.json"
     assert cfg.data.tokenizer == f"{tmp_path}/vocab.txt" and cfg.data.test is None
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    """Plain YAML keeps the last: a second `train:` section silently dropped the first's settings."""
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 0.0001\n  max_steps: 3\ndata:\n  hflip: 0.5\ntrain:\n"
+                                     "  warmup_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping \(lines 1 and 6"):
+        build_config("maskvlm", config_file=str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("train:\n  lr: 0.0001\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        build_config("maskvlm", config_file=str(tmp_path / "d.yaml"))

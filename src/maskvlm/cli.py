@@ -752,6 +752,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output left (`maskvlm recipes | head -3`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 128 + 13  # as a process killed by SIGPIPE
     except Exception as e:
         return _storage_error(args.command, e)
     finally:
