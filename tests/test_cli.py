@@ -210,3 +210,9 @@ def test_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # before the command writes: the pipe has no reader
     err = proc.stderr.read()
     assert proc.wait(60) == 141 and "Traceback" not in err, err
+
+
+def test_val_and_test_data_flags_take_none_for_no_evaluation(capsys):
+    assert main(["pretrain", "--val-data", "none", "--test-data", "NULL", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "  val: null\n" in out and "  test: null\n" in out  # was a file named "none", not found after setup

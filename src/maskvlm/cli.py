@@ -76,8 +76,10 @@ def _add_pretrain(sub) -> None:
                                                 "'::' (concatenated); sets data.train")
     p.add_argument("--shards", default=None, help="train from webdataset tar shards instead: a path, glob or "
                                                   "brace pattern; sources separated by '::'; sets data.shards")
-    p.add_argument("--val-data", default=None, help="validation retrieval JSON for periodic evaluation; data.val")
-    p.add_argument("--test-data", default=None, help="test retrieval JSON evaluated at the end; sets data.test")
+    p.add_argument("--val-data", default=None, help="validation retrieval JSON for periodic evaluation (none: no "
+                   "validation); data.val")
+    p.add_argument("--test-data", default=None, help="test retrieval JSON evaluated at the end (none: no test); "
+                   "sets data.test")
     p.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to (default: "
                                                       "the JSON file's folder); sets data.image_root")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<recipe>-<preset>-<time>)")
@@ -115,8 +117,10 @@ def _add_finetune(sub) -> None:
                                                       "model folder to start from (task.init)")
     p.add_argument("--config", default=None, help="a YAML file of settings applied over the task's recipe")
     p.add_argument("--data", default=None, help="training file in the task's format; sets data.train")
-    p.add_argument("--val-data", default=None, help="validation file (periodic and final evaluation); data.val")
-    p.add_argument("--test-data", default=None, help="test file evaluated at the end; sets data.test")
+    p.add_argument("--val-data", default=None, help="validation file (periodic and final evaluation; none: no "
+                   "validation); data.val")
+    p.add_argument("--test-data", default=None, help="test file evaluated at the end (none: no test); sets "
+                   "data.test")
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's folder); "
                                                       "sets data.image_root")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<recipe>-<preset>-<time>)")
@@ -394,7 +398,9 @@ def _flag_overrides(args, flags) -> list[str]:
     out = []
     for flag, key in flags:
         value = getattr(args, flag)
-        if value is not None:
+        if flag in ("val_data", "test_data") and isinstance(value, str) and value.lower() in ("none", "null"):
+            out.append(f"{key}=null")  # no such evaluation (a file named "none" is ./none)
+        elif value is not None:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if args.no_progress:
         out.append("train.progress=false")
