@@ -68,3 +68,12 @@ def test_cli_shard_and_inspect(synthetic_dir, tmp_path, capsys):
     assert "2 shards, 200 samples" in out
     with tarfile.open(tmp_path / "00001.tar") as tar:
         assert len(tar.getnames()) == 3 * 100
+
+
+def test_shards_are_not_written_over_earlier_ones(synthetic_dir, tmp_path):
+    """Writing again into a folder of shards rewrote them under any run streaming them, and with a
+    larger --shard-size left the old higher-numbered shards behind, read by a `*.tar` pattern."""
+    write_shards(synthetic_dir / "train.json", None, tmp_path / "s", shard_size=50, progress=False)
+    with pytest.raises(FileExistsError, match=r"s already holds 4 shards \(00000.tar ...\); choose another --out"):
+        write_shards(synthetic_dir / "train.json", None, tmp_path / "s", shard_size=100, progress=False)
+    assert len(list((tmp_path / "s").glob("*.tar"))) == 4

@@ -35,6 +35,12 @@ def write_shards(annotations: Path, image_root: Optional[str], out: Path, shard_
     entries = load_annotations(annotations)
     root = resolve_image_root(annotations, image_root)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; it names the folder to write the shards into")
+    written = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].tar"))
+    if written:  # rewritten, they could change under a run streaming them, and fewer would leave stale ones
+        raise FileExistsError(f"{out} already holds {len(written)} shards ({written[0].name} ...); choose another "
+                              "--out, or remove them first")
     out.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, e in enumerate(entries):
