@@ -32,6 +32,7 @@ def _number(kind, low, high=None, open_ends=False, what=""):
 POSITIVE = _number(int, 1, what="an integer of 1 or more")
 NON_NEGATIVE = _number(int, 0, what="an integer of 0 or more")
 SHARE = _number(float, 0.0, 1.0, what="a value in [0, 1]")
+SCENE_SIZE = _number(int, 16, what="at least 16 pixels")  # the bound of data.synthetic.image_size
 
 
 def output_file(text: str) -> str:
@@ -44,7 +45,6 @@ def output_file(text: str) -> str:
 def write_json(path: str | Path, data) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2))
-SCENE_SIZE = _number(int, 16, what="at least 16 pixels")  # the bound of data.synthetic.image_size
 
 
 OVERRIDES_HELP = ("configuration overrides as key.sub=value (YAML values), e.g. train.max_steps=200 "
@@ -612,7 +612,7 @@ def _index(args) -> int:
 
 def _search(args) -> int:
     from .inference import VLM
-    from .search import ImageIndex, built_with, search
+    from .search import ImageIndex, search
     from .train.checkpoint import model_folder
 
     index = ImageIndex(Path(args.index))
@@ -621,13 +621,8 @@ def _search(args) -> int:
         raise FileNotFoundError(f"{args.index} was built with {source}, which is gone; pass --checkpoint with those "
                                 "weights (a copy, or the model exported from them), or re-index with another model")
     vlm = VLM.from_pretrained(source, device=args.device)
-    if not built_with(index.meta, vlm, model_folder(source)):
-        raise ValueError(f"{args.index} was built with {index.meta['model']}, and {source} holds other weights: their "
-                         "embeddings do not compare. Search with the model the index was built with, or re-index "
-                         f"with this one (maskvlm index --checkpoint {source} --images {index.meta['images']} "
-                         f"--out {args.index} --rebuild)")
     results = search(vlm, index, text=args.query, image=Path(args.image) if args.image else None,
-                     top_k=args.top_k, rerank=args.rerank, candidates=args.candidates)
+                     top_k=args.top_k, rerank=args.rerank, candidates=args.candidates, model_dir=model_folder(source))
     if args.json:
         print(json.dumps([{"path": p, "score": s} for p, s in results], indent=1))
         return 0

@@ -160,21 +160,21 @@ def embedding_rows(config: Config, tokenizer, source: Optional[Path]) -> int:
     ids are never targets nor random MLM replacements."""
     if source is not None:
         rows = read_config(source).model.vocab_size
-    elif config.model.text_init:
-        from .models.hf_text import read_hf_config
-        rows = read_hf_config(config.model.text_init).get("vocab_size", tokenizer.vocab_size)
         if rows < tokenizer.vocab_size:
-            log.warning("%s: the tokenizer has %d tokens but config.json's vocab_size is %d; ids %d-%d get new "
-                        "(untrained) embedding rows", config.model.text_init, tokenizer.vocab_size, rows, rows,
-                        tokenizer.vocab_size - 1)
-        elif rows > tokenizer.vocab_size:
-            log.info("%s: %d embedding rows for %d tokens (config.json's vocab_size; the %d extra rows are unused)",
-                     config.model.text_init, rows, tokenizer.vocab_size, rows - tokenizer.vocab_size)
-    else:
+            raise ValueError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+                             f"model.vocab_size={rows} embedding rows")
+        return rows
+    if not config.model.text_init:
         return tokenizer.vocab_size
-    if rows < tokenizer.vocab_size and source is not None:
-        raise ValueError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
-                         f"model.vocab_size={rows} embedding rows")
+    from .models.hf_text import read_hf_config
+    rows = read_hf_config(config.model.text_init).get("vocab_size", tokenizer.vocab_size)
+    if rows < tokenizer.vocab_size:
+        log.warning("%s: the tokenizer has %d tokens but config.json's vocab_size is %d; ids %d-%d get new "
+                    "(untrained) embedding rows", config.model.text_init, tokenizer.vocab_size, rows, rows,
+                    tokenizer.vocab_size - 1)
+    elif rows > tokenizer.vocab_size:
+        log.info("%s: %d embedding rows for %d tokens (config.json's vocab_size; the %d extra rows are unused)",
+                 config.model.text_init, rows, tokenizer.vocab_size, rows - tokenizer.vocab_size)
     return max(rows, tokenizer.vocab_size)
 
 

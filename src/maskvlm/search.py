@@ -240,7 +240,8 @@ class ImageIndex:
 
 
 def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optional[Path] = None,
-           top_k: int = 10, rerank: bool = False, candidates: int = 0) -> list[tuple[str, float]]:
+           top_k: int = 10, rerank: bool = False, candidates: int = 0,
+           model_dir: Optional[Path] = None) -> list[tuple[str, float]]:
     """Ranked (path, score) pairs for a text or image query. With ``rerank`` (text queries), the
     ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match probability."""
     if (text is None) == (image is None):
@@ -249,9 +250,12 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
         raise ValueError("the text query is empty")
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: expected 1 or more")
-    if "weights" in index.meta and index.meta["weights"] != weights_fingerprint(vlm.model):
-        raise ValueError(f"{index.folder} was built with other weights ({index.meta['model']}) than this model's: "
-                         "their embeddings do not compare")
+    if ("weights" in index.meta or model_dir is not None) and not built_with(index.meta, vlm, model_dir):
+        where = model_dir or "this model"
+        raise ValueError(f"{index.folder} was built with {index.meta['model']}, and {where} holds other weights: their "
+                         "embeddings do not compare. Search with the model the index was built with, or re-index "
+                         f"with this one (maskvlm index --checkpoint {where} --images {index.meta['images']} "
+                         f"--out {index.folder} --rebuild)")
     if text is not None:
         query = vlm.encode_texts([text])[0].numpy()
     else:

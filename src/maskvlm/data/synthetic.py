@@ -209,10 +209,6 @@ def _choose_captions(rng, captions: list[str], k: int) -> list[str]:
 MARKER = "synthetic.json"  # a complete dataset's settings, written last
 
 
-def is_complete(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / MARKER).exists()
-
-
 def generate(out_dir: str | Path, num_train: int = 4000, num_val: int = 100, num_test: int = 200,
              image_size: int = 64, seed: int = 0, captions_per_image: int = 5, progress: bool = True) -> Path:
     """Write images and ``{train,val,test}.json`` under ``out_dir``; returns the folder.

@@ -113,7 +113,7 @@ def checkpoint_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
                          for p in group["params"])
 
 
-def _mib(n: float) -> str:
+def _size_text(n: float) -> str:
     if n < 2 ** 20:
         return f"{n / 2 ** 10:.0f} KiB"
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
@@ -125,15 +125,16 @@ def check_disk_room(output_dir: Path, size: int, keep_last: int, saves_left: int
     existing = list_checkpoints(output_dir)
     free = shutil.disk_usage(output_dir).free
     if free + sum(_folder_bytes(c) for c in _prunable(existing, keep_last)) < size:
-        raise OSError(errno.ENOSPC, f"no space left on the device for a checkpoint: {output_dir} has {_mib(free)} "
-                      f"free and a checkpoint of this run takes about {_mib(size)}, so every step before the first "
-                      "save would be lost. Free space or choose another --output-dir")
+        raise OSError(errno.ENOSPC, f"no space left on the device for a checkpoint: {output_dir} has "
+                      f"{_size_text(free)} free and a checkpoint of this run takes about {_size_text(size)}, so every "
+                      "step before the first save would be lost. Free space or choose another --output-dir")
     slots = max(keep_last, 2) if keep_last else len(existing) + saves_left
     held = sum(_folder_bytes(c) for c in existing)
     if free + held < slots * size:
         log.warning("%s has %s free; this run keeps up to %d checkpoints of about %s (train.keep_last=%d), %s in "
                     "all. Once the disk is full a save fails and stops the run (the checkpoint before it stays "
-                    "intact)", output_dir, _mib(free), slots, _mib(size), keep_last, _mib(slots * size))
+                    "intact)", output_dir, _size_text(free), slots, _size_text(size), keep_last,
+                    _size_text(slots * size))
 
 
 def _folder_bytes(folder: Path) -> int:
