@@ -420,6 +420,21 @@ def test_disk_room_counts_what_a_save_may_prune_and_warns_when_the_kept_checkpoi
     _free_space(monkeypatch, 2 * size)
     check_disk_room(tmp_path, size, keep_last=0, saves_left=3)  # every checkpoint kept: room for 2 of 3 more
     assert "keeps up to 5 checkpoints" in maskvlm_log.text
+    _free_space(monkeypatch, size // 2)
+    check_disk_room(tmp_path, size, keep_last=2, saves_left=3, best_size=size // 8)  # fits: half a checkpoint free
+    assert "best weights" not in maskvlm_log.text
+    check_disk_room(tmp_path, size, keep_last=2, saves_left=3, best_size=size // 3)  # a new best beside the old
+    assert "and the best weights" in maskvlm_log.text
+
+
+def test_best_bytes_counts_the_weights_the_best_folder_keeps(model, config, tmp_path):
+    from maskvlm.tasks.pretrain import PretrainTask
+    from maskvlm.train.checkpoint import best_bytes, save_best
+    task = PretrainTask(model, config, 10)  # the model and what only training keeps (queues, EMA teacher)
+    path = save_best(tmp_path, task, config, None, {"step": 1})
+    written = (path / "model.safetensors").stat().st_size
+    assert 0.95 * written < best_bytes(task, "pretrain") <= written  # the file adds its header (10 KiB here)
+    assert best_bytes(task, "vqa") >= best_bytes(task, "pretrain")  # a fine-tuned task keeps the whole module
 
 
 def test_out_of_space_is_recognised_in_the_forms_torch_and_safetensors_raise_it():

@@ -104,13 +104,22 @@ def _prunable(existing: list[Path], keep_last: int) -> list[Path]:
     return existing[:-max(keep_last - 1, 1)] if keep_last else []
 
 
+def _tensor_bytes(module: nn.Module) -> int:
+    # parameters() and buffers() give a tied tensor once; under FSDP numel() is the whole tensor's
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def checkpoint_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """About how many bytes one checkpoint of ``task`` takes: its weights and buffers, and AdamW's two
     moments per trained parameter."""
-    # parameters() and buffers() give a tied tensor once; under FSDP numel() is the whole tensor's
-    weights = sum(t.numel() * t.element_size() for t in (*task.parameters(), *task.buffers()))
-    return weights + sum(2 * p.numel() * p.element_size() for group in optimizer.param_groups
-                         for p in group["params"])
+    return _tensor_bytes(task) + sum(2 * p.numel() * p.element_size() for group in optimizer.param_groups
+                                     for p in group["params"])
+
+
+def best_bytes(task: nn.Module, task_name: str) -> int:
+    """About how many bytes OUTPUT/best takes: the weights ``model_only`` keeps of ``task``."""
+    model = getattr(task, "model", None)
+    return _tensor_bytes(model if keeps_model_only(task_name) and isinstance(model, nn.Module) else task)
 
 
 def _size_text(n: float) -> str:
@@ -119,9 +128,11 @@ def _size_text(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
-def check_disk_room(output_dir: Path, size: int, keep_last: int, saves_left: int) -> None:
+def check_disk_room(output_dir: Path, size: int, keep_last: int, saves_left: int, best_size: int = 0) -> None:
     """Before training: a run whose first checkpoint cannot fit on the disk is refused (the steps
-    before that save would be lost); one whose kept checkpoints will not all fit is warned."""
+    before that save would be lost); one whose kept checkpoints, and the best weights (``best_size``
+    bytes, 0 where none are kept), will not all fit is warned. A new best is written beside the
+    previous one before it replaces it, so the best weights take up to twice their size."""
     existing = list_checkpoints(output_dir)
     free = shutil.disk_usage(output_dir).free
     if free + sum(_folder_bytes(c) for c in _prunable(existing, keep_last)) < size:
@@ -129,12 +140,15 @@ def check_disk_room(output_dir: Path, size: int, keep_last: int, saves_left: int
                       f"{_size_text(free)} free and a checkpoint of this run takes about {_size_text(size)}, so every "
                       "step before the first save would be lost. Free space or choose another --output-dir")
     slots = max(keep_last, 2) if keep_last else len(existing) + saves_left
-    held = sum(_folder_bytes(c) for c in existing)
-    if free + held < slots * size:
-        log.warning("%s has %s free; this run keeps up to %d checkpoints of about %s (train.keep_last=%d), %s in "
+    best = output_dir / BEST_DIR
+    held = sum(_folder_bytes(c) for c in existing) + (_folder_bytes(best) if best_size and best.is_dir() else 0)
+    if free + held < slots * size + 2 * best_size:
+        also = f" and the best weights ({_size_text(best_size)}, twice that while a new best is written)" \
+            if best_size else ""
+        log.warning("%s has %s free; this run keeps up to %d checkpoints of about %s (train.keep_last=%d)%s, %s in "
                     "all. Once the disk is full a save fails and stops the run (the checkpoint before it stays "
-                    "intact)", output_dir, _size_text(free), slots, _size_text(size), keep_last,
-                    _size_text(slots * size))
+                    "intact)", output_dir, _size_text(free), slots, _size_text(size), keep_last, also,
+                    _size_text(slots * size + 2 * best_size))
 
 
 def _folder_bytes(folder: Path) -> int:

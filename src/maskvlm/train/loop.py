@@ -28,8 +28,8 @@ from ..config import Config, ConfigError, best_metric
 from ..data.formats import DataError, EpochSampler
 from ..models.io import MODEL_FILE, load_state, read_weights
 from ..runtime import autocast, deterministic_compiled_kernels, keep_freed_host_memory, resolve_device
-from .checkpoint import (BEST_DIR, BEST_FILE, check_disk_room, checkpoint_bytes, keeps_model_only, load_trainer_state,
-                         rng_state, save_best, save_checkpoint, set_aside_later, set_rng_state)
+from .checkpoint import (BEST_DIR, BEST_FILE, best_bytes, check_disk_room, checkpoint_bytes, keeps_model_only,
+                         load_trainer_state, rng_state, save_best, save_checkpoint, set_aside_later, set_rng_state)
 from .distributed import any_rank, barrier, broadcast_object, global_max, is_main, rank, world_size
 from .logging import MetricsLogger, append_metrics, log
 from .optim import build_optimizer, build_scheduler, freeze_parameters, layerwise_lr_scale
@@ -318,8 +318,10 @@ class Trainer:
         t, error = self.config.train, None
         if is_main():
             saves_left = (t.max_steps - self.step) // t.save_every + 1 if t.save_every else 1
+            best = best_bytes(self.task, self.config.task.name) if self.evaluate and self.config.eval.keep_best else 0
             try:
-                check_disk_room(self.output_dir, checkpoint_bytes(self.task, self.optimizer), t.keep_last, saves_left)
+                check_disk_room(self.output_dir, checkpoint_bytes(self.task, self.optimizer), t.keep_last, saves_left,
+                                best)
             except OSError as e:
                 error = e.strerror
         error = broadcast_object(error)
