@@ -202,6 +202,18 @@ def test_an_out_file_that_is_a_folder_is_refused_before_the_evaluation(tmp_path,
     assert f"argument --out: {tmp_path} is a folder; it names the file to write" in capsys.readouterr().err
 
 
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """No shell expands `--checkpoint=~/x`: it named a folder `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "retrieval", "--checkpoint=~/none", "--out=~/metrics.json"])
+    assert f"argument --out: {tmp_path}/metrics.json is a folder" in capsys.readouterr().err
+    assert main(["export", "--checkpoint=~/none", "--out=~/model"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/none" in err and "~" not in err
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`maskvlm recipes | head -1`: the reader leaves; the command used to end in a BrokenPipeError
     traceback. Now it stops quietly with the status of a process SIGPIPE ends (141)."""

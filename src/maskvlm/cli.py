@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PRECISIONS
+from .config import PRECISIONS, expand_home
 
 def _number(kind, low, high=None, open_ends=False, what=""):
     """An argparse type: ``kind`` (int or float) in [low, high], or (low, high) with ``open_ends``."""
@@ -35,8 +35,24 @@ SHARE = _number(float, 0.0, 1.0, what="a value in [0, 1]")
 SCENE_SIZE = _number(int, 16, what="at least 16 pixels")  # the bound of data.synthetic.image_size
 
 
+# options naming files or folders: a leading ~ is the home folder (the shell leaves `--out=~/x` as it is)
+PATH_OPTIONS = ("recipe", "config", "data", "shards", "val_data", "test_data", "image_root", "output_dir", "resume",
+                "checkpoint", "against", "out", "predictions", "report", "classnames", "train", "test", "source",
+                "images", "index", "image", "mismatched_image", "log")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, expand_home(value))
+        elif isinstance(value, list):
+            setattr(args, name, [expand_home(v) if isinstance(v, str) else v for v in value])
+
+
 def output_file(text: str) -> str:
     """--out of a command that writes a file after its work: checked before the work."""
+    text = expand_home(text)
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; it names the file to write")
     return text
@@ -735,6 +751,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    _expand_home(args)
     setup_logging()
     handlers = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "data": _data, "recipes": _recipes,
                 "ablate": _ablate, "export": _export, "index": _index, "search": _search}

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from .cli import POSITIVE, SHARE, output_file, write_json
-from .config import PRECISIONS
+from .config import PRECISIONS, expand_home
 
 
 def picture_file(text: str) -> str:
     """--out of a command that writes an image: checked before the work, not when saving after it."""
     from PIL import Image
 
+    text = expand_home(text)
     suffix = Path(text).suffix.lower()
     if Image.registered_extensions().get(suffix) not in Image.SAVE:
         raise argparse.ArgumentTypeError(f"{text}: expected an image file name ending in .png, .jpg or another "

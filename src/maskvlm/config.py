@@ -249,6 +249,12 @@ class TaskConfig:
     trained: Optional[list[str]] = None
 
 
+
+def expand_home(value: str) -> str:
+    """A leading ``~`` (or ``~user``) of a path, or of each ``::``-joined path, is that home folder, as
+    in a shell; ``--out=~/x`` and YAML values are not expanded by one."""
+    return "::".join(os.path.expanduser(part) for part in value.split("::")) if "~" in value else value
+
 @dataclass
 class Config:
     recipe: str = "maskvlm"
@@ -282,8 +288,8 @@ class Config:
             for part in parents:
                 section = getattr(section, part)
             value = getattr(section, name)
-            if isinstance(value, str) and "~" in value:
-                setattr(section, name, "::".join(os.path.expanduser(part) for part in value.split("::")))
+            if isinstance(value, str):
+                setattr(section, name, expand_home(value))
 
     def validate(self) -> None:
         self._expand_home()
