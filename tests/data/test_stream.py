@@ -275,14 +275,16 @@ def test_a_killed_worker_is_replaced_at_the_same_stream_position(synthetic_dir, 
                             "data.shuffle_buffer=16", "data.test=null", "train.max_steps=8", "train.save_every=8",
                             "model.hidden_dropout=0.1", "data.vocab_size=200", f"train.output_dir={out}")
     pretrain(config(tmp_path / "full"))
-    decode, counter = ShardStream._decode, tmp_path / "calls"
+    decode, killed, calls = ShardStream._decode, tmp_path / "killed-once", {}
 
     def dying_decode(self, item, seed):
-        with open(counter, "ab") as f:
-            n = f.tell()
-            f.write(b".")
-        if n == 30:  # once, in whichever worker decodes the 31st sample
-            os.kill(os.getpid(), signal.SIGKILL)
+        calls[os.getpid()] = calls.get(os.getpid(), 0) + 1
+        if calls[os.getpid()] == 10:  # the first worker to decode its 10th sample dies; the marker makes it once
+            try:  # (a shared call counter raced: two workers could read the same count and skip the kill)
+                os.close(os.open(killed, os.O_CREAT | os.O_EXCL))
+                os.kill(os.getpid(), signal.SIGKILL)
+            except FileExistsError:
+                pass
         return decode(self, item, seed)
     monkeypatch.setattr(ShardStream, "_decode", dying_decode)
     pretrain(config(tmp_path / "killed"))
