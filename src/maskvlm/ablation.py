@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .data.formats import read_json
 from .train.logging import open_jsonl, read_jsonl
 
 log = logging.getLogger("maskvlm")
@@ -73,7 +74,7 @@ class Study:
 def subset_annotations(train_json: Path, fraction: float, seed: int, out: Path) -> Path:
     """Write the entries of ``fraction`` of the images (all their captions). The image order is
     one fixed permutation per seed, so smaller fractions are subsets of larger ones."""
-    entries = json.loads(Path(train_json).read_text())
+    entries = read_json(train_json)
     images = sorted({str(e.get("image_id", e["image"])) for e in entries})
     random.Random(seed).shuffle(images)
     keep = set(images[:max(1, round(fraction * len(images)))])

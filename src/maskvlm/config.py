@@ -250,6 +250,12 @@ class TaskConfig:
 
 
 
+# Reading a user's text file: UTF-8, with or without the byte-order mark that Windows tools write
+# (Excel's "CSV UTF-8", older Notepad); plain "utf-8" refused such a JSON file and read the mark into
+# the first column name of a table, the first token of a vocab.txt, the first name of a class list.
+TEXT_ENCODING = "utf-8-sig"
+
+
 def expand_home(value: str) -> str:
     """A leading ``~`` (or ``~user``) of a path, or of each ``::``-joined path, is that home folder, as
     in a shell; ``--out=~/x`` and YAML values are not expanded by one."""
@@ -662,7 +668,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None

@@ -110,6 +110,39 @@ def test_a_csv_table_groups_the_captions_of_each_image(synthetic_dir, tmp_path, 
     assert len(PairDataset(tmp_path / "out" / "pairs.json", str(synthetic_dir), None)) == len(rows)
 
 
+def test_files_with_a_byte_order_mark_read_as_without(synthetic_dir, tmp_path):
+    """Excel's "CSV UTF-8" and older Notepad start a file with U+FEFF: a JSON file was refused, a table's
+    first column was named '\\ufefffilepath', a vocab.txt's first token and a class list's first name
+    carried it."""
+    from maskvlm.config import build_config
+    from maskvlm.data.convert import convert_table
+    from maskvlm.data.formats import read_json, read_json_lines
+    from maskvlm.data.tokenizer import load_tokenizer, train_wordpiece
+    from maskvlm.tasks.zeroshot import read_classnames
+
+    def bom(name, text):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert (tmp_path / name).read_bytes().startswith(b"\xef\xbb\xbf")
+        return tmp_path / name
+
+    rows = _table_rows(synthetic_dir)[:3]
+    table = bom("pairs.tsv", "filepath\ttitle\n" + "".join(f"{image}\t{caption}\n" for image, caption in rows))
+    entries, _ = convert_table(table)
+    assert [(e["image"], e["caption"]) for e in entries] == rows
+    assert read_json(bom("a.json", json.dumps([{"image": "x.png", "caption": "c"}]))) == [{"image": "x.png",
+                                                                                             "caption": "c"}]
+    assert read_json_lines(bom("a.jsonl", '{"a": 1}\n{"a": 2}\n')) == [{"a": 1}, {"a": 2}]
+    assert read_classnames(bom("names.txt", "dog\ncat\n")) == ["dog", "cat"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "ball"]
+    tokenizer = load_tokenizer(bom("vocab.txt", "\n".join(vocab) + "\n"))
+    assert tokenizer.pad_id == 0 and tokenizer(["red ball"], 8)[0][0].tolist() == [2, 5, 6, 3]
+    trained = train_wordpiece(["a red ball"] * 4, vocab_size=60)
+    trained.save(str(tmp_path / "plain.json"))
+    text = (tmp_path / "plain.json").read_text(encoding="utf-8")
+    assert load_tokenizer(bom("tokenizer.json", text)).vocab_size == trained.vocab_size
+    assert build_config(config_file=str(bom("c.yaml", "train:\n  max_steps: 7\n"))).train.max_steps == 7
+
+
 def test_a_tsv_table_with_other_column_names(synthetic_dir, tmp_path):
     rows = _table_rows(synthetic_dir, "test")
     source = tmp_path / "test.tsv"

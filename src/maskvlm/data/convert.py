@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import TEXT_ENCODING
 from .formats import DataError, read_json
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -128,7 +129,7 @@ def convert_table(source: Path, image_key: str = "filepath", caption_key: str = 
     entries: list = []
     skipped: Counter = Counter()
     try:
-        with open(source, newline="", encoding="utf-8") as f:
+        with open(source, newline="", encoding=TEXT_ENCODING) as f:
             reader = csv.DictReader(f, delimiter=separator)
             missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
             if missing:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..config import TEXT_ENCODING
 from ..masking import (IGNORE_INDEX, bert_mask, block_mask, mask_to_indices, maskable_tokens, modality_aware_ratios,
                        random_patch_mask)
 from .tokenizer import TextTokenizer
@@ -72,7 +73,7 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
@@ -91,7 +92,7 @@ def read_json_lines(path: str | Path) -> list[dict]:
         raise DataError(f"annotation file not found: {path}")
     out = []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+        lines = path.read_text(encoding=TEXT_ENCODING).split("\n")  # not splitlines(): JSON strings may hold U+2028
     except UnicodeDecodeError as e:
         raise DataError(not_text(path, e)) from None
     for n, line in enumerate(lines, 1):

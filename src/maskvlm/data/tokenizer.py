@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
+from ..config import TEXT_ENCODING
+
 log = logging.getLogger("maskvlm")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -142,17 +144,18 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    if path.suffix == ".json":
-        try:
-            return TextTokenizer(Tokenizer.from_file(str(path)))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-    vocab, repeated = {}, []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        text = path.read_text(encoding=TEXT_ENCODING)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a vocab.txt (one token "
                          "per line) or a tokenizer.json") from None
+    if path.suffix == ".json":
+        try:
+            return TextTokenizer(Tokenizer.from_str(text))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    vocab, repeated = {}, []
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     for i, token in enumerate(lines):

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from ..config import TEXT_ENCODING
 from ..inference import VLM, ImageLike
 
 log = logging.getLogger("maskvlm")
@@ -41,7 +42,7 @@ class ImageFolder:
 def read_classnames(path: Path) -> list[str]:
     """Class names from a JSON list or a text file with one name per line (blank lines ignored)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise FileNotFoundError(f"class-name file not found: {path}") from None
     if Path(path).suffix == ".json":
@@ -60,7 +61,7 @@ def load_labelled_list(path: Path, classnames: Optional[Sequence[str]] = None,
     """A JSON list of ``{"image": path, "label": class name}``. The classes are ``classnames`` when
     given (every label must be one of them), else the sorted distinct labels."""
     try:
-        entries = json.loads(Path(path).read_text())
+        entries = json.loads(Path(path).read_text(encoding=TEXT_ENCODING))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(entries, list) or not entries:
