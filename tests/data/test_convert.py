@@ -162,3 +162,16 @@ def test_a_tsv_table_with_other_column_names(synthetic_dir, tmp_path):
         (tmp_path / "out" / "test.json").read_text())
     with pytest.raises(DataError, match="expected one character"):
         convert(plain, tmp_path / "bad", separator="::")
+
+
+def test_image_urls_are_named_as_urls(tmp_path, capsys):
+    """A web-scale table (caption, url) converted as it is, then trained on: every sample was a 'missing
+    file' under the image root, '/data/https:/host/a.jpg', with the advice to check the image root."""
+    from maskvlm.data.formats import root_hint
+    (tmp_path / "cc.tsv").write_text("url\tcaption\nhttps://example.org/a.jpg\ta dog\nb.jpg\ta cat\n")
+    assert main(["data", "convert", str(tmp_path / "cc.tsv"), "--out", str(tmp_path / "out"), "--image-column", "url",
+                 "--caption-column", "caption"]) == 2
+    assert "1 of 2 image paths are URLs (e.g. https://example.org/a.jpg)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert "download the images first" in root_hint("image file not found: /data/https:/example.org/a.jpg")
+    assert "URL" not in root_hint("image file not found: /data/images/a.jpg")

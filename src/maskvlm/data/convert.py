@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,7 @@ from typing import Any, Optional
 from ..config import TEXT_ENCODING
 from .formats import DataError, read_json
 
+URL = re.compile(r"(https?|s3|gs|ftp)://")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
@@ -174,6 +176,12 @@ def convert(source: str | Path, out: str | Path, prefix: Optional[str] = None, i
         raise DataError(f"{source}: neither a Karpathy split file (an object whose 'images' have 'sentences') nor a "
                         "COCO captions file (an object with 'images' and 'annotations'); a CSV/TSV table needs the "
                         ".csv or .tsv suffix or --separator")
+    urls = [e["image"] for entries in files.values() for e in entries if URL.match(e["image"])]
+    if urls:
+        total = sum(len(entries) for entries in files.values())
+        raise DataError(f"{source}: {len(urls)} of {total} image paths are URLs (e.g. {urls[0]}); maskvlm reads local "
+                        "image files or webdataset shards: download the images first (a downloader that writes "
+                        "webdataset shards feeds `maskvlm pretrain --shards` directly)")
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for path, entries in files.items():

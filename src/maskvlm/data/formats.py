@@ -8,6 +8,7 @@ import bisect
 import json
 import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,6 +64,9 @@ def load_annotations(path: str | Path, strict: bool = True) -> list[dict]:
 def root_hint(missing: str) -> str:
     """What to check when images are not found (``missing``: their paths)."""
     hint = "Is the image root right? Set it with --image-root / data.image_root"
+    if re.search(r"\b(https?|s3|gs|ftp):/", missing):  # joined to the root, '//' reads as '/' (convert.URL)
+        return ("The image paths are URLs: maskvlm reads local image files (or webdataset shards); download the "
+                "images first and write their local paths in the 'image' field")
     if "\\" in missing and os.sep == "/":
         hint = "The image paths hold backslashes (Windows separators?): write them with / here. " + hint
     return hint
