@@ -161,3 +161,35 @@ def test_decoding_workers_build_the_same_index(exported, image_folder, tmp_path)
     assert (two.added, two.unreadable) == (one.added, one.unreadable) == (5, 1)
     a, b = ImageIndex(tmp_path / "one"), ImageIndex(tmp_path / "two")
     assert a.paths == b.paths and np.array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))
+
+
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="names that are not UTF-8 (Linux file systems)")
+def test_file_names_that_are_not_utf8_or_hold_line_breaks(exported, image_folder, tmp_path, capsysbinary):
+    """A name that is not valid UTF-8 (an archive from another system) ended the build with "surrogates not
+    allowed"; one with U+2028 was split in two lines of paths.txt; one with a line break is left out."""
+    import os
+
+    from maskvlm.cli import main
+    folder, _ = image_folder
+    source = next(p for p in folder.glob("*.png") if p.name != "broken.png")
+    odd = {b"\xff\xfe-latin1.png", "x\u2028y.png".encode(), "caf\u00e9.png".encode()}
+    for name in odd | {b"line\nbreak.png"}:
+        shutil.copy(source, os.path.join(os.fsencode(folder), name))
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    stats = build_index(vlm, exported, folder, tmp_path / "ix", batch_size=3, progress=False)
+    assert (stats.added, stats.unreadable) == (8, 1)  # the 5 images, 3 odd names; broken.png
+    index = ImageIndex(tmp_path / "ix")
+    assert odd <= {os.fsencode(p) for p in index.paths} and all((folder / p).is_file() for p in index.paths)
+    assert build_index(vlm, exported, folder, tmp_path / "ix", progress=False).added == 0  # read back the same
+    assert main(["search", "--index", str(tmp_path / "ix"), "--query", "a red circle", "--top-k", "20"]) == 0
+    printed = capsysbinary.readouterr().out
+    assert all(name in printed for name in odd)  # each name's own bytes
+
+
+def test_an_empty_image_folder_is_an_error_before_any_index_is_written(exported, tmp_path):
+    vlm = VLM.from_pretrained(exported, device="cpu", precision="fp32")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match="empty: no image files in it or below it"):
+        build_index(vlm, exported, tmp_path / "empty", tmp_path / "ix", progress=False)
+    assert not (tmp_path / "ix").exists()

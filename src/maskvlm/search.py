@@ -30,10 +30,14 @@ from tqdm import tqdm
 from .data.formats import DataError, open_image
 from .folder_lock import hold_folder
 from .inference import VLM
+from .tasks.zeroshot import IMAGE_SUFFIXES
 
 log = logging.getLogger("maskvlm")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 META, PATHS, EMBEDDINGS = "meta.json", "paths.txt", "embeddings.f16"
+# paths.txt holds one relative path a line, as the file system gave it: a name that is not valid UTF-8
+# (an archive from another system) is kept byte for byte ("surrogateescape"), and lines are split on
+# "\n" alone, as str.splitlines() would also split a name at \x85 or \u2028
+PATHS_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 ROW_ITEM_BYTES = np.dtype(np.float16).itemsize  # one embedding value on disk
 
 
@@ -72,8 +76,13 @@ def list_images(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursively), as sorted relative paths."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {folder}: not a folder")
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    lines = [p for p in found if "\n" not in p]
+    if len(lines) < len(found):  # paths.txt holds a path a line
+        log.warning("%d image(s) under %s have a line break in their name and are left out, e.g. %r",
+                    len(found) - len(lines), folder, next(p for p in found if "\n" in p))
+    return lines
 
 
 @dataclass
@@ -97,17 +106,15 @@ def _complete_rows(out: Path, dim: int) -> list[str]:
     full disk) can leave the embeddings a batch ahead of the paths, or a row or a line cut short;
     both files are cut back to the rows they share, which the build then continues from."""
     row = dim * ROW_ITEM_BYTES
-    text = (out / PATHS).read_text() if (out / PATHS).exists() else ""
-    paths = text.splitlines()
-    if text and not text.endswith("\n"):
-        paths = paths[:-1]  # a line cut short
+    text = (out / PATHS).read_text(**PATHS_TEXT) if (out / PATHS).exists() else ""
+    paths = text.split("\n")[:-1]  # the last part is "" or a line cut short
     size = (out / EMBEDDINGS).stat().st_size if (out / EMBEDDINGS).exists() else 0
     n = min(len(paths), size // row)
     if size != n * row:
         with open(out / EMBEDDINGS, "r+b" if size else "wb") as f:
             f.truncate(n * row)
     if text != "".join(p + "\n" for p in paths[:n]):
-        (out / PATHS).write_text("".join(p + "\n" for p in paths[:n]))
+        (out / PATHS).write_text("".join(p + "\n" for p in paths[:n]), **PATHS_TEXT)
     return paths[:n]
 
 
@@ -138,6 +145,10 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
     start = time.perf_counter()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; it names the index folder")
+    found = list_images(images)
+    if not found and (rebuild or not (out / META).exists()):
+        raise FileNotFoundError(f"--images {images}: no image files in it or below it (looked for "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     with hold_folder(out, "index build", "choose another --out"):  # one build at a time
         fingerprint = model_fingerprint(model_dir)
         meta_path = out / META
@@ -161,11 +172,11 @@ def build_index(vlm: VLM, model_dir: Path, images: Path, out: Path, batch_size: 
                 "images": str(images), "embed_dim": dim, "count": len(existing), "dtype": "float16"}
         _write_meta(out, meta)  # from the start: a first build stopped part-way is continued, not redone
         known = set(existing)
-        todo = [p for p in list_images(images) if p not in known]
+        todo = [p for p in found if p not in known]
         added, unreadable = 0, 0
         loader = DataLoader(_Pixels(images, todo, vlm.transform), batch_size=batch_size, num_workers=workers,
                             collate_fn=list)  # a batch: the list of its samples, in order
-        with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a") as paths:
+        with open(out / EMBEDDINGS, "ab") as emb, open(out / PATHS, "a", **PATHS_TEXT) as paths:
             bar = tqdm(total=len(todo), desc="index images", disable=not progress, unit="img")
             for batch in loader:
                 for rel, _, why in batch:
@@ -194,7 +205,7 @@ class ImageIndex:
         self.meta = json.loads((self.folder / META).read_text())
         n, d = self.meta["count"], self.meta["embed_dim"]
         # the first ``count`` rows: a build in progress (or stopped) may have written a batch more
-        self.paths = (self.folder / PATHS).read_text().splitlines()[:n] if n else []
+        self.paths = (self.folder / PATHS).read_text(**PATHS_TEXT).split("\n")[:n] if n else []
         rows = (self.folder / EMBEDDINGS).stat().st_size // (ROW_ITEM_BYTES * d) if n else 0
         if len(self.paths) < n or rows < n:
             raise ValueError(f"{folder}: {META} says {n} images but {PATHS} has {len(self.paths)} lines and "
