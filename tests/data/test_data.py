@@ -165,6 +165,18 @@ def test_a_vocab_txt_with_a_repeated_line_sizes_the_model_by_its_largest_id(synt
     assert pretrain(cfg)["train"]["mlm_loss"] > 0
 
 
+def test_a_text_with_a_lone_surrogate_is_tokenized_with_a_replacement_character(maskvlm_log, monkeypatch):
+    """JSON's "\\ud83d" escape alone (an emoji cut in half by a scraper) loads as a lone surrogate, which
+    the tokenizer refused: one such caption of 20,000 ended a run while training its tokenizer."""
+    from maskvlm.data import tokenizer as module
+    monkeypatch.setattr(module, "_surrogates_seen", False)  # logged once a process
+    caption = json.loads('"a red ball \\ud83d cut"')
+    tokenizer = train_wordpiece(["a red ball cut", caption], vocab_size=100)
+    ids, _ = tokenizer([caption, "a red ball \ufffd cut"], 12)
+    assert torch.equal(ids[0], ids[1])
+    assert "lone UTF-16 surrogate" in maskvlm_log.text
+
+
 def test_collator_builds_masked_views(synthetic_dir, tokenizer):
     ds = PairDataset(synthetic_dir / "train.json", None, ImageTransform(32, [0.5] * 3, [0.5] * 3))
     collate = PretrainCollator(tokenizer, 24, text_ratio=0.3, image_ratio=0.6, grid=(4, 4), image_block=2)

@@ -67,7 +67,7 @@ class TextTokenizer:
             self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id),
                                           length=max_len if fixed else None)
             self._padding = (max_len, fixed)
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = self.tokenizer.encode_batch(encodable(texts))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
@@ -105,6 +105,29 @@ def _bert_pre_tokenized_words(texts: Iterable[str]) -> Counter:
     return counts
 
 
+_surrogates_seen = False
+
+
+def encodable(texts: Sequence[str]) -> list[str]:
+    """``texts`` with each lone UTF-16 surrogate (a cut emoji in a scraped caption: JSON's ``"\\ud83d"``
+    escape alone loads as one; a file name that is not UTF-8) replaced by U+FFFD. The tokenizer cannot
+    take such a text: one caption of 20,000 ended a run in ``surrogates not allowed``. The first is
+    logged in each process."""
+    global _surrogates_seen
+    out = list(texts)
+    for i, text in enumerate(out):
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                out[i] = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                if not _surrogates_seen:
+                    _surrogates_seen = True
+                    log.warning("a text holds a lone UTF-16 surrogate (a character cut in half, or a file name "
+                                "that is not UTF-8), replaced by U+FFFD: %r (further ones are not logged)", text)
+    return out
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000) -> TextTokenizer:
     """A lower-cased BERT-style WordPiece for ``texts``; the same texts give the same vocabulary and ids.
 
@@ -113,7 +136,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000) -> TextTokeniz
     word is one token. Otherwise the ``tokenizers`` WordPiece trainer learns subwords; it breaks ties
     in hash order, so its subword set can differ slightly between fresh runs (pass a fixed
     ``vocab.txt`` via ``data.tokenizer`` for exact reproducibility; checkpoints always carry theirs)."""
-    texts = list(texts)
+    texts = encodable(list(texts))
     words = _bert_pre_tokenized_words(texts)
     chars = sorted({c for w in words for c in w})
     pieces = sorted(set(chars) | {"##" + c for c in chars})
