@@ -27,6 +27,15 @@ def test_shards_hold_every_caption_once_with_its_image(synthetic_dir, tmp_path):
     assert text.endswith(f"{len(paths)} shards, {len(entries)} samples") and text.count(", caption ") == 2
 
 
+def test_a_caption_with_a_lone_surrogate_is_written_with_a_replacement_character(synthetic_dir, tmp_path):
+    entries = json.loads((synthetic_dir / "train.json").read_text())[:3]
+    entries[1]["caption"] = json.loads('"cut \\ud83d"')  # "surrogates not allowed" ended the command
+    (tmp_path / "a.json").write_text(json.dumps(entries))
+    summary = write_shards(tmp_path / "a.json", str(synthetic_dir), tmp_path / "out", shard_size=8, progress=False)
+    samples = shard_samples(expand_shards(summary["pattern"])[0])
+    assert samples[1]["txt"].decode() == "cut \ufffd"
+
+
 def test_inspect_flags_a_shard_holding_fewer_samples_than_listed(synthetic_dir, tmp_path):
     write_shards(synthetic_dir / "train.json", None, tmp_path, shard_size=50, progress=False)
     with tarfile.open(tmp_path / "00001.tar") as tar:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from .formats import DataError, load_annotations, resolve_image_root
 from .stream import IMAGE_EXTS, listed_count, shard_samples
+from .tokenizer import encodable
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     info = tarfile.TarInfo(name)
@@ -63,6 +64,7 @@ def write_shards(annotations: Path, image_root: Optional[str], out: Path, shard_
             for key, path, caption, image_id in samples[start:start + shard_size]:
                 ext = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
                 _add(tar, key + ext, path.read_bytes(), now)
+                caption = encodable([caption])[0]  # a lone surrogate cannot be written as UTF-8
                 _add(tar, key + ".txt", caption.encode("utf-8"), now)
                 meta = {"key": key, "caption": caption, "image_id": image_id, "source": str(path)}
                 _add(tar, key + ".json", json.dumps(meta).encode("utf-8"), now)
