@@ -32,7 +32,7 @@ def test_a_caption_with_a_lone_surrogate_is_written_with_a_replacement_character
     entries[1]["caption"] = json.loads('"cut \\ud83d"')  # "surrogates not allowed" ended the command
     (tmp_path / "a.json").write_text(json.dumps(entries))
     summary = write_shards(tmp_path / "a.json", str(synthetic_dir), tmp_path / "out", shard_size=8, progress=False)
-    samples = shard_samples(expand_shards(summary["pattern"])[0])
+    samples = list(shard_samples(expand_shards(summary["pattern"])[0]))
     assert samples[1]["txt"].decode() == "cut \ufffd"
 
 
