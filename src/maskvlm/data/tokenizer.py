@@ -4,6 +4,7 @@ captions (saved with every checkpoint) or one loaded from ``vocab.txt`` / ``toke
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -106,6 +107,7 @@ def _bert_pre_tokenized_words(texts: Iterable[str]) -> Counter:
 
 
 _surrogates_seen = False
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def encodable(texts: Sequence[str]) -> list[str]:
@@ -120,7 +122,7 @@ def encodable(texts: Sequence[str]) -> list[str]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                out[i] = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                out[i] = _SURROGATE.sub("\ufffd", text)
                 if not _surrogates_seen:
                     _surrogates_seen = True
                     log.warning("a text holds a lone UTF-16 surrogate (a character cut in half, or a file name "
