@@ -21,6 +21,13 @@ def resolve_device(name: str = "auto") -> torch.device:
                          "type)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    # another accelerator (mps, xpu, ...): torch.device() accepts every type name, whether or not
+    # this build or machine has one, and the first tensor moved there failed with a traceback
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "cuda") and (available is None or not available()):
+        raise ValueError(f"device {name!r} requested but this torch build has no {device.type} support or no "
+                         f"{device.type} device is present (torch {torch.__version__}); use cpu, cuda or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

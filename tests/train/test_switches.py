@@ -204,3 +204,9 @@ def test_a_device_name_torch_does_not_know_is_an_error_naming_it():
     with pytest.raises(ValueError, match="device 'tpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("tpu")
     assert resolve_device("cpu").type == "cpu"
+    # a type torch knows that this build or machine lacks: was the first tensor move's traceback
+    # ("PyTorch is not linked with support for mps devices", "Torch not compiled with XPU enabled")
+    for name in ("mps", "xpu"):
+        if not getattr(torch.backends.mps if name == "mps" else torch.xpu, "is_available")():
+            with pytest.raises(ValueError, match=f"device '{name}' requested but this torch build has no {name}"):
+                resolve_device(name)
