@@ -25,8 +25,9 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.lrr=1", "unknown config key 'train.lrr'; valid keys here: .*batch_size.*lr"),
-    ("modle.x=1", "unknown config key 'modle'"),
+    ("train.lrr=1", "unknown config key 'train.lrr'; did you mean 'train.lr'. valid keys here: .*batch_size.*lr"),
+    ("modle.x=1", "unknown config key 'modle'; did you mean 'model'"),
+    ("train.learning_rate=1", "unknown config key 'train.learning_rate'; valid keys here"),  # nothing close
     ("train.max_steps=ten", "train.max_steps='ten': expected int"),
     ("masking.image_ratio=1.0", r"masking.image_ratio=1.0: expected a ratio in \[0, 1\)"),
     ("masking.text_ratio=-0.1", "masking.text_ratio"),
@@ -119,6 +120,12 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypa
     assert cfg.train.output_dir == os.path.join(str(tmp_path), "runs", "a")
     assert cfg.data.train == f"{tmp_path}/d/one.json::{tmp_path}/d/two.json"
     assert cfg.data.tokenizer == f"{tmp_path}/vocab.txt" and cfg.data.test is None
+
+
+def test_a_config_file_indented_with_tabs_says_so(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n\tmax_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(YAML indents with spaces, not tabs\)"):
+        build_config("maskvlm", config_file=str(tmp_path / "c.yaml"))
 
 
 def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):

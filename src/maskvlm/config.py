@@ -4,6 +4,7 @@ user YAML and ``a.b=c`` command-line overrides, in that order. Unknown keys are 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -590,7 +591,9 @@ def merge_into(obj: Any, updates: dict, prefix: str = "") -> None:
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(fields))}")
+            close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.7)
+            guess = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{key}'; {guess}valid keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             merge_into(current, value, prefix=f"{key}.")
@@ -675,7 +678,8 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a YAML config") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        tabs = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(e) else ""
+        raise ConfigError(f"{path}: not valid YAML{tabs} ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
