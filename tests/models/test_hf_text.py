@@ -175,3 +175,11 @@ def test_the_folders_embedding_rows_are_copied_and_the_missing_ones_stay_new(syn
     ours = model.text_encoder.embeddings.word_embeddings.weight.detach()
     assert torch.equal(ours[:tokens - 5], theirs) and torch.equal(ours[tokens - 5:], fresh[tokens - 5:])
     assert "mlm_head.decoder.weight" not in report.new  # tied to the word embeddings, which were loaded
+
+
+def test_a_hugging_face_folder_given_as_a_checkpoint_points_to_text_init(tmp_path):
+    """`evaluate --checkpoint bert-folder` said only `no config.yaml`."""
+    from maskvlm.models.io import read_config
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FileNotFoundError, match="Hugging Face config.json: .* model.text_init / model.image_init"):
+        read_config(tmp_path)

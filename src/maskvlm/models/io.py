@@ -234,8 +234,12 @@ def read_config(directory: Path):
     from ..config import ConfigError, config_from_dict
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a checkpoint or pretrained-model folder)")
-    with open(path) as f:
+        hint = ("; it holds a Hugging Face config.json: a BERT/RoBERTa or ViT/DeiT folder initialises a maskvlm "
+                "model through model.text_init / model.image_init") if (Path(directory) / "config.json").is_file() \
+            else ""
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a checkpoint or pretrained-model "
+                                f"folder){hint}")
+    with open(path, encoding="utf-8") as f:
         try:
             return config_from_dict(yaml.safe_load(f))
         except ConfigError as e:
