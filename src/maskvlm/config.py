@@ -250,7 +250,6 @@ class TaskConfig:
     trained: Optional[list[str]] = None
 
 
-
 # Reading a user's text file: UTF-8, with or without the byte-order mark that Windows tools write
 # (Excel's "CSV UTF-8", older Notepad); plain "utf-8" refused such a JSON file and read the mark into
 # the first column name of a table, the first token of a vocab.txt, the first name of a class list.
@@ -261,6 +260,7 @@ def expand_home(value: str) -> str:
     """A leading ``~`` (or ``~user``) of a path, or of each ``::``-joined path, is that home folder, as
     in a shell; ``--out=~/x`` and YAML values are not expanded by one."""
     return "::".join(os.path.expanduser(part) for part in value.split("::")) if "~" in value else value
+
 
 @dataclass
 class Config:
