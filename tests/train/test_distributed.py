@@ -353,3 +353,18 @@ def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path
     results = json.loads((run / "results.json").read_text())
     assert "txt_r1" in results["test"] and results["best"]["step"] in (2, 4)
     assert (run / "best" / "best.json").is_file()
+
+
+def test_ddp_without_unused_parameter_search_names_the_setting_for_a_recipe_that_needs_it(synthetic_dir, tmp_path):
+    """ALBEF keeps an image cross-modality encoder no objective trains: DDP's own error named its constructor
+    argument, not train.ddp_find_unused; step 1's checkpoint is kept, as for any failed step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(mp.ProcessRaisedException, match=r"step 2: DDP found parameters no objective of this run "
+                       r"trains \(recipe albef .* --resume auto train.ddp_find_unused=true"):
+        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), ("train.ddp_find_unused=false",),
+                                          None, "albef"), nprocs=WORLD, join=True)
+    assert [c.name for c in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000001"]

@@ -659,8 +659,13 @@ class Trainer:
                         window_samples += len(batch)
                 except TooManyBadSamples:
                     raise  # its checkpoint is written where it is raised
-                except Exception:  # out of memory, a loader that gave up: keep the steps trained so far
+                except Exception as e:  # out of memory, a loader that gave up: keep the steps trained so far
                     self._save_after_failed_step(step_start)
+                    if "Expected to have finished reduction in the prior iteration" in str(e):
+                        raise ConfigError(  # DDP's message names its own argument, not the setting
+                            f"step {self.step + 1}: DDP found parameters no objective of this run trains (recipe "
+                            f"{self.config.recipe} with its loss weights), which train.ddp_find_unused=false does "
+                            "not allow; continue with --resume auto train.ddp_find_unused=true") from None
                     raise
                 if pooled is not None:
                     self.task.pool = None
