@@ -131,7 +131,7 @@ def test_files_with_a_byte_order_mark_read_as_without(synthetic_dir, tmp_path):
     assert [(e["image"], e["caption"]) for e in entries] == rows
     assert read_json(bom("a.json", json.dumps([{"image": "x.png", "caption": "c"}]))) == [{"image": "x.png",
                                                                                              "caption": "c"}]
-    assert read_json_lines(bom("a.jsonl", '{"a": 1}\n{"a": 2}\n')) == [{"a": 1}, {"a": 2}]
+    assert read_json_lines(bom("a.jsonl", '{"a": 1}\n\n{"a": 2}\n')) == [(1, {"a": 1}), (3, {"a": 2})]
     assert read_classnames(bom("names.txt", "dog\ncat\n")) == ["dog", "cat"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "ball"]
     tokenizer = load_tokenizer(bom("vocab.txt", "\n".join(vocab) + "\n"))

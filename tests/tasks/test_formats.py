@@ -186,3 +186,8 @@ def test_snli_ve_malformed(tmp_path):
     _jsonl(tmp_path / "snli_ve_dev.jsonl", [{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "neutral"}])
     with pytest.raises(DataError, match=r"image file not found: .*1\.jpg"):
         ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl")
+    # the line in the file, blank lines counted (it was the entry's number: "line 2" here)
+    (tmp_path / "snli_ve_dev.jsonl").write_text('{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "neutral"}\n\n'
+                                                '{"Flickr30K_ID": "1", "sentence2": "a", "gold_label": "maybe"}\n')
+    with pytest.raises(DataError, match=r"snli_ve_dev\.jsonl: line 3: field 'gold_label'"):
+        ve.load_snli_ve(tmp_path / "snli_ve_dev.jsonl", check=False)

@@ -89,8 +89,9 @@ def not_text(path: Path, error: UnicodeDecodeError) -> str:
     return f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); expected a JSON annotation file"
 
 
-def read_json_lines(path: str | Path) -> list[dict]:
-    """A JSON-lines file (one object per line, blank lines ignored); errors name the line."""
+def read_json_lines(path: str | Path) -> list[tuple[int, dict]]:
+    """A JSON-lines file (one object per line, blank lines ignored) as (line number, object) pairs, so
+    that a later error about an entry names its line; errors here name the line too."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
@@ -107,7 +108,7 @@ def read_json_lines(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}: line {n} is not valid JSON ({e})") from None
             if not isinstance(entry, dict):
                 raise DataError(f"{path}: line {n} is {type(entry).__name__}, expected an object")
-            out.append(entry)
+            out.append((n, entry))
     if not out:
         raise DataError(f"{path}: no entries")
     return out

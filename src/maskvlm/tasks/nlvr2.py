@@ -44,7 +44,7 @@ def load_nlvr2(path: str | Path, image_root: Optional[str] = None, check: bool =
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     examples = []
-    for n, e in enumerate(read_json_lines(path), 1):
+    for n, e in read_json_lines(path):
         where = f"{path}: line {n}"
         identifier = require(e, "identifier", str, where)
         where = f"{where} ({identifier})"

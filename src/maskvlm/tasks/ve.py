@@ -30,7 +30,7 @@ def load_snli_ve(path: str | Path, image_root: Optional[str] = None, check: bool
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     examples, skipped = [], 0
-    for n, e in enumerate(read_json_lines(path), 1):
+    for n, e in read_json_lines(path):
         where = f"{path}: line {n}"
         flickr_id = str(require(e, "Flickr30K_ID", (str, int), where))
         hypothesis = require(e, "sentence2", str, where, text=True)
