@@ -27,6 +27,18 @@ def test_evaluate_help_describes_every_option(capsys):
         assert option in out
 
 
+def test_version_names_maskvlm_python_and_torch(capsys):
+    import torch
+
+    import maskvlm
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"maskvlm {maskvlm.__version__} (") and f"torch {torch.__version__}" in out
+
+
 def test_config_error_exits_2_with_the_key(capsys):
     assert main(["pretrain", "train.nope=1", "--print-config"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err

@@ -311,8 +311,33 @@ def _add_data(sub) -> None:
     n.add_argument("--show", type=NON_NEGATIVE, default=3, help="samples to show")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, with torch imported only when asked (the parser is built for every command)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_line())
+        parser.exit()
+
+
+def _version_line() -> str:
+    """What a bug report needs in one line: our version, Python's, torch's and its build's accelerator."""
+    import platform
+
+    import torch
+
+    from maskvlm import __version__
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "CPU build")
+    return f"maskvlm {__version__} (Python {platform.python_version()}, torch {torch.__version__}, {build})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskvlm", description="Masked vision-language pre-training.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of maskvlm, Python and torch (and torch's build) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
     _add_finetune(sub)
