@@ -127,3 +127,23 @@ def test_export_writes_a_standalone_model_folder(synthetic_dir, tmp_path, capsys
     assert vlm.encode_texts(["a red circle"]).shape[0] == 1
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) != 0
     assert "already holds model.safetensors" in capsys.readouterr().err
+
+
+def test_the_readme_python_example_runs_as_written(synthetic_dir, tokenizer, tmp_path, monkeypatch):
+    """The README's inference example, run verbatim against a micro model saved where it looks (runs/pre)."""
+    import re
+    from pathlib import Path
+
+    from tests.conftest import save_micro_model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "VLM.from_pretrained" in b]
+    assert len(blocks) == 1, "the README should hold one inference example"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(synthetic_dir)
+    save_micro_model(tmp_path / "runs" / "pre", tokenizer)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert tuple(scope["sim"].shape) == (2, 2)
+    assert all(isinstance(im, Image.Image) for im in (scope["original"], scope["masked"], scope["filled"]))
