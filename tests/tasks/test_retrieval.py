@@ -38,11 +38,17 @@ def test_rerank_keeps_close_similarities_apart_below_the_top_k():
                           positives, image_of_text)
     assert kept == itc
 
+
 def test_format_table_prints_both_directions():
     m = {f"{p}{d}_r{k}": 1.0 for p in ("", "itc_") for d in ("txt", "img") for k in (1, 5, 10)}
     m.update(r1_mean=1.0, r_mean=1.0, k=16.0, chance_r1=0.5)
     text = format_table(m)
     assert "R@1" in text and "image->text" in text and "text->image" in text and "k=16" in text
+    # 8 images: the text -> image rows re-rank all 8, not 16
+    m.update(k_txt=16.0, k_img=8.0)
+    rows = {line.split("  ")[0]: line for line in format_table(m).splitlines() if "re-rank" in line}
+    assert "[ITM re-rank k=16]" in rows["text (image->text)"]
+    assert "[ITM re-rank of all 8]" in rows["image (text->image)"]
 
 
 def test_recall_ties_count_against_the_query_and_any_positive_counts():

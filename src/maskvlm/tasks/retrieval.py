@@ -273,8 +273,9 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
             metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img, ranks_out=ranks_out))
         else:
             metrics.update({key[4:]: v for key, v in metrics.items()})
-        metrics["k"] = float(k)
         n_text, n_image = len(dataset.texts), len(dataset)
+        metrics["k"] = float(k)  # as asked; each direction re-ranks at most all of its candidates
+        metrics["k_txt"], metrics["k_img"] = float(min(k, n_text)), float(min(k, n_image))
         chance_tr = 100.0 * sum(len(t) for t in dataset.img2txt) / n_text / n_image
         metrics["chance_r1"] = (chance_tr + 100.0 / n_image) / 2
         if split_over_ranks:  # one set of figures for the whole job
@@ -326,10 +327,13 @@ def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") 
     """Plain-text table of R@1/5/10 in both directions (ITC ranking and after ITM re-ranking)."""
     lines = [title, f"{'':22s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}"]
     k = int(metrics.get("k", 0))
-    rows = [("itc_", "ITC rank")] + ([("", f"ITM re-rank k={k}")] if k > 0 else [])
-    for prefix, name in rows:
+    for prefix in ("itc_", "") if k > 0 else ("itc_",):
         for direction, label in (("txt", "text (image->text)"), ("img", "image (text->image)")):
-            vals = [metrics[f"{prefix}{direction}_r{k}"] for k in (1, 5, 10)]
+            name = "ITC rank"
+            if prefix == "":
+                depth = int(metrics.get(f"k_{direction}", k))
+                name = f"ITM re-rank k={k}" if depth == k else f"ITM re-rank of all {depth}"
+            vals = [metrics[f"{prefix}{direction}_r{n}"] for n in (1, 5, 10)]
             lines.append(f"{label:22s}" + "".join(f"{v:8.1f}" for v in vals) + f"   [{name}]")
     interval = (f" (95% CI {metrics['r1_mean_ci_low']:.1f}-{metrics['r1_mean_ci_high']:.1f}, bootstrap over images)"
                 if "r1_mean_ci_low" in metrics else "")
