@@ -197,6 +197,10 @@ def _add_evaluate(sub) -> None:
         t.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the checkpoint's")
         t.add_argument("--out", default=None, type=output_file, help="also write the metrics as JSON to this file")
         t.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "vqa":
+            t.add_argument("--by-question-type", action="store_true",
+                           help="also the accuracy per question type ('what color is the', 'how many', ...; from "
+                                "the annotations' question_type), as the official evaluation reports it")
     z = tasks.add_parser(
         "classification", help="zero-shot image classification from class-name prompts (ITC, optional ITM re-rank)",
         description="Zero-shot classification of an image folder (ROOT/<class>/<images>): each class name is put into "
@@ -491,7 +495,8 @@ def _evaluate(args) -> int:
 
     metrics = evaluate_task(args.task, args.checkpoint, args.data, args.image_root, args.device, args.precision,
                             args.batch_size, args.predictions if reports else None,
-                            progress=not args.no_progress and reports, report=reports)
+                            progress=not args.no_progress and reports, report=reports,
+                            by_question_type=getattr(args, "by_question_type", False))
     if args.out and reports:
         write_json(args.out, metrics)
     return 0

@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Config, ConfigError, DataConfig, LossConfig, finetune_recipe, load_yaml, merge_into, parse_overrides
 from .data.formats import DataError, PairDataset, PretrainCollator, RetrievalDataset
@@ -219,9 +219,11 @@ def _classes(spec: ClassificationTask, train_examples, config: Config, checkpoin
 
 def _classification_eval(spec: ClassificationTask, module: FusedClassifier, tokenizer, config: Config,
                          classes: list[str], path: str, predictions: Optional[Path] = None,
-                         image_root: Optional[str] = None, progress: bool = False, examples=None):
+                         image_root: Optional[str] = None, progress: bool = False, examples=None,
+                         on_names: Optional[Callable[[list[str]], None]] = None):
     """(zero-argument function returning the metrics on ``path``, its examples); with
-    ``predictions`` the predictions file is written too."""
+    ``predictions`` the predictions file is written too, and ``on_names`` receives the predicted
+    class names."""
     examples = examples or spec.load(path, image_root or config.data.image_root)
     dataset = ExampleDataset(examples, eval_transform(config))
     collator = ExampleCollator(tokenizer, config.data.max_text_len)
@@ -231,6 +233,8 @@ def _classification_eval(spec: ClassificationTask, module: FusedClassifier, toke
         logits = predict(module, dataset, collator, config.eval.batch_size, device, config.train.precision,
                          progress=progress, split_over_ranks=True)
         metrics, names = spec.score(logits, examples, classes)
+        if on_names is not None:
+            on_names(names)
         if predictions is not None:
             spec.write_predictions(predictions, names, examples)
             log.info("predictions written: %s", predictions)
@@ -270,11 +274,15 @@ def format_metrics(spec: ClassificationTask, metrics: dict, title: str) -> str:
 
 def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_root: Optional[str] = None,
                   device: Optional[str] = None, precision: Optional[str] = None, batch_size: Optional[int] = None,
-                  predictions: Optional[str] = None, progress: bool = True, report: bool = True) -> dict:
+                  predictions: Optional[str] = None, progress: bool = True, report: bool = True,
+                  by_question_type: bool = False) -> dict:
     """Evaluate a fine-tuned VQA / NLVR2 / SNLI-VE checkpoint on ``data`` (default: its data.test).
     Under torchrun (every rank calling it) each rank predicts a share of the examples; ``report``:
-    print the figures (rank 0)."""
+    print the figures (rank 0). ``by_question_type`` (VQA): also the official per-question-type
+    table, returned under ``question_types``."""
     spec = CLASSIFICATION_TASKS[task]
+    if by_question_type and not spec.soft:
+        raise ValueError(f"by_question_type is a VQA breakdown, not one of {task}")
     folder = model_folder(checkpoint)
     config = read_config(folder)
     if config.task.name != task:
@@ -298,12 +306,21 @@ def evaluate_task(task: str, checkpoint: str, data: Optional[str] = None, image_
     module = FusedClassifier(build_model(config), len(classes), spec.num_images, config.task.head_hidden, spec.soft)
     load_state(module, read_weights(folder / MODEL_FILE), str(folder / MODEL_FILE))
     module.to(resolve_device(config.train.device))
+    predicted: list[str] = []
     run, examples = _classification_eval(spec, module, tokenizer, config, classes, path,
-                                         Path(predictions) if predictions else None, root, progress, examples)
+                                         Path(predictions) if predictions else None, root, progress, examples,
+                                         on_names=predicted.extend)
     metrics = run()
     if report:
         text = format_metrics(spec, metrics, f"{spec.title} on {path} ({len(examples)} examples)")
         if not metrics:
             text += f"; predictions written to {predictions}" if predictions else "; --predictions FILE writes them"
         print(text)
+    if by_question_type and metrics:
+        from .tasks.vqa import accuracy_by_question_type, format_question_types
+
+        rows = accuracy_by_question_type(predicted, examples)
+        if report:
+            print(format_question_types(rows))
+        metrics["question_types"] = rows
     return metrics

@@ -97,6 +97,13 @@ def test_finetune_classification_tasks(task, pretrained, task_data, tmp_path, ca
     again = evaluate_task(task, str(out), predictions=str(tmp_path / "new" / "predictions.json"), progress=False)
     assert again[primary] == pytest.approx(result["test"][primary])
     assert (tmp_path / "new" / "predictions.json").is_file()
+    if task == "vqa":  # the official per-question-type table; every answered question has a type
+        capsys.readouterr()
+        by_type = evaluate_task(task, str(out), progress=False, by_question_type=True)["question_types"]
+        assert "VQA accuracy by question type" in capsys.readouterr().out
+        assert sum(r["count"] for r in by_type) == len(vqa.load_vqa(_files("vqa", task_data)[2]))
+        assert sum(r["count"] * r["vqa_acc"] for r in by_type) / sum(r["count"] for r in by_type) \
+            == pytest.approx(again["vqa_acc"])
     # the final val evaluation is the only one here, so the best weights are the last: same test figure
     assert result["best"] == {"step": 24, "metric": primary, "value": result["val"][primary]}
     from_best = evaluate_task(task, str(out / "best"), progress=False)

@@ -102,9 +102,9 @@ def _official_vqa(tmp_path, subtype="val2014", with_answers=True):
     (tmp_path / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps(
         {"data_subtype": subtype, "task_type": "Open-Ended", "questions": questions}))
     if with_answers:
-        annotations = [{"question_id": 4201, "image_id": 42, "answer_type": "other",
+        annotations = [{"question_id": 4201, "image_id": 42, "answer_type": "other", "question_type": "what color is",
                         "answers": [{"answer": "red", "answer_id": i} for i in range(10)]},
-                       {"question_id": 701, "image_id": 7, "answer_type": "number",
+                       {"question_id": 701, "image_id": 7, "answer_type": "number", "question_type": "how many",
                         "answers": [{"answer": "two", "answer_id": i} for i in range(10)]}]
         (tmp_path / f"v2_mscoco_{subtype}_annotations.json").write_text(json.dumps(
             {"data_subtype": subtype, "annotations": annotations}))
@@ -121,6 +121,23 @@ def test_vqa_official_files(tmp_path):
     assert exs[1].answers == ["two"] * 10 and exs[1].kind == "number"
     m = vqa.vqa_metrics(["Red", "3"], exs)
     assert m["vqa_acc"] == 50.0 and m["vqa_acc_other"] == 100.0 and m["vqa_acc_number"] == 0.0
+    assert [e.question_type for e in exs] == ["what color is", "how many"]
+
+
+def test_vqa_accuracy_by_question_type_hand_computed():
+    def ex(qtype, *answers):
+        return Example(id=0, images=[], text="?", answers=list(answers), question_type=qtype)
+
+    examples = [ex("how many", *["2"] * 10), ex("how many", *["3"] * 2, *["4"] * 8), ex("is the", *["yes"] * 10),
+                ex("", *["no"] * 10),  # no type: counted overall, not in the table
+                Example(id=1, images=[], text="?", question_type="is the")]  # no answers: not scored
+    rows = vqa.accuracy_by_question_type(["2", "3", "no", "no", "yes"], examples)
+    # "3" is one of 10 answers twice: min(2 / 3, 1) averaged over the 10 leave-one-out subsets = 0.6
+    assert rows == [{"question_type": "how many", "count": 2, "vqa_acc": pytest.approx(80.0)},
+                    {"question_type": "is the", "count": 1, "vqa_acc": 0.0}]
+    table = vqa.format_question_types(rows)
+    assert "2 types" in table and table.splitlines()[2].split() == ["how", "many", "2", "80.00"]
+    assert "no question types" in vqa.format_question_types([])
 
 
 def test_vqa_test_dev_without_answers_uses_test_images_and_writes_results(tmp_path):
@@ -139,6 +156,10 @@ def test_vqa_albef_list(tmp_path):
                                  "answer": ["yes", "yes", "no"], "dataset": "vqa"}]))
     (ex,) = vqa.load_vqa(path)
     assert ex.answers == ["yes", "yes", "no"] and ex.images[0] == tmp_path / "train2014" / "a.jpg"
+    assert ex.question_type == ""
+    path.write_text(json.dumps([{"question_id": 1, "question": "is it?", "image": "train2014/a.jpg",
+                                 "answer": "yes", "question_type": "is it"}]))
+    assert vqa.load_vqa(path)[0].question_type == "is it"
 
 
 def test_vqa_malformed_files_name_file_entry_and_field(tmp_path):
@@ -165,6 +186,10 @@ def test_vqa_malformed_files_name_file_entry_and_field(tmp_path):
     data["annotations"][0]["answers"] = "red"
     ann.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"annotations\.json: annotation 0 \(question_id 4201\): field 'answers'"):
+        vqa.load_vqa(path, check=False)
+    data["annotations"][0].update(answers=[{"answer": "red"}], question_type=["what", "color"])
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotation 0 \(question_id 4201\): field 'question_type' must be a string"):
         vqa.load_vqa(path, check=False)
 
 

@@ -98,6 +98,18 @@ def _vqa_questions(rng, objects: list[SceneObject]) -> list[tuple[str, str, str]
     return out
 
 
+# The question types of the generated questions, named as in VQA v2's annotations (a question's type
+# is the longest of these its words begin with).
+QUESTION_TYPES = ("what color is the", "what color are the", "what shape is the", "how many", "is there a",
+                  "is there", "is the", "where is the")
+
+
+def _question_type(question: str) -> str:
+    words = question.rstrip("?").split()
+    matches = [t for t in QUESTION_TYPES if words[:len(t.split())] == t.split()]
+    return max(matches, key=len) if matches else "none of the above"
+
+
 def _annotator_answers(rng, answer: str, answer_type: str, distractors: list[str]) -> list[dict]:
     """Ten answers: mostly the right one (written in varied surface forms), sometimes a wrong one."""
     forms = [answer, answer.capitalize(), answer + "."]
@@ -140,7 +152,7 @@ def _write_vqa(out: Path, sizes: dict, image_size: int, seed: int, progress: boo
             for question, answer, answer_type in _vqa_questions(rng, objects):
                 qid += 1
                 questions.append({"image_id": image_id, "question": question, "question_id": qid})
-                annotations.append({"question_id": qid, "image_id": image_id, "question_type": question.split()[0],
+                annotations.append({"question_id": qid, "image_id": image_id, "question_type": _question_type(question),
                                     "answer_type": answer_type, "multiple_choice_answer": answer,
                                     "answers": _annotator_answers(rng, answer, answer_type, _distractors(answer))})
         common = {"info": {"description": "maskvlm synthetic scenes, VQA v2 layout"}, "license": {},

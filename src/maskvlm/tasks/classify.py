@@ -32,6 +32,7 @@ class Example:
     soft: dict[int, float] = field(default_factory=dict)  # VQA: answer index -> soft score
     answers: Optional[list[str]] = None  # VQA: the annotators' raw answers, for the official metric
     kind: str = ""  # VQA answer type ("yes/no", "number", "other") for the per-type breakdown
+    question_type: str = ""  # VQA question type ("what color is the", "how many"): the official per-type table
 
 
 class ExampleDataset(Dataset):

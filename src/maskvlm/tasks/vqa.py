@@ -183,9 +183,11 @@ def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
         for i, a in enumerate(items):
             where = f"{ann_path}: annotation {i}"
             qid = require(a, "question_id", int, where)
-            raw = require(a, "answers", list, f"{where} (question_id {qid})")
-            texts = [require(x, "answer", str, f"{where} (question_id {qid}) answers[{j}]") for j, x in enumerate(raw)]
-            answers[qid] = dict(answers=texts, kind=a.get("answer_type", ""))
+            where = f"{where} (question_id {qid})"
+            raw = require(a, "answers", list, where)
+            texts = [require(x, "answer", str, f"{where} answers[{j}]") for j, x in enumerate(raw)]
+            answers[qid] = dict(answers=texts, kind=_text_field(a.get("answer_type", ""), where, "answer_type"),
+                                qtype=_text_field(a.get("question_type", ""), where, "question_type"))
     examples = []
     for i, q in enumerate(questions):
         where = f"{path}: question {i}"
@@ -197,8 +199,16 @@ def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
         if answers and a is None:
             raise DataError(f"{where}: no annotation for this question in {ann_path}")
         examples.append(Example(id=qid, images=[root / image_dir / f"COCO_{image_dir}_{image_id:012d}.jpg"],
-                                text=text, answers=a["answers"] if a else None, kind=a["kind"] if a else ""))
+                                text=text, answers=a["answers"] if a else None, kind=a["kind"] if a else "",
+                                question_type=a["qtype"] if a else ""))
     return examples
+
+
+def _text_field(value, where: str, field: str) -> str:
+    """An optional text field of an annotation ("" when absent)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    return value
 
 
 def _load_list(path: Path, data: list, root: Path) -> list[Example]:
@@ -217,7 +227,8 @@ def _load_list(path: Path, data: list, root: Path) -> list[Example]:
         if answer is not None and not answer:
             raise DataError(f"{where}: field 'answer' is an empty list (leave the field out for a question "
                             "without answers)")
-        examples.append(Example(id=qid, images=[root / image], text=text, answers=answer))
+        examples.append(Example(id=qid, images=[root / image], text=text, answers=answer,
+                                question_type=_text_field(e.get("question_type", ""), where, "question_type")))
         if answer is None:
             unanswered.append(f"entry {i} (question_id {qid})")
     check_labels_all_or_none(path, unanswered, len(examples), "answer")
@@ -235,6 +246,29 @@ def vqa_metrics(predicted: list[str], examples: list[Example]) -> dict[str, floa
         rows = [s for s, k in scored if k == kind]
         metrics[f"vqa_acc_{kind.replace('/', '_')}"] = 100.0 * sum(rows) / len(rows)
     return metrics
+
+
+def accuracy_by_question_type(predicted: list[str], examples: list[Example]) -> list[dict]:
+    """The official evaluation's per-question-type table: ``{"question_type", "count", "vqa_acc"}``
+    for each type among the answered examples, most frequent first. Empty when no example has a
+    type (official annotations carry ``question_type``; a list's entries may)."""
+    rows: dict[str, list[float]] = {}
+    for p, ex in zip(predicted, examples):
+        if ex.answers and ex.question_type:
+            rows.setdefault(ex.question_type, []).append(vqa_accuracy(p, ex.answers))
+    return [{"question_type": t, "count": len(s), "vqa_acc": 100.0 * sum(s) / len(s)}
+            for t, s in sorted(rows.items(), key=lambda item: (-len(item[1]), item[0]))]
+
+
+def format_question_types(rows: list[dict]) -> str:
+    if not rows:
+        return ("no question types to break the accuracy down by (the official annotations file has "
+                "'question_type'; a list's entries may have it too)")
+    width = max(len("question type"), *(len(r["question_type"]) for r in rows))
+    lines = [f"VQA accuracy by question type ({len(rows)} types, most frequent first)",
+             f"  {'question type':{width}s}{'count':>8s}{'acc':>8s}"]
+    lines += [f"  {r['question_type']:{width}s}{r['count']:8d}{r['vqa_acc']:8.2f}" for r in rows]
+    return "\n".join(lines)
 
 
 def write_results(path: str | Path, predicted: list[str], examples: list[Example]) -> None:
