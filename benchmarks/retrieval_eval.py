@@ -81,7 +81,8 @@ def main() -> int:
                     for s in range(0, len(a), args.batch_size):
                         ii, tt = a[s:s + args.batch_size], b[s:s + args.batch_size]
                         fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][ii])
-                        out.append(model.itm_logits(fused)[:, 1].float().cpu())
+                        logits = model.itm_logits(fused).float().cpu()
+                        out.append(logits[:, 1] - logits[:, 0])
                 return torch.cat(out)
 
             variants = [("", shared)] + ([(" (per pair)", per_pair)] if args.compare_per_pair else [])

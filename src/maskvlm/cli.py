@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PRECISIONS, expand_home
+from .config import PRECISIONS, RETRIEVAL_SCORES, expand_home
 
 def _number(kind, low, high=None, open_ends=False, what=""):
     """An argparse type: ``kind`` (int or float) in [low, high], or (low, high) with ``open_ends``."""
@@ -164,8 +164,9 @@ def _add_evaluate(sub) -> None:
     r.add_argument("--image-root", default=None, help="folder the JSON image paths are relative to "
                    "(default: the JSON file's folder, or the checkpoint's data.image_root with its data.test)")
     r.add_argument("--k", type=NON_NEGATIVE, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
-    r.add_argument("--score", choices=("itm", "itm+itc", "itc"), default=None,
-                   help="re-ranking score (itc: no re-ranking); default eval.score")
+    r.add_argument("--score", choices=RETRIEVAL_SCORES, default=None,
+                   help="re-ranking score: itm, the ITM match log-odds; +itc adds the ITC similarity; itm-logit, "
+                        "the match logit alone (ALBEF's evaluation code); itc: no re-ranking. Default eval.score")
     r.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")

@@ -219,7 +219,10 @@ class EvalConfig:
     every_steps: int = 0  # evaluate on the val split every N steps (0: only at the end)
     k: int = 16  # ITM re-ranks the top-k of the ITC ranking
     k_auto: bool = True  # k=256 for files named *coco*, 128 for *flickr*/*f30k* (the usual protocol)
-    score: str = "itm"  # "itm", "itm+itc", or "itc" (ITC ranking only, no re-ranking)
+    # the re-ranking score (see RETRIEVAL_SCORES): "itm" (the ITM head's match log-odds), "itm+itc",
+    # "itm-logit" / "itm-logit+itc" (the match logit alone, as ALBEF's / BLIP's evaluation code), or
+    # "itc" (ITC ranking only, no re-ranking)
+    score: str = "itm"
     batch_size: int = 128
     # the val metric that picks the best weights (higher is better); null: the task's own (retrieval
     # and pre-training r_mean, VQA vqa_acc, NLVR2 and SNLI-VE acc)
@@ -232,6 +235,10 @@ class EvalConfig:
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
 PRECISIONS = ("bf16", "fp16", "fp32")
+# retrieval re-ranking scores. The ITM head is trained with a softmax over (no match, match), which is
+# unchanged by adding one number to both logits, so only their difference, the match log-odds, is
+# fixed by training; "itm-logit" ranks by the match logit alone, as ALBEF's evaluation code does.
+RETRIEVAL_SCORES = ("itm", "itm+itc", "itm-logit", "itm-logit+itc", "itc")
 
 
 @dataclass
@@ -374,7 +381,7 @@ class Config:
         if self.train.precision == "fp16" and self.train.fsdp:
             raise ConfigError("train.precision=fp16 (loss scaling) is not available with train.fsdp yet; use bf16 "
                               "on GPUs that have it, or DDP")
-        _check_choice("eval.score", self.eval.score, ("itm", "itm+itc", "itc"))
+        _check_choice("eval.score", self.eval.score, RETRIEVAL_SCORES)
         _check_choice("eval.test_on", self.eval.test_on, ("last", "best"))
         if self.eval.patience < 0 or (self.eval.patience and not self.eval.every_steps):
             raise ConfigError(f"eval.patience={self.eval.patience}: expected 0 (off) or a positive count of val "

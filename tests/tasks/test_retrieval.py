@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from maskvlm.tasks.retrieval import _rerank, bootstrap_r1_mean, format_table, paired_r1_difference, recall_metrics
@@ -95,8 +96,11 @@ def test_itm_scores_share_images_and_keep_the_pair_order(model):
     got = itm_scores(model, enc, image_idx, text_idx, batch_size=6, device=torch.device("cpu"), precision="fp32")
     with torch.no_grad():
         fused = model.fuse(enc["text_hidden"][text_idx], enc["text_mask"][text_idx], enc["image_hidden"][image_idx])
-        want = model.itm_logits(fused)[:, 1].float()
+        logits = model.itm_logits(fused).float()
+        want = logits[:, 1] - logits[:, 0]  # the match log-odds
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    alone = itm_scores(model, enc, image_idx, text_idx, 6, torch.device("cpu"), "fp32", match_logit=True)
+    torch.testing.assert_close(alone, logits[:, 1], rtol=1e-5, atol=1e-5)  # ALBEF's evaluation score
     assert itm_scores(model, enc, image_idx[:0], text_idx[:0], 6, torch.device("cpu"), "fp32").numel() == 0
 
 
@@ -197,3 +201,35 @@ def test_cli_misses_are_printed_and_written(synthetic_dir, tokenizer, tmp_path, 
     misses = json.loads((tmp_path / "m.json").read_text())["misses"]
     assert 0 < len(misses["text_to_image"]) <= 3 and 0 < len(misses["image_to_text"]) <= 3
     assert all(m["rank"] >= 2 and m["retrieved"] != m["image"] for m in misses["text_to_image"])
+
+
+def test_every_score_ranks_by_what_it_names(synthetic_dir, tokenizer, model, config):
+    """The re-ranked figures of each score equal R@K of a score matrix built by hand from the ITM
+    logits: log-odds for "itm", the match logit alone for "itm-logit", plus the ITC similarity for
+    "+itc"; "itc" is the ITC ranking. An unknown score is refused."""
+    from maskvlm.data.formats import RetrievalDataset
+    from maskvlm.tasks.pretrain import eval_transform
+    from maskvlm.tasks.retrieval import encode_split, evaluate_retrieval
+
+    model.eval()
+    dataset = RetrievalDataset(synthetic_dir / "test.json", None, eval_transform(config))
+    n_img, n_txt = len(dataset), len(dataset.texts)
+    with torch.no_grad():
+        enc = encode_split(model, dataset, tokenizer, config.data.max_text_len, 64, torch.device("cpu"), "fp32")
+        sim = (enc["image_feat"] @ enc["text_feat"].t()).float()
+        img = torch.arange(n_img).repeat_interleave(n_txt)
+        txt = torch.arange(n_txt).repeat(n_img)
+        fused = model.fuse(enc["text_hidden"][txt], enc["text_mask"][txt], enc["image_hidden"][img])
+        logits = model.itm_logits(fused).float().view(n_img, n_txt, 2)
+    forms = {"itm": logits[..., 1] - logits[..., 0], "itm-logit": logits[..., 1]}
+    for score in ("itm", "itm+itc", "itm-logit", "itm-logit+itc"):
+        # k = every candidate: the whole matrix is re-scored, so the hand-made matrix is the ranking
+        got = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=n_txt, score=score,
+                                 batch_size=16)
+        by_hand = forms[score.removesuffix("+itc")] + (sim if score.endswith("+itc") else 0)
+        want = recall_metrics(by_hand, by_hand.t().contiguous(), dataset.img2txt, dataset.txt2img)
+        assert {key: got[key] for key in want} == pytest.approx(want, abs=1e-6), score
+    itc = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=4, score="itc")
+    assert itc["txt_r1"] == itc["itc_txt_r1"] and itc["k"] == 0
+    with pytest.raises(ValueError, match="unknown retrieval score 'logit'"):
+        evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=4, score="logit")

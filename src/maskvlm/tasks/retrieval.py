@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..config import Config, untrained_heads, untrained_note
+from ..config import RETRIEVAL_SCORES, Config, untrained_heads, untrained_note
 from ..data.formats import RetrievalDataset
 from ..data.tokenizer import TextTokenizer
 from ..models.model import MaskVLM
@@ -94,8 +94,9 @@ def encode_split(model: MaskVLM, dataset: RetrievalDataset, tokenizer: TextToken
 @torch.no_grad()
 def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int,
                device: torch.device, precision: str, split_over_ranks: bool = False,
-               progress: bool = False, desc: str = "ITM re-rank") -> torch.Tensor:
-    """ITM match logit for each (image_idx[j], text_idx[j]) pair, in batches. The pairs are taken
+               progress: bool = False, desc: str = "ITM re-rank", match_logit: bool = False) -> torch.Tensor:
+    """ITM match log-odds (``match_logit``: the match logit alone) for each (image_idx[j],
+    text_idx[j]) pair, in batches. The pairs are taken
     in image order, and each batch passes each of its images once with an index per pair, so an
     image's fusion keys/values are projected once however many of its pairs share the batch, and
     the last fusion layer computes [CLS] alone.
@@ -119,7 +120,8 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
             cls = torch.zeros(len(tt), 1, dtype=torch.long, device=where)  # the ITM head reads [CLS] alone
             fused = model.fuse(enc["text_hidden"][tt], enc["text_mask"][tt], enc["image_hidden"][images],
                                image_index=pair_image.to(where), output_positions=cls)
-            scores.append(model.itm_logits(fused)[:, 1].float())
+            logits = model.itm_logits(fused).float()
+            scores.append(logits[:, 1] if match_logit else logits[:, 1] - logits[:, 0])
     scores = torch.cat(scores)
     if split_over_ranks:
         scores = gather_shares(scores, n)
@@ -183,8 +185,8 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: li
         ranks_out.update(tr=tr, ir=ir, tr_rival=tr_rival, ir_rival=ir_rival)
     m = {}
     for k in (1, 5, 10):
-        m[f"{prefix}txt_r{k}"] = 100.0 * float((tr < k).float().mean())
-        m[f"{prefix}img_r{k}"] = 100.0 * float((ir < k).float().mean())
+        m[f"{prefix}txt_r{k}"] = 100.0 * float((tr < k).double().mean())  # float32 means are off by 1e-7
+        m[f"{prefix}img_r{k}"] = 100.0 * float((ir < k).double().mean())
     m[f"{prefix}r1_mean"] = (m[f"{prefix}txt_r1"] + m[f"{prefix}img_r1"]) / 2
     m[f"{prefix}r_mean"] = sum(m[f"{prefix}{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)) / 6
     m[f"{prefix}r1_mean_ci_low"], m[f"{prefix}r1_mean_ci_high"] = bootstrap_r1_mean(tr, ir, txt2img)
@@ -244,11 +246,14 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
                        ranks_out: Optional[dict] = None, split_over_ranks: bool = False) -> dict[str, float]:
     """Zero-shot (or fine-tuned) retrieval metrics: ``itc_*`` from ITC ranking alone, and the
     main figures after ITM re-ranking of the top-``k`` (``k=0`` or ``score="itc"``: ITC only).
-    ``ranks_out`` receives the ranks behind the main figures (see :func:`recall_metrics`).
+    ``score``: one of ``config.RETRIEVAL_SCORES``. ``ranks_out`` receives the ranks behind the main
+    figures (see :func:`recall_metrics`).
 
     ``split_over_ranks``: every rank of a torchrun job calls this at the same time; each encodes a
     1/world share of the images and texts and re-ranks a 1/world share of the pairs, and every rank
     returns rank 0's figures."""
+    if score not in RETRIEVAL_SCORES:
+        raise ValueError(f"unknown retrieval score {score!r}; expected one of {', '.join(RETRIEVAL_SCORES)}")
     if score == "itc":
         k = 0
     device = device or next(model.parameters()).device
@@ -261,11 +266,11 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
         metrics = recall_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img, prefix="itc_",
                                  ranks_out=ranks_out)
         if k > 0:
-            add_itc = score == "itm+itc"
+            add_itc, match_logit = score.endswith("+itc"), score.startswith("itm-logit")
 
             def pair_scores(img: torch.Tensor, txt: torch.Tensor, desc: str) -> torch.Tensor:
                 return itm_scores(model, enc, img, txt, batch_size, device, precision, split_over_ranks,
-                                  progress, desc).cpu()
+                                  progress, desc, match_logit).cpu()
             i2t = _rerank(sim_i2t, k, lambda img, txt: pair_scores(img, txt, "re-rank texts"), add_itc,
                           split_over_ranks)
             t2i = _rerank(sim_i2t.t().contiguous(), k, lambda txt, img: pair_scores(img, txt, "re-rank images"),
