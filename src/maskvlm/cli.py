@@ -564,13 +564,14 @@ def _evaluate_retrieval(args, reports: bool = True) -> int:
         dataset = RetrievalDataset(data, image_root, eval_transform(config))
         e = config.eval
         k = protocol_k(data, e.k, e.k_auto) if args.k is None else args.k
+        score = choose_score(config, args.score)
         metrics = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
-                                     choose_score(config, args.score), args.batch_size or e.batch_size, device,
+                                     score, args.batch_size or e.batch_size, device,
                                      args.precision or config.train.precision,
                                      progress=not args.no_progress and reports, ranks_out=ranks, split_over_ranks=True)
         if reports:
             print(format_table(metrics, f"retrieval on {data} ({len(dataset)} images, {len(dataset.texts)} "
-                                        f"captions){': ' + checkpoint if args.against else ''}"))
+                                        f"captions){': ' + checkpoint if args.against else ''}", score))
         return metrics, dataset
 
     ranks_a, ranks_b = {}, {}

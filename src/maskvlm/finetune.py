@@ -197,7 +197,8 @@ def _finetune(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         if split == "val":
             trainer.record_val(metrics)  # the final weights count too
         if main:
-            print(format_table(metrics, title) if name == "retrieval" else format_metrics(spec, metrics, title))
+            print(format_table(metrics, title, config.eval.score) if name == "retrieval"
+                  else format_metrics(spec, metrics, title))
         result[split] = metrics
     if not main:
         return result

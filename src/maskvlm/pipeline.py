@@ -280,7 +280,7 @@ def _pretrain(config: Config, checkpoint: Optional[Path], output_dir: Path, eval
         if not is_main():
             return result
         result["test"] = test
-        print(format_table(test, f"zero-shot retrieval on {d.test}{weights}"))
+        print(format_table(test, f"zero-shot retrieval on {d.test}{weights}", config.eval.score))
         with open(output_dir / "results.json", "w") as f:
             json.dump(result, f, indent=2)
     return result

@@ -328,8 +328,9 @@ def format_misses(misses: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") -> str:
-    """Plain-text table of R@1/5/10 in both directions (ITC ranking and after ITM re-ranking)."""
+def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval", score: str = "itm") -> str:
+    """Plain-text table of R@1/5/10 in both directions (ITC ranking and after ITM re-ranking).
+    ``score``: the re-ranking score, named on the re-ranked rows unless it is the default."""
     lines = [title, f"{'':22s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}"]
     k = int(metrics.get("k", 0))
     for prefix in ("itc_", "") if k > 0 else ("itc_",):
@@ -338,6 +339,7 @@ def format_table(metrics: dict[str, float], title: str = "zero-shot retrieval") 
             if prefix == "":
                 depth = int(metrics.get(f"k_{direction}", k))
                 name = f"ITM re-rank k={k}" if depth == k else f"ITM re-rank of all {depth}"
+                name += f", {score}" if score != "itm" else ""
             vals = [metrics[f"{prefix}{direction}_r{n}"] for n in (1, 5, 10)]
             lines.append(f"{label:22s}" + "".join(f"{v:8.1f}" for v in vals) + f"   [{name}]")
     interval = (f" (95% CI {metrics['r1_mean_ci_low']:.1f}-{metrics['r1_mean_ci_high']:.1f}, bootstrap over images)"
