@@ -92,10 +92,10 @@ def main() -> int:
                 times = {}
                 for label, pairs in variants:
                     t = time.perf_counter()
-                    _rerank(sim[:q_i], k, pairs, False)
+                    _rerank(sim[:q_i], k, pairs)
                     t_i = time.perf_counter() - t
                     t = time.perf_counter()
-                    _rerank(sim.t().contiguous()[:q_t], k, lambda txt, img: pairs(img, txt), False)
+                    _rerank(sim.t().contiguous()[:q_t], k, lambda txt, img: pairs(img, txt))
                     t_t = time.perf_counter() - t
                     total_rerank = t_i / q_i * len(dataset) + t_t / q_t * len(dataset.texts)
                     times[label] = total_rerank

@@ -21,7 +21,7 @@ def test_recall_metrics_on_hand_made_scores():
 def test_rerank_changes_only_the_top_k_and_keeps_itc_order_below():
     sim = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     # ITM prefers candidate 1 over 0; candidate 2 is outside k=2 and keeps its ITC place
-    scores = _rerank(sim, 2, lambda rows, cols: torch.tensor([0.0, 5.0]), add_itc=False)
+    scores = _rerank(sim, 2, lambda rows, cols: torch.tensor([0.0, 5.0]), itc_weight=0.0)
     assert scores.argsort(dim=1, descending=True).tolist() == [[1, 0, 2, 3]]
 
 
@@ -34,8 +34,8 @@ def test_rerank_keeps_close_similarities_apart_below_the_top_k():
     sim = torch.rand(50, 200) * 0.01 + 0.3
     positives, image_of_text = [[4 * i + j for j in range(4)] for i in range(50)], [t // 4 for t in range(200)]
     itc = recall_metrics(sim, sim.t(), positives, image_of_text)
-    kept = recall_metrics(_rerank(sim, 1, lambda rows, cols: torch.zeros(len(rows)), add_itc=True),
-                          _rerank(sim.t().contiguous(), 1, lambda rows, cols: torch.zeros(len(rows)), add_itc=True),
+    kept = recall_metrics(_rerank(sim, 1, lambda rows, cols: torch.zeros(len(rows)), itc_weight=1.0),
+                          _rerank(sim.t().contiguous(), 1, lambda rows, cols: torch.zeros(len(rows)), itc_weight=1.0),
                           positives, image_of_text)
     assert kept == itc
 
@@ -204,15 +204,28 @@ def test_cli_misses_are_printed_and_written(synthetic_dir, tokenizer, tmp_path, 
     assert all(m["rank"] >= 2 and m["retrieved"] != m["image"] for m in misses["text_to_image"])
 
 
+def test_the_itc_part_of_each_score(model):
+    from maskvlm.tasks.retrieval import itc_weight_of
+
+    with torch.no_grad():
+        model.itc_head.temp.fill_(0.05)
+    assert itc_weight_of("itm+itc", model) == pytest.approx(20.0)  # the ITC logit: similarity / temperature
+    assert itc_weight_of("itm-logit+itc", model) == 1.0  # BLIP's: the cosine itself
+    assert itc_weight_of("itm", model) == itc_weight_of("itm-logit", model) == 0.0
+
+
 def test_every_score_ranks_by_what_it_names(synthetic_dir, tokenizer, model, config):
     """The re-ranked figures of each score equal R@K of a score matrix built by hand from the ITM
-    logits: log-odds for "itm", the match logit alone for "itm-logit", plus the ITC similarity for
-    "+itc"; "itc" is the ITC ranking. An unknown score is refused."""
+    logits: log-odds for "itm", the match logit alone for "itm-logit"; "itm+itc" adds the ITC logit
+    (similarity / temperature), "itm-logit+itc" the similarity (BLIP's); "itc" is the ITC ranking.
+    An unknown score is refused."""
     from maskvlm.data.formats import RetrievalDataset
     from maskvlm.tasks.pretrain import eval_transform
     from maskvlm.tasks.retrieval import encode_split, evaluate_retrieval
 
     model.eval()
+    with torch.no_grad():  # a low temperature: the ITC logit outweighs the ITM log-odds in "itm+itc"
+        model.itc_head.temp.fill_(0.001)
     dataset = RetrievalDataset(synthetic_dir / "test.json", None, eval_transform(config))
     n_img, n_txt = len(dataset), len(dataset.texts)
     with torch.no_grad():
@@ -227,9 +240,12 @@ def test_every_score_ranks_by_what_it_names(synthetic_dir, tokenizer, model, con
         # k = every candidate: the whole matrix is re-scored, so the hand-made matrix is the ranking
         got = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=n_txt, score=score,
                                  batch_size=16)
-        by_hand = forms[score.removesuffix("+itc")] + (sim if score.endswith("+itc") else 0)
+        itc = {"itm+itc": sim / model.itc_head.temperature().detach(), "itm-logit+itc": sim}.get(score, 0)
+        by_hand = forms[score.removesuffix("+itc")] + itc
         want = recall_metrics(by_hand, by_hand.t().contiguous(), dataset.img2txt, dataset.txt2img)
         assert {key: got[key] for key in want} == pytest.approx(want, abs=1e-6), score
+        if score == "itm+itc":  # ... so its ranking is the ITC ranking
+            assert {key: got[key] for key in want} == {key: got[f"itc_{key}"] for key in want}
     itc = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=4, score="itc")
     assert itc["txt_r1"] == itc["itc_txt_r1"] and itc["k"] == 0
     with pytest.raises(ValueError, match="unknown retrieval score 'logit'"):

@@ -128,8 +128,19 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
     return scores.new_empty(scores.shape).index_copy_(0, order.to(scores.device), scores)
 
 
-def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool, same_on_all_ranks: bool = False) -> torch.Tensor:
-    """Score matrix where each row's top-k (by ``sim``) get the ITM score and the rest keep ITC order.
+def itc_weight_of(score: str, model: MaskVLM) -> float:
+    """What a re-ranking ``score`` adds of each pair's ITC similarity to its ITM score. ``itm+itc``
+    sums two log-scale scores, the match log-odds and the ITC logit (similarity / temperature);
+    ``itm-logit+itc`` adds the plain cosine to the match logit, as BLIP's evaluation code does."""
+    if score == "itm+itc":
+        return 1.0 / float(model.itc_head.temperature().detach())
+    return 1.0 if score == "itm-logit+itc" else 0.0
+
+
+def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, itc_weight: float = 0.0,
+            same_on_all_ranks: bool = False) -> torch.Tensor:
+    """Score matrix where each row's top-k (by ``sim``) get the ITM score (plus ``itc_weight`` times
+    their similarity) and the rest keep ITC order.
     With ``same_on_all_ranks`` rank 0's top-k is used everywhere: the ranks hold the same gathered
     features, but ranks on different kinds of GPU could still round the similarities differently,
     and then they would score different pairs."""
@@ -140,7 +151,7 @@ def _rerank(sim: torch.Tensor, k: int, pair_scores_fn, add_itc: bool, same_on_al
         top_sim = sim.gather(1, top_idx)
     rows = torch.arange(sim.shape[0]).repeat_interleave(k)
     itm = pair_scores_fn(rows, top_idx.reshape(-1)).view(-1, k)
-    reranked = (itm + (top_sim if add_itc else 0)).float()
+    reranked = (itm + itc_weight * top_sim).float()
     # candidates outside the top-k keep their ITC order, below every re-ranked one. The shift is
     # the size of the scores, not a large constant: at 1e4 float32 steps are 1e-3 apart, and close
     # similarities (an early model's) became ties, which count against the query at R@5/R@10 (k < 10)
@@ -266,15 +277,15 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
         metrics = recall_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img, prefix="itc_",
                                  ranks_out=ranks_out)
         if k > 0:
-            add_itc, match_logit = score.endswith("+itc"), score.startswith("itm-logit")
+            match_logit, itc_weight = score.startswith("itm-logit"), itc_weight_of(score, model)
 
             def pair_scores(img: torch.Tensor, txt: torch.Tensor, desc: str) -> torch.Tensor:
                 return itm_scores(model, enc, img, txt, batch_size, device, precision, split_over_ranks,
                                   progress, desc, match_logit).cpu()
-            i2t = _rerank(sim_i2t, k, lambda img, txt: pair_scores(img, txt, "re-rank texts"), add_itc,
+            i2t = _rerank(sim_i2t, k, lambda img, txt: pair_scores(img, txt, "re-rank texts"), itc_weight,
                           split_over_ranks)
             t2i = _rerank(sim_i2t.t().contiguous(), k, lambda txt, img: pair_scores(img, txt, "re-rank images"),
-                          add_itc, split_over_ranks)
+                          itc_weight, split_over_ranks)
             metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img, ranks_out=ranks_out))
         else:
             metrics.update({key[4:]: v for key, v in metrics.items()})
