@@ -165,8 +165,9 @@ def _add_evaluate(sub) -> None:
                    "(default: the JSON file's folder, or the checkpoint's data.image_root with its data.test)")
     r.add_argument("--k", type=NON_NEGATIVE, default=None, help="top-k re-ranked by ITM (0: ITC only); default eval.k")
     r.add_argument("--score", choices=RETRIEVAL_SCORES, default=None,
-                   help="re-ranking score: itm, the ITM match log-odds; +itc adds the ITC similarity; itm-logit, "
-                        "the match logit alone (ALBEF's evaluation code); itc: no re-ranking. Default eval.score")
+                   help="re-ranking score: itm, the ITM match log-odds; itm+itc, plus the ITC logit (similarity / "
+                        "temperature); itm-logit, the match logit alone (ALBEF's evaluation code); itm-logit+itc, "
+                        "plus the cosine (BLIP's); itc: no re-ranking. Default eval.score")
     r.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="encoding / ITM batch size; default eval.batch_size")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto = cuda when available)")

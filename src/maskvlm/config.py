@@ -219,9 +219,9 @@ class EvalConfig:
     every_steps: int = 0  # evaluate on the val split every N steps (0: only at the end)
     k: int = 16  # ITM re-ranks the top-k of the ITC ranking
     k_auto: bool = True  # k=256 for files named *coco*, 128 for *flickr*/*f30k* (the usual protocol)
-    # the re-ranking score (see RETRIEVAL_SCORES): "itm" (the ITM head's match log-odds), "itm+itc",
-    # "itm-logit" / "itm-logit+itc" (the match logit alone, as ALBEF's / BLIP's evaluation code), or
-    # "itc" (ITC ranking only, no re-ranking)
+    # the re-ranking score (see RETRIEVAL_SCORES): "itm" (the ITM head's match log-odds), "itm+itc"
+    # (plus the ITC logit, similarity / temperature), "itm-logit" / "itm-logit+itc" (the match logit
+    # alone / plus the cosine, as ALBEF's / BLIP's evaluation code), or "itc" (ITC ranking only)
     score: str = "itm"
     batch_size: int = 128
     # the val metric that picks the best weights (higher is better); null: the task's own (retrieval
