@@ -50,7 +50,7 @@ def test_format_table_prints_both_directions():
     rows = {line.split("  ")[0]: line for line in format_table(m).splitlines() if "re-rank" in line}
     assert "[ITM re-rank k=16]" in rows["text (image->text)"]
     assert "[ITM re-rank of all 8]" in rows["image (text->image)"]
-    assert "[ITM re-rank k=16, itm-logit+itc]" in format_table(m, score="itm-logit+itc")  # a score other than the default
+    assert "[ITM re-rank k=16, itm-logit+itc]" in format_table(m, score="itm-logit+itc")  # not the default
 
 
 def test_recall_ties_count_against_the_query_and_any_positive_counts():
