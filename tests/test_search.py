@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from maskvlm.inference import VLM
 from maskvlm.folder_lock import FolderInUse, hold_folder
@@ -60,8 +61,18 @@ def test_exact_top_k_matches_brute_force(exported, image_folder, tmp_path):
     brute = np.asarray(index.embeddings, dtype=np.float32) @ query
     assert list(idx) == list(np.argsort(-brute, kind="stable")[:3])
     assert np.allclose(scores, np.sort(brute)[::-1][:3], atol=1e-6)
-    results = search(vlm, index, text=entries[0]["caption"][0], top_k=2, rerank=True)
-    assert len(results) == 2 and all(0 <= s <= 1 for _, s in results)
+    text = entries[0]["caption"][0]
+    results = search(vlm, index, text=text, top_k=2, rerank=True)
+    # re-ranked by the ITM log-odds plus the ITC logit, over the ITC top 4 x top_k
+    cosine, rows = index.search(query, 8)
+    pool = [index.paths[i] for i in rows]
+    log_odds = vlm.itm_score([folder / p for p in pool], [text] * len(pool), log_odds=True)
+    probability = vlm.itm_score([folder / p for p in pool], [text] * len(pool))
+    assert torch.allclose(torch.sigmoid(log_odds), probability, atol=1e-6)
+    want = log_odds + torch.from_numpy(cosine) / vlm.model.itc_head.temperature().detach()
+    order = torch.argsort(want, descending=True, stable=True)[:2].tolist()
+    assert [p for p, _ in results] == [pool[i] for i in order]
+    assert [s for _, s in results] == pytest.approx([float(want[i]) for i in order], abs=1e-3)
     by_image = search(vlm, index, image=folder / index.paths[0], top_k=1)
     assert by_image[0][0] == index.paths[0]  # an image finds itself
     with pytest.raises(ValueError, match="the text query is empty"):

@@ -677,7 +677,7 @@ def _search(args) -> int:
     if args.json:
         print(json.dumps([{"path": p, "score": s} for p, s in results], indent=1))
         return 0
-    kind = "ITM probability" if args.rerank else "cosine"
+    kind = "ITM log-odds + ITC logit" if args.rerank else "cosine"
     for rank, (path, score) in enumerate(results, 1):  # the name's own bytes, also where they are not UTF-8
         sys.stdout.flush()
         sys.stdout.buffer.write(f"{rank:3d}  {score:8.4f}  ".encode() + os.fsencode(path) + b"\n")

@@ -171,8 +171,10 @@ class VLM:
 
     @torch.no_grad()
     def itm_score(self, images: Sequence[ImageLike] | ImageLike, texts: Sequence[str] | str,
-                  batch_size: int = 64) -> torch.Tensor:
-        """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair. Within a
+                  batch_size: int = 64, log_odds: bool = False) -> torch.Tensor:
+        """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair
+        (``log_odds``: its log-odds, the match logit minus the no-match logit, which does not
+        saturate as the probability does near 0 and 1). Within a
         batch of pairs each distinct image (same path, or the same PIL object) and each distinct text
         is encoded once, and the fusion reads only [CLS], so scoring one image against many texts
         (or one text against many images) costs little more than the fusion itself."""
@@ -192,7 +194,7 @@ class VLM:
                 fused = self.model.fuse(text.hidden[t], text.attention_mask[t], image.hidden,
                                         image_index=image_index.to(self.device), output_positions=cls)
                 logits = self.model.itm_logits(fused).float()
-            scores.append(logits.softmax(dim=-1)[:, 1])
+            scores.append(logits[:, 1] - logits[:, 0] if log_odds else logits.softmax(dim=-1)[:, 1])
         return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
     # --- masked modelling ---------------------------------------------------------------------------

@@ -254,7 +254,9 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
            top_k: int = 10, rerank: bool = False, candidates: int = 0,
            model_dir: Optional[Path] = None) -> list[tuple[str, float]]:
     """Ranked (path, score) pairs for a text or image query. With ``rerank`` (text queries), the
-    ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match probability."""
+    ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match log-odds plus the ITC
+    logit (cosine / temperature), as retrieval's ``--score itm+itc``: the ITM probability alone
+    ranked worse than the cosine with a short-trained head (README, "Image search")."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one query: a text or an image")
     if text is not None and not text.strip():
@@ -278,7 +280,8 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
         if text is None:
             raise ValueError("--rerank scores image-text pairs with ITM; it needs a text query")
         root = Path(index.meta["images"])
-        itm = vlm.itm_score([root / p for p in paths], [text] * len(paths)).numpy()
-        order = np.argsort(-itm, kind="stable")[:top_k]
-        return [(paths[i], float(itm[i])) for i in order]
+        log_odds = vlm.itm_score([root / p for p in paths], [text] * len(paths), log_odds=True).numpy()
+        combined = log_odds + scores / float(vlm.model.itc_head.temperature().detach())
+        order = np.argsort(-combined, kind="stable")[:top_k]
+        return [(paths[i], float(combined[i])) for i in order]
     return [(p, float(s)) for p, s in zip(paths, scores)]
