@@ -256,7 +256,7 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
     """Ranked (path, score) pairs for a text or image query. With ``rerank`` (text queries), the
     ITC top ``candidates`` (default 4 x top_k) are re-scored by the ITM match log-odds plus the ITC
     logit (cosine / temperature), as retrieval's ``--score itm+itc``: the ITM probability alone
-    ranked worse than the cosine with a short-trained head (README, "Image search")."""
+    ranked worse than the cosine with a short-trained head (README, "Search")."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one query: a text or an image")
     if text is not None and not text.strip():
