@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .data.formats import DataError, open_image
 from .folder_lock import hold_folder
 from .inference import VLM
+from .tasks.retrieval import itc_weight_of
 from .tasks.zeroshot import IMAGE_SUFFIXES
 
 log = logging.getLogger("maskvlm")
@@ -281,7 +282,7 @@ def search(vlm: VLM, index: ImageIndex, text: Optional[str] = None, image: Optio
             raise ValueError("--rerank scores image-text pairs with ITM; it needs a text query")
         root = Path(index.meta["images"])
         log_odds = vlm.itm_score([root / p for p in paths], [text] * len(paths), log_odds=True).numpy()
-        combined = log_odds + scores / float(vlm.model.itc_head.temperature().detach())
+        combined = log_odds + itc_weight_of("itm+itc", vlm.model) * scores
         order = np.argsort(-combined, kind="stable")[:top_k]
         return [(paths[i], float(combined[i])) for i in order]
     return [(p, float(s)) for p, s in zip(paths, scores)]

@@ -189,7 +189,7 @@ def test_vqa_malformed_files_name_file_entry_and_field(tmp_path):
         vqa.load_vqa(path, check=False)
     data["annotations"][0].update(answers=[{"answer": "red"}], question_type=["what", "color"])
     ann.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"annotation 0 \(question_id 4201\): field 'question_type' must be a string"):
+    with pytest.raises(DataError, match=r"annotation 0 \(question_id 4201\): field 'question_type' must be str"):
         vqa.load_vqa(path, check=False)
 
 

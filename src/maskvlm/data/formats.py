@@ -114,10 +114,16 @@ def read_json_lines(path: str | Path) -> list[tuple[int, dict]]:
     return out
 
 
-def require(entry: dict, key: str, types, where: str, text: bool = False) -> Any:
+_REQUIRED = object()
+
+
+def require(entry: dict, key: str, types, where: str, text: bool = False, default: Any = _REQUIRED) -> Any:
     """``entry[key]`` if present and of ``types``; else a DataError naming ``where`` and the field.
-    ``text``: a string the model reads (a question, a statement), which must not be blank."""
+    ``text``: a string the model reads (a question, a statement), which must not be blank.
+    ``default``: an optional field, returned when ``key`` is absent (a present one is still checked)."""
     allowed = types if isinstance(types, tuple) else (types,)
+    if default is not _REQUIRED and isinstance(entry, dict) and key not in entry:
+        return default
     value = entry.get(key) if isinstance(entry, dict) else None
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:

@@ -186,8 +186,8 @@ def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
             where = f"{where} (question_id {qid})"
             raw = require(a, "answers", list, where)
             texts = [require(x, "answer", str, f"{where} answers[{j}]") for j, x in enumerate(raw)]
-            answers[qid] = dict(answers=texts, kind=_text_field(a.get("answer_type", ""), where, "answer_type"),
-                                qtype=_text_field(a.get("question_type", ""), where, "question_type"))
+            answers[qid] = dict(answers=texts, kind=require(a, "answer_type", str, where, default=""),
+                                qtype=require(a, "question_type", str, where, default=""))
     examples = []
     for i, q in enumerate(questions):
         where = f"{path}: question {i}"
@@ -202,13 +202,6 @@ def _load_official(path: Path, data: dict, root: Path) -> list[Example]:
                                 text=text, answers=a["answers"] if a else None, kind=a["kind"] if a else "",
                                 question_type=a["qtype"] if a else ""))
     return examples
-
-
-def _text_field(value, where: str, field: str) -> str:
-    """An optional text field of an annotation ("" when absent)."""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    return value
 
 
 def _load_list(path: Path, data: list, root: Path) -> list[Example]:
@@ -228,7 +221,7 @@ def _load_list(path: Path, data: list, root: Path) -> list[Example]:
             raise DataError(f"{where}: field 'answer' is an empty list (leave the field out for a question "
                             "without answers)")
         examples.append(Example(id=qid, images=[root / image], text=text, answers=answer,
-                                question_type=_text_field(e.get("question_type", ""), where, "question_type")))
+                                question_type=require(e, "question_type", str, where, default="")))
         if answer is None:
             unanswered.append(f"entry {i} (question_id {qid})")
     check_labels_all_or_none(path, unanswered, len(examples), "answer")
