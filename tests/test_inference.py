@@ -36,6 +36,14 @@ def test_itm_scores_are_probabilities_of_pairs(vlm, pairs):
     images, texts = pairs
     scores = vlm.itm_score(images, texts)
     assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 1)).all())
+    with torch.no_grad():  # the whole fusion of each pair, every layer and token, without the shortcuts
+        model = vlm.model
+        text = model.encode_text(*vlm._texts(texts))
+        fused = model.fuse(text.hidden, text.attention_mask, model.encode_image(vlm._image_tensor(images)).hidden)
+        logits = model.itm_logits(fused).float()
+    torch.testing.assert_close(scores, logits.softmax(-1)[:, 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vlm.itm_score(images, texts, log_odds=True), logits[:, 1] - logits[:, 0],
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="2 images and 3 texts"):
         vlm.itm_score(images[:2], texts)
 

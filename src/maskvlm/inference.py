@@ -174,10 +174,10 @@ class VLM:
                   batch_size: int = 64, log_odds: bool = False) -> torch.Tensor:
         """Probability that ``texts[i]`` describes ``images[i]`` (ITM head), for each pair
         (``log_odds``: its log-odds, the match logit minus the no-match logit, which does not
-        saturate as the probability does near 0 and 1). Within a
-        batch of pairs each distinct image (same path, or the same PIL object) and each distinct text
-        is encoded once, and the fusion reads only [CLS], so scoring one image against many texts
-        (or one text against many images) costs little more than the fusion itself."""
+        saturate as the probability does near 0 and 1). Within a batch of pairs each distinct image
+        (same path, or the same PIL object) and each distinct text is encoded once (the text with the
+        fusion's first, text-only step), and the fusion reads only [CLS], so scoring one image against
+        many texts (or one text against many images) costs little more than the fusion itself."""
         images, texts = _images(images), _strings(texts)
         if len(images) != len(texts):
             raise ValueError(f"itm_score pairs images with texts: got {len(images)} images and {len(texts)} texts")
@@ -189,10 +189,13 @@ class VLM:
             with autocast(self.device, self.precision):
                 image = self.model.encode_image(self._image_tensor(image_rows))
                 text = self.model.encode_text(*self._texts(text_rows))
+                # the fusion's text-only first step once per distinct text, not once per pair
+                first = self.model.text_self_attention(text.hidden, text.attention_mask)
                 t = text_index.to(self.device)
                 cls = torch.zeros(len(t), 1, dtype=torch.long, device=self.device)
-                fused = self.model.fuse(text.hidden[t], text.attention_mask[t], image.hidden,
-                                        image_index=image_index.to(self.device), output_positions=cls)
+                fused = self.model.fuse((text.hidden if first is None else first)[t], text.attention_mask[t],
+                                        image.hidden, image_index=image_index.to(self.device), output_positions=cls,
+                                        self_attended=first is not None)
                 logits = self.model.itm_logits(fused).float()
             scores.append(logits[:, 1] - logits[:, 0] if log_odds else logits.softmax(dim=-1)[:, 1])
         return torch.cat(scores).cpu() if scores else torch.zeros(0)

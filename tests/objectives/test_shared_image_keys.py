@@ -138,3 +138,33 @@ def test_mlm_reads_the_pruned_masked_tokens(model, batch):
     torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
     for got, want in zip(_grads(model, pruned), _grads(model, full)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_text_self_attention_once_equals_fusing_each_pair(tokenizer, batch):
+    """Re-ranking runs the fusion's first, text-only step (the first layer's self-attention) once per
+    distinct caption and hands it to ``fuse(self_attended=True)`` for each pair: the same fused
+    states, whether the first layer is also the last (one cross layer, [CLS] alone) or not."""
+    from tests.conftest import micro_config
+    from maskvlm.models.model import build_model
+
+    for layers in (1, 2):
+        cfg = micro_config(f"model.cross_layers={layers}")
+        cfg.model.vocab_size = tokenizer.vocab_size
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        state = StepState(model, batch)
+        text, images = state.text, state.image.hidden
+        pair_text = torch.tensor([0, 0, 3, 1, 3, 3, 2])
+        pair_image = torch.tensor([1, 2, 0, 1, 2, 4, 4])
+        first = model.text_self_attention(text.hidden, text.attention_mask)
+        assert first.shape == text.hidden.shape
+        rows, mask = text.hidden[pair_text], text.attention_mask[pair_text]
+        cls = torch.zeros(len(pair_text), 1, dtype=torch.long)
+        for positions in (None, cls):
+            want = model.fuse(rows, mask, images, image_index=pair_image, output_positions=positions)
+            got = model.fuse(first[pair_text], mask, images, image_index=pair_image, output_positions=positions,
+                             self_attended=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        shared = model.fuse(first[pair_text], mask, None, image_index=pair_image, output_positions=cls,
+                            image_kv=model.image_keys(images), self_attended=True)
+        torch.testing.assert_close(shared, want, rtol=1e-5, atol=1e-5)

@@ -94,7 +94,17 @@ def test_itm_scores_share_images_and_keep_the_pair_order(model):
     enc["text_mask"][:, 6:] = False
     image_idx = torch.randint(0, n_img, (23,))
     text_idx = torch.randint(0, n_txt, (23,))
-    got = itm_scores(model, enc, image_idx, text_idx, batch_size=6, device=torch.device("cpu"), precision="fp32")
+    rows = []  # rows through each fusion layer's self-attention
+    hooks = [layer.attention.attn.qkv.register_forward_hook(lambda m, args, out, i=i: rows.append((i, len(out))))
+             for i, layer in enumerate(model.text_cross_encoder.layer)]
+    try:
+        got = itm_scores(model, enc, image_idx, text_idx, batch_size=6, device=torch.device("cpu"),
+                         precision="fp32")
+    finally:
+        for h in hooks:
+            h.remove()
+    # the first layer's self-attention sees each distinct text once, not each of the 23 pairs
+    assert sum(n for i, n in rows if i == 0) == len(text_idx.unique())
     with torch.no_grad():
         fused = model.fuse(enc["text_hidden"][text_idx], enc["text_mask"][text_idx], enc["image_hidden"][image_idx])
         logits = model.itm_logits(fused).float()

@@ -264,10 +264,15 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_kv: Optional[torch.Tensor] = None, context_index: Optional[torch.Tensor] = None,
-                query_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_positions: Optional[torch.Tensor] = None, self_attended: bool = False) -> torch.Tensor:
         """``query_positions`` (B, Lq): the layer's output at those tokens only (B, Lq, D); they still
-        attend to every token, so the result equals the full output taken at those positions."""
-        x = self.attention(x, key_mask=key_mask, query_positions=query_positions)
+        attend to every token, so the result equals the full output taken at those positions.
+        ``self_attended``: ``x`` is already ``self.attention(x)`` of the layer's input (computed once
+        for rows that several calls share, e.g. a caption re-ranked against many images)."""
+        if not self_attended:
+            x = self.attention(x, key_mask=key_mask, query_positions=query_positions)
+        elif query_positions is not None:
+            x = take_positions(x, query_positions)
         if self.crossattention is not None:
             x = self.crossattention(x, key_mask=context_mask, context=context, kv=context_kv,
                                     context_index=context_index)

@@ -76,14 +76,22 @@ class MaskVLM(nn.Module):
     # --- fusion -----------------------------------------------------------------------------
     def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
              image_index: Optional[torch.Tensor] = None, image_kv: Optional[list[torch.Tensor]] = None,
-             output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+             output_positions: Optional[torch.Tensor] = None, self_attended: bool = False) -> torch.Tensor:
         """Encoded text tokens (B, L, D_text) attending to encoded image tokens -> (B, L, D_text).
         ``image_index`` (B,): the image row of each text row (default: row i with row i);
         ``image_kv``: ``image_keys(image_hidden)`` made beforehand, to share it between calls;
         ``output_positions`` (B, Lq): only those tokens' states are returned (and computed in the last
-        layer): (B, Lq, D_text)."""
+        layer): (B, Lq, D_text); ``self_attended``: ``text_hidden`` is ``text_self_attention`` of the
+        encoded text."""
         return self.text_cross_encoder(text_hidden, text_mask, image_hidden, image_index=image_index,
-                                       image_kv=image_kv, output_positions=output_positions)
+                                       image_kv=image_kv, output_positions=output_positions,
+                                       self_attended=self_attended)
+
+    def text_self_attention(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fusion's first step, which sees the text alone (the first layer's self-attention), for
+        ``fuse(..., self_attended=True)``: a caption scored against many images computes it once.
+        None where the model has no such step (one stream) or cannot run it apart (FSDP)."""
+        return self.text_cross_encoder.self_attend_first(text_hidden, text_mask)
 
     def image_keys(self, image_hidden: torch.Tensor) -> Optional[list[torch.Tensor]]:
         """The fusion layers' keys and values of these image tokens, computed once for several

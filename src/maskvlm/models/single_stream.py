@@ -183,6 +183,10 @@ class SingleStreamVLM(nn.Module):
         fused = self.joint(text_hidden, text_mask, image_hidden)[0]
         return fused if output_positions is None else take_positions(fused, output_positions)
 
+    def text_self_attention(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> None:
+        """None: in one stream every step of the fusion sees image and text tokens together."""
+        return None
+
     def fuse_text(self, text: TextOutput, image_hidden: torch.Tensor) -> torch.Tensor:
         return self.fuse(text.hidden, text.attention_mask, image_hidden)
 

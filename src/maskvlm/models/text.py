@@ -84,19 +84,32 @@ class TextCrossEncoder(nn.Module):
         (B, Li, 2 D) tensors that several ``forward`` calls over the same images can share."""
         return [layer.project_context(image_hidden) for layer in self.layer]
 
+    def self_attend_first(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The first layer's self-attention sub-layer over ``text_hidden`` (B, L, D): the part of the
+        fusion that depends on the text alone. Pass it as ``text_hidden`` with ``self_attended=True``
+        to fuse each caption with several images while computing it once. None when the layers are
+        sharded (FSDP), whose weights exist only inside their own forward."""
+        if not self.shares_context:
+            return None
+        return self.layer[0].attention(text_hidden, key_mask=text_mask)
+
     def forward(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: Optional[torch.Tensor],
                 image_mask: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
-                image_kv: Optional[list[torch.Tensor]] = None, output_positions: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                image_kv: Optional[list[torch.Tensor]] = None, output_positions: Optional[torch.Tensor] = None,
+                self_attended: bool = False) -> torch.Tensor:
         """Text rows (Bt, L, D) attending to image rows: ``image_hidden`` (Bi, Li, D_image), or its
         ``project_context`` made beforehand as ``image_kv``. ``image_index`` (Bt,) names the image row
         of each text row (default: Bi = Bt, row i with row i); each image row is projected once, however
         many text rows attend to it. ``output_positions`` (Bt, Lq): return only those tokens'
-        states (Bt, Lq, D), which the last layer then computes alone (e.g. [CLS] for ITM)."""
+        states (Bt, Lq, D), which the last layer then computes alone (e.g. [CLS] for ITM).
+        ``self_attended``: ``text_hidden`` is ``self_attend_first`` of the text rows."""
         if image_kv is None and image_hidden is None:
             raise ValueError("the text cross-modality encoder needs image_hidden or image_kv")
         # without image_kv each layer projects image_hidden in its own forward
         per_block = None if image_kv is None else [{"context_kv": kv} for kv in image_kv]
+        if self_attended:
+            per_block = per_block or [{} for _ in self.layer]
+            per_block[0] = {**per_block[0], "self_attended": True}
         if image_index is not None and image_mask is not None:
             image_mask = image_mask.index_select(0, image_index)
         return run_blocks(self, self.layer, text_hidden, per_block=per_block, last_positions=output_positions,
