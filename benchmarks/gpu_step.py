@@ -23,6 +23,9 @@ Each variant runs in its own subprocess (its own peak memory) through the same s
   again, not only [CLS] (ITM) and the masked patches (MIM) that the losses read
 - "+ bf16 LayerNorm outputs (tried)": not a switch; every LayerNorm returns bf16 under autocast
   (no cast before the next linear layer; BERT-style layers then keep a bf16 residual stream)
+- "- head-layout key/value gather": not a switch; ITM's and MLM's rows gather their image's
+  cross-attention keys/values in the projection's layout again, and the attention products copy
+  them once more per row
 
 ``--batch-size`` takes several sizes; each variant runs at each size.
 
@@ -56,6 +59,8 @@ VARIANTS = [  # (name, dtype, overrides)
     ("- keep host memory (CPU)", "bf16", ["train.keep_host_memory=false"]),
     # not a switch: a tried change (LayerNorm outputs in bf16, fewer autocast casts), not adopted
     ("+ bf16 LayerNorm outputs (tried)", "bf16", ["bench.bf16_layer_norm=true"]),
+    # not a switch: image keys/values gathered per row before the head split, copied again per row
+    ("- head-layout key/value gather", "bf16", ["bench.gathered_kv=true"]),
 ]
 
 

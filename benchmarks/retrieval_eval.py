@@ -14,7 +14,9 @@ re-ranking path from before its optimisation (each pair projects its image to fu
 anew, and the last fusion layer computes every token, not only [CLS]) and prints the ratio.
 ``--compare-text-per-pair`` times the path before the last optimisation alone: the fusion's first,
 text-only step (the first layer's self-attention) run for every pair instead of once per text.
-With ``--repeats R`` the variants take turns R times (the order swapped every round) and each
+``--compare-gathered-kv`` times it with each pair's image keys/values gathered in the (tokens,
+2 x width) layout of the projection, the way before the head-layout gather, so the attention
+products copied them once more per pair. With ``--repeats R`` the variants take turns R times (the order swapped every round) and each
 row reports its median round, so a slow spell of a shared machine does not land on one variant.
 """
 
@@ -43,6 +45,8 @@ def main() -> int:
                    help="also time re-ranking with each pair's image projected anew, and print the ratio")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each re-ranking this many times, the variants taking turns; report the median")
+    p.add_argument("--compare-gathered-kv", action="store_true",
+                   help="also time re-ranking with image keys/values gathered per pair before the head split")
     p.add_argument("--compare-text-per-pair", action="store_true",
                    help="also time re-ranking with the first fusion layer's text self-attention run per pair")
     args = p.parse_args()
@@ -56,6 +60,7 @@ def main() -> int:
     from maskvlm.tasks.pretrain import eval_transform
     from maskvlm.runtime import autocast
     from maskvlm.tasks.retrieval import _rerank, encode_split, itm_scores, recall_metrics
+    from step_throughput import gather_kv_before_heads  # this folder is on the path when run as a script
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -100,8 +105,16 @@ def main() -> int:
                 finally:
                     del model.text_self_attention
 
+            def gathered_kv(a, b):  # as shared, but each pair's keys/values gathered before the head split
+                undo = gather_kv_before_heads()
+                try:
+                    return shared(a, b)
+                finally:
+                    undo()
+
             variants = [("", shared)] + ([(" (per pair)", per_pair)] if args.compare_per_pair else []) + (
-                [(" (text self-attention per pair)", text_per_pair)] if args.compare_text_per_pair else [])
+                [(" (text self-attention per pair)", text_per_pair)] if args.compare_text_per_pair else []) + (
+                [(" (keys/values gathered before the head split)", gathered_kv)] if args.compare_gathered_kv else [])
             for k in args.ks:
                 q_i = len(dataset) if args.full_rerank else min(args.queries, len(dataset))
                 q_t = len(dataset.texts) if args.full_rerank else min(args.queries, len(dataset.texts))
@@ -131,7 +144,9 @@ def main() -> int:
                                  f"{total_rerank:.0f} | {rate:.0f} | {t_enc + t_itc + total_rerank:.0f} | {how} |")
                     print(lines[-1], file=sys.stderr, flush=True)
                 against = {" (per pair)": "per pair (image keys per pair, every token in the last layer)",
-                           " (text self-attention per pair)": "with the text self-attention per pair"}
+                           " (text self-attention per pair)": "with the text self-attention per pair",
+                           " (keys/values gathered before the head split)":
+                               "with the image keys/values gathered before the head split"}
                 for label in times:
                     if label:
                         ratios.append(f"- N = {len(dataset)}, k = {k}: re-ranking is {times[label] / times['']:.2f}x "

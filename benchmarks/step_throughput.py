@@ -174,6 +174,8 @@ def worker(lib: str, preset: str, dtype: str, device_name: str, batch_size: int,
         _full_last_layer()
     if "bench.bf16_layer_norm=true" in overrides:  # a tried change: LayerNorm outputs in bf16 under autocast
         _bf16_layer_norm()
+    if "bench.gathered_kv=true" in overrides:  # image keys/values gathered per pair before the head split
+        gather_kv_before_heads()
     cfg = _sizes(preset, [o for o in overrides if not o.startswith("bench.")])
     b = batch_size or cfg.train.batch_size
     module, step = (_maskvlm_step if lib == "maskvlm" else _flava_step)(cfg, device, b)
@@ -260,6 +262,22 @@ def _full_last_layer() -> None:
         return wrapped
     MaskVLM.fuse = full_then_take(MaskVLM.fuse)
     MaskVLM.fuse_image = full_then_take(MaskVLM.fuse_image)
+
+
+def gather_kv_before_heads():
+    """Put back, for comparison, the indexed cross-attention that gathers each row's image keys/values
+    in the projection's (tokens, 2 x width) layout, so the attention products copy them once more
+    per row into the head layout. Returns a function that undoes it."""
+    from maskvlm.models.layers import Attention
+
+    forward = Attention.forward
+
+    def gather_first(self, x, context=None, key_mask=None, kv=None, context_index=None, query=None):
+        if self.is_cross and context_index is not None:
+            kv = (self.kv(context) if kv is None else kv).index_select(0, context_index)
+        return forward(self, x, context=context, key_mask=key_mask, kv=kv, query=query)
+    Attention.forward = gather_first
+    return lambda: setattr(Attention, "forward", forward)
 
 
 def _bf16_layer_norm() -> None:
