@@ -3,10 +3,12 @@
 #
 #   bash benchmarks/gpu_session.sh bench   # step_throughput (base, maskvlm vs FLAVA, batch 128) + gpu_step
 #                                          # (every variant at 64; compile and CUDA graphs at 256) +
-#                                          # host_overhead (host cost per step, vs FLAVA). About
-#                                          # 18 min in all: split it over device calls with
+#                                          # host_overhead (host cost per step, vs FLAVA) +
+#                                          # ITM re-ranking at base (text step once per caption,
+#                                          # head-layout key/value gather). About 20 min in all:
+#                                          # split it over device calls with
 #                                          # ONLY="step_base gpu_step_64" bash ... bench, then
-#                                          # ONLY="gpu_step_256 host_cost" bash ... bench
+#                                          # ONLY="gpu_step_256 host_cost rerank_base" bash ... bench
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
 #                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
@@ -48,6 +50,8 @@ bench)
     step gpu_step_256 400 python3 benchmarks/gpu_step.py --batch-size 256 --warmup 5 --repeats 10 \
         --only default "+ torch.compile" "+ torch.compile, CUDA graphs"
     step host_cost 240 python3 benchmarks/host_overhead.py --device cuda --top 12
+    step rerank_base 300 python3 benchmarks/retrieval_eval.py --preset base --device cuda --sizes 1000 \
+        --ks 16 128 --compare-text-per-pair --compare-gathered-kv --repeats 3
     ;;
 train)
     R=runs/gpu
