@@ -75,6 +75,16 @@ def test_single_stream_model_fuses_indexed_rows(tokenizer, batch):
     text, mask = state.text.hidden[:4], state.text.attention_mask[:4]
     torch.testing.assert_close(state.fuse_with_images(text, mask, index),
                                model.fuse(text, mask, state.image.hidden.index_select(0, index)))
+    # re-ranking and itm_score take the plain path: one stream has no text-only first step
+    from maskvlm.tasks.retrieval import itm_scores
+
+    assert model.text_self_attention(text, mask) is None
+    enc = dict(image_hidden=state.image.hidden, text_hidden=text, text_mask=mask)
+    scores = itm_scores(model, enc, index, torch.tensor([0, 1, 3, 2]), 3, torch.device("cpu"), "fp32")
+    with torch.no_grad():
+        logits = model.itm_logits(model.fuse(text[[0, 1, 3, 2]], mask[[0, 1, 3, 2]],
+                                             state.image.hidden.index_select(0, index))).float()
+    torch.testing.assert_close(scores, logits[:, 1] - logits[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_last_layer_at_chosen_positions_equals_full_output(model, batch):

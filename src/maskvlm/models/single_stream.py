@@ -174,10 +174,13 @@ class SingleStreamVLM(nn.Module):
         return text_mask, image_mask
 
     def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_hidden: torch.Tensor,
-             image_index: Optional[torch.Tensor] = None, output_positions: Optional[torch.Tensor] = None
-             ) -> torch.Tensor:
+             image_index: Optional[torch.Tensor] = None, output_positions: Optional[torch.Tensor] = None,
+             self_attended: bool = False) -> torch.Tensor:
         """As ``MaskVLM.fuse``; one stream has no per-image keys to share, so rows are gathered, and
-        every token is computed (``output_positions`` only selects the returned ones)."""
+        every token is computed (``output_positions`` only selects the returned ones). It has no
+        text-only first step either (``text_self_attention`` is None), so ``self_attended`` must be False."""
+        if self_attended:
+            raise ValueError("the single-stream model has no text-only fusion step: self_attended must be False")
         if image_index is not None:
             image_hidden = image_hidden.index_select(0, image_index)
         fused = self.joint(text_hidden, text_mask, image_hidden)[0]
