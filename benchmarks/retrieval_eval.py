@@ -12,12 +12,12 @@ queries of each direction, and the per-query time is multiplied out; each row sa
 ``--full-rerank`` times every query. ``--compare-per-pair`` also times, in the same run, the
 re-ranking path from before its optimisation (each pair projects its image to fusion keys/values
 anew, and the last fusion layer computes every token, not only [CLS]) and prints the ratio.
-``--compare-text-per-pair`` times the path before the last optimisation alone: the fusion's first,
-text-only step (the first layer's self-attention) run for every pair instead of once per text.
-``--compare-gathered-kv`` times it with each pair's image keys/values gathered in the (tokens,
-2 x width) layout of the projection, the way before the head-layout gather, so the attention
-products copied them once more per pair. With ``--repeats R`` the variants take turns R times (the order swapped every round) and each
-row reports its median round, so a slow spell of a shared machine does not land on one variant.
+``--compare-text-per-pair`` times re-ranking with the fusion's first, text-only step (the first
+layer's self-attention) run for every pair instead of once per text. ``--compare-gathered-kv``
+times it with each pair's image keys/values gathered in the (tokens, 2 x width) layout of the
+projection, as before the head-layout gather, so the attention products copied them once more
+per pair. With ``--repeats R`` the variants take turns R times (the order swapped every round) and
+each row reports its median round, so a slow spell of a shared machine does not land on one variant.
 """
 
 from __future__ import annotations
