@@ -115,14 +115,14 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
         image_idx, text_idx = image_idx[share], text_idx[share]
     scores, where = [], enc["image_hidden"].device
     with autocast(device, precision):
-        texts, text_mask, pair_text = _text_self_attention(model, enc, text_idx, batch_size)
+        texts, text_mask, pair_text, self_attended = _text_self_attention(model, enc, text_idx, batch_size)
         for start in tqdm(range(0, len(image_idx), batch_size), desc=desc, disable=not progress, leave=False):
             ii, tt = image_idx[start:start + batch_size], pair_text[start:start + batch_size]
             images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
             cls = torch.zeros(len(tt), 1, dtype=torch.long, device=where)  # the ITM head reads [CLS] alone
             fused = model.fuse(texts[tt], text_mask[tt], enc["image_hidden"][images],
                                image_index=pair_image.to(where), output_positions=cls,
-                               self_attended=texts is not enc["text_hidden"])
+                               self_attended=self_attended)
             logits = model.itm_logits(fused).float()
             scores.append(logits[:, 1] if match_logit else logits[:, 1] - logits[:, 0])
     scores = torch.cat(scores)
@@ -132,18 +132,18 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
 
 
 def _text_self_attention(model: MaskVLM, enc: dict, text_idx: torch.Tensor, batch_size: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(texts, their masks, the row of each pair's text): ``model.text_self_attention`` of each distinct
-    text of ``text_idx``, computed once for all of its pairs, or, for a model without that step,
-    ``enc``'s encoded texts and ``text_idx`` itself."""
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(texts, their masks, the row of each pair's text, whether the texts are self-attended):
+    ``model.text_self_attention`` of each distinct text of ``text_idx``, computed once for all of
+    its pairs, or, for a model without that step, ``enc``'s encoded texts and ``text_idx`` itself."""
     hidden, mask = enc["text_hidden"], enc["text_mask"]
     distinct, pair_text = torch.unique(text_idx, return_inverse=True)
     rows = []
     for part in distinct.split(batch_size):
         rows.append(model.text_self_attention(hidden[part], mask[part]))
         if rows[-1] is None:
-            return hidden, mask, text_idx
-    return torch.cat(rows), mask[distinct], pair_text
+            return hidden, mask, text_idx, False
+    return torch.cat(rows), mask[distinct], pair_text, True
 
 
 def itc_weight_of(score: str, model: MaskVLM) -> float:
