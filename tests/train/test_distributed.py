@@ -1,6 +1,9 @@
 """Two CPU processes (gloo): the ITC loss over negatives gathered from every rank, with gradients
 averaged as DDP does, equals the single-process loss and gradient on the concatenated batch."""
 
+import contextlib
+import socket
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -75,13 +78,9 @@ def test_gathered_itc_loss_and_gradients_equal_the_single_process_computation(tm
 @pytest.mark.parametrize("extra", [(), ("train.grad_accum=2",)], ids=["plain", "grad_accum"])
 def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_dir, tmp_path, extra):
     # with accumulation the gradients are reduced only on the last micro-batch (no_sync before it)
-    import socket
-
     from safetensors.torch import load_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = _free_ports()
     mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step-00000004"]  # written once, by rank 0
@@ -90,6 +89,23 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved if k in ranks[0])
+
+
+def _free_ports(n: int = 1) -> list[int]:
+    """n distinct free TCP ports on the loopback (the sockets are held until all n are bound)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _spawned_pretrain_runs(rank: int, synthetic_dir: str, runs: list, recipe: str = "maskvlm"):
+    """Several pre-training jobs one after the other in the same two processes, each with its own
+    process group: ``runs`` holds (port, out, extra, resume). Starting two Python processes that
+    import torch costs about 2.5 s, more than one of these 4-step jobs."""
+    for port, out, extra, resume in runs:
+        _spawned_pretrain(rank, port, synthetic_dir, out, extra, resume, recipe)
 
 
 def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra: tuple = (), resume=None,
@@ -126,6 +142,7 @@ def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra:
             save_file(captured["state"], f"{out}/rank{rank}.safetensors")
         ok = True
     finally:
+        pipeline.Trainer = real_trainer
         shutdown(ok)  # as the CLI ends a job
 
 
@@ -209,28 +226,25 @@ def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computat
 def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
     """train.fsdp: the same weights as DDP after 4 steps (fp32, to rounding), checkpoints in the
     unsharded format, and a resume from step 2 that ends where the uninterrupted run ended."""
-    import socket
-
     from safetensors.torch import load_file
 
-    def run(out, *extra, resume=None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), extra, resume, recipe),
-                 nprocs=WORLD, join=True)
+    def final(out):
         return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
 
-    ddp = run(tmp_path / "ddp")
-    fsdp = run(tmp_path / "fsdp", "train.fsdp=true", "train.save_every=2", "train.keep_last=3")
+    fsdp_run = tmp_path / "fsdp"
+    ports = _free_ports(3)
+    runs = [(ports[0], str(tmp_path / "ddp"), (), None),
+            (ports[1], str(fsdp_run), ("train.fsdp=true", "train.save_every=2", "train.keep_last=3"), None),
+            (ports[2], str(tmp_path / "resumed"), ("train.fsdp=true", "train.save_every=2"),
+             str(fsdp_run / "run" / "checkpoints" / "step-00000002"))]
+    mp.spawn(_spawned_pretrain_runs, args=(str(synthetic_dir), runs, recipe), nprocs=WORLD, join=True)
+    ddp, fsdp, resumed = final(tmp_path / "ddp"), final(fsdp_run), final(tmp_path / "resumed")
     assert fsdp.keys() == ddp.keys()
     # reduce-scatter and all-reduce sum in another order; AdamW turns rounding-level gradient differences
     # on near-zero gradients into up to lr-sized steps, so: tiny typical difference, small worst case
     diffs = sorted((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
     assert diffs[len(diffs) // 2] < 1e-7 and diffs[-1] < 1e-4, (diffs[len(diffs) // 2], diffs[-1])
     assert "FSDP: parameters" in (tmp_path / "fsdp" / "run" / "train.log").read_text()
-    resumed = run(tmp_path / "resumed", "train.fsdp=true", "train.save_every=2",
-                  resume=str(tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000002"))
     for k in fsdp:
         assert torch.allclose(resumed[k], fsdp[k], atol=1e-6), (k, (resumed[k] - fsdp[k]).abs().max())
 
@@ -239,19 +253,14 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
 def test_fsdp_with_a_switch_trains_like_ddp_with_it(synthetic_dir, tmp_path, switch):
     """FSDP gives DDP's weights with gradient accumulation (gradient sync only on the last
     micro-batch) and with activation checkpointing (recomputed blocks that are also shard units)."""
-    import socket
-
     from safetensors.torch import load_file
 
-    def run(out, *extra):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(out), (switch, *extra)),
-                 nprocs=WORLD, join=True)
-        return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
-
-    ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "train.fsdp=true")
+    ports = _free_ports(2)
+    runs = [(ports[0], str(tmp_path / "ddp"), (switch,), None),
+            (ports[1], str(tmp_path / "fsdp"), (switch, "train.fsdp=true"), None)]
+    mp.spawn(_spawned_pretrain_runs, args=(str(synthetic_dir), runs), nprocs=WORLD, join=True)
+    ddp, fsdp = (load_file(str(sorted((tmp_path / name / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
+                 for name in ("ddp", "fsdp"))
     diffs = sorted((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
     assert diffs[len(diffs) // 2] < 1e-7 and diffs[-1] < 1e-4, (diffs[len(diffs) // 2], diffs[-1])
 
@@ -306,8 +315,6 @@ def test_two_process_fine_tuning_equals_one_process_with_the_whole_batch(tokeniz
     """torchrun -m maskvlm finetune: the ranks split each batch (DDP) and each evaluation, rank 0
     alone writes the checkpoint and the results. Two ranks of 4 give the weights one process gets from batches of 8
     (the fine-tuning used to ignore torchrun: each rank trained alone and they raced on the files)."""
-    import socket
-
     from safetensors.torch import load_file
 
     from maskvlm.data.synthetic_tasks import generate_task
@@ -316,9 +323,7 @@ def test_two_process_fine_tuning_equals_one_process_with_the_whole_batch(tokeniz
     init = save_micro_model(tmp_path / "init", tokenizer, "train.precision=fp32")
     data = generate_task("vqa", tmp_path / "vqa", {"train": 12, "val": 2, "test": 4}, image_size=32, seed=0,
                          progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = _free_ports()
     mp.spawn(_spawned_finetune, args=(port, str(init), str(data), str(tmp_path / "two"), WORLD, 4), nprocs=WORLD,
              join=True)
     _spawned_finetune(0, 0, str(init), str(data), str(tmp_path / "one"), 1, 8)
@@ -338,11 +343,7 @@ def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path
     re-ranks half of the pairs); rank 0 records them, keeps the best weights and, with
     eval.test_on=best, every rank loads them before the test."""
     import json
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = _free_ports()
     extra = (f"data.val={synthetic_dir}/val.json", f"data.test={synthetic_dir}/test.json", "eval.every_steps=2",
              *(("train.fsdp=true",) if sharding == "fsdp" else ("eval.test_on=best",)))
     mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
@@ -358,11 +359,7 @@ def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path
 def test_ddp_without_unused_parameter_search_names_the_setting_for_a_recipe_that_needs_it(synthetic_dir, tmp_path):
     """ALBEF keeps an image cross-modality encoder no objective trains: DDP's own error named its constructor
     argument, not train.ddp_find_unused; step 1's checkpoint is kept, as for any failed step."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = _free_ports()
     with pytest.raises(mp.ProcessRaisedException, match=r"step 2: DDP found parameters no objective of this run "
                        r"trains \(recipe albef .* --resume auto train.ddp_find_unused=true"):
         mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), ("train.ddp_find_unused=false",),
