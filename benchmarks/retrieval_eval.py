@@ -5,7 +5,12 @@ top-k in both directions) as the number of images N and k grow.
     python benchmarks/retrieval_eval.py --sizes 1000 --ks 16 --full-rerank
 
 Synthetic test splits of N images x 5 captions are generated once under --work. The model is the
-preset's architecture with random weights: the time does not depend on the weights. Encoding and
+preset's architecture with random weights, or a trained model (``--checkpoint``, e.g. the main
+job's ``runs/pre/best``). Re-ranking time depends on the weights through the candidate lists. At
+N = 1,000 and k = 16 a random model's caption queries crowd onto 89 images (all captions' top 16
+together), and its two directions propose 0.5% of their pairs twice; the main job's model spreads
+them over the images and proposes 16.5% twice, nearly every image query's pair being a caption
+query's too. Only a trained model shows what scoring each distinct pair once saves. Encoding and
 ITC ranking are timed over the whole split. ITM re-ranking costs (N + 5N) x k pair forwards, which
 is hours on a small CPU at N = 5,000 and k = 256. So by default it is timed on the first --queries
 queries of each direction, and the per-query time is multiplied out; each row says which.
@@ -16,7 +21,17 @@ anew, and the last fusion layer computes every token, not only [CLS]) and prints
 layer's self-attention) run for every pair instead of once per text. ``--compare-gathered-kv``
 times it with each pair's image keys/values gathered in the (tokens, 2 x width) layout of the
 projection, as before the head-layout gather, so the attention products copied them once more
-per pair. With ``--repeats R`` the variants take turns R times (the order swapped every round) and
+per pair.
+
+With ``--full-rerank`` the evaluation's own path is timed: both directions' candidate lists are
+merged and each distinct (image, text) pair is scored once (with 5 captions per image the image
+queries' pairs are nearly all among the caption queries'). ``--compare-directions-apart`` (needs
+``--full-rerank``) also times each direction scored apart, as before that merge. Rows multiplied
+out from some queries score each direction apart (a few queries share no pairs), so they
+overstate the evaluation's re-ranking time by up to a sixth. The pairs/s column counts the
+candidate pairs of both lists, (N + 5N) x k, whichever way they are scored.
+
+With ``--repeats R`` the variants take turns R times (the order swapped every round) and
 each row reports its median round, so a slow spell of a shared machine does not land on one variant.
 """
 
@@ -29,10 +44,14 @@ from pathlib import Path
 
 import torch
 
+APART = " (each direction apart)"  # the variant label of --compare-directions-apart
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", help="a trained model (checkpoint or exported folder) instead of the preset's "
+                   "random weights; its preset, image size and tokenizer are used")
     p.add_argument("--sizes", nargs="+", type=int, default=[1000, 5000], help="images (5 captions each)")
     p.add_argument("--ks", nargs="+", type=int, default=[16, 128, 256])
     p.add_argument("--queries", type=int, default=100, help="queries per direction timed for re-ranking")
@@ -49,32 +68,41 @@ def main() -> int:
                    help="also time re-ranking with image keys/values gathered per pair before the head split")
     p.add_argument("--compare-text-per-pair", action="store_true",
                    help="also time re-ranking with the first fusion layer's text self-attention run per pair")
+    p.add_argument("--compare-directions-apart", action="store_true",
+                   help="with --full-rerank: also time each direction re-ranked apart (no pair scored once for both)")
     args = p.parse_args()
+    if args.compare_directions_apart and not args.full_rerank:
+        p.error("--compare-directions-apart needs --full-rerank (a subset of queries shares almost no pairs)")
 
     from maskvlm.config import build_config
     from maskvlm.data.formats import RetrievalDataset
     from maskvlm.data.synthetic import ensure_synthetic
     from maskvlm.data.tokenizer import train_wordpiece
-    from maskvlm.models.model import build_model
+    from maskvlm.models.model import build_model, load_pretrained
     from maskvlm.runtime import report_header
     from maskvlm.tasks.pretrain import eval_transform
     from maskvlm.runtime import autocast
-    from maskvlm.tasks.retrieval import _rerank, encode_split, itm_scores, recall_metrics
+    from maskvlm.tasks.retrieval import _rerank, encode_split, itm_scores, recall_metrics, rerank_both_directions
     from step_throughput import gather_kv_before_heads  # this folder is on the path when run as a script
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    lines = [*report_header(args.device, f"preset {args.preset}, {args.precision}, batch {args.batch_size}"), "",
+    weights = f"weights of {args.checkpoint}" if args.checkpoint else f"preset {args.preset}, random weights"
+    lines = [*report_header(args.device, f"{weights}, {args.precision}, batch {args.batch_size}"), "",
              "| images | captions | encode s | ITC rank + recall s | k | ITM re-rank s (both directions) | "
              "re-rank pairs/s | total s | how |", "|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for n in args.sizes:
-        cfg = build_config("maskvlm", args.preset)
+        if args.checkpoint:
+            model, cfg, tokenizer = load_pretrained(args.checkpoint, device)
+        else:
+            cfg = build_config("maskvlm", args.preset)
         root = ensure_synthetic(Path(args.work) / f"n{n}", 1, 1, n, cfg.model.image_size, 11, progress=True)
         dataset = RetrievalDataset(root / "test.json", None, eval_transform(cfg))
-        tokenizer = train_wordpiece(dataset.texts, cfg.data.vocab_size)
-        cfg.model.vocab_size = tokenizer.vocab_size
-        model = build_model(cfg).to(device).eval()
+        if not args.checkpoint:
+            tokenizer = train_wordpiece(dataset.texts, cfg.data.vocab_size)
+            cfg.model.vocab_size = tokenizer.vocab_size
+            model = build_model(cfg).to(device).eval()
         with torch.no_grad():
             t = time.perf_counter()
             enc = encode_split(model, dataset, tokenizer, cfg.data.max_text_len, args.batch_size, device,
@@ -114,29 +142,46 @@ def main() -> int:
 
             variants = [("", shared)] + ([(" (per pair)", per_pair)] if args.compare_per_pair else []) + (
                 [(" (text self-attention per pair)", text_per_pair)] if args.compare_text_per_pair else []) + (
-                [(" (keys/values gathered before the head split)", gathered_kv)] if args.compare_gathered_kv else [])
+                [(" (keys/values gathered before the head split)", gathered_kv)] if args.compare_gathered_kv else []
+            ) + ([(APART, shared)] if args.compare_directions_apart else [])
+
+            def directions_apart(sim_part_i, sim_part_t, k, pairs):
+                """Seconds for each direction re-ranked on its own, image queries then caption queries."""
+                t = time.perf_counter()
+                _rerank(sim_part_i, k, pairs)
+                t_i = time.perf_counter() - t
+                t = time.perf_counter()
+                _rerank(sim_part_t, k, lambda txt, img: pairs(img, txt))
+                return t_i, time.perf_counter() - t
+
+            def both_directions(k, pairs):
+                t = time.perf_counter()
+                rerank_both_directions(sim, k, pairs)
+                return time.perf_counter() - t, 0.0
+
             for k in args.ks:
                 q_i = len(dataset) if args.full_rerank else min(args.queries, len(dataset))
                 q_t = len(dataset.texts) if args.full_rerank else min(args.queries, len(dataset.texts))
-                for _, pairs in variants:  # untimed warm-up: first calls at new shapes are slower
-                    _rerank(sim[:8], k, pairs)
-                    _rerank(sim.t().contiguous()[:8], k, lambda txt, img: pairs(img, txt))
+
+                def timed(label, pairs, part_i, part_t):
+                    if args.full_rerank and label != APART:
+                        return both_directions(k, pairs)
+                    return directions_apart(part_i, part_t, k, pairs)
+
+                for label, pairs in variants:  # untimed warm-up: first calls at new shapes are slower
+                    directions_apart(sim[:8], sim.t().contiguous()[:8], k, pairs)
                 timings = {label: [] for label, _ in variants}
                 for rep in range(args.repeats):  # the variants take turns, the order swapped each round
                     for label, pairs in (variants if rep % 2 == 0 else variants[::-1]):
-                        t = time.perf_counter()
-                        _rerank(sim[:q_i], k, pairs)
-                        t_i = time.perf_counter() - t
-                        t = time.perf_counter()
-                        _rerank(sim.t().contiguous()[:q_t], k, lambda txt, img: pairs(img, txt))
-                        timings[label].append((t_i, time.perf_counter() - t))
+                        timings[label].append(timed(label, pairs, sim[:q_i], sim.t().contiguous()[:q_t]))
                 times = {}
                 for label, _ in variants:
                     t_i, t_t = sorted(timings[label], key=sum)[(len(timings[label]) - 1) // 2]  # the median round
                     total_rerank = t_i / q_i * len(dataset) + t_t / q_t * len(dataset.texts)
                     times[label] = total_rerank
                     rate = (q_i + q_t) * min(k, sim.shape[1]) / (t_i + t_t)
-                    how = ("measured" if q_i == len(dataset) and q_t == len(dataset.texts)
+                    how = ("measured, each distinct pair once" if args.full_rerank and label != APART
+                           else "measured" if args.full_rerank
                            else f"re-rank from {q_i} + {q_t} queries, multiplied out") + label
                     if args.repeats > 1:
                         how += f", median of {args.repeats}"
@@ -146,7 +191,8 @@ def main() -> int:
                 against = {" (per pair)": "per pair (image keys per pair, every token in the last layer)",
                            " (text self-attention per pair)": "with the text self-attention per pair",
                            " (keys/values gathered before the head split)":
-                               "with the image keys/values gathered before the head split"}
+                               "with the image keys/values gathered before the head split",
+                           APART: "with each direction re-ranked apart"}
                 for label in times:
                     if label:
                         ratios.append(f"- N = {len(dataset)}, k = {k}: re-ranking is {times[label] / times['']:.2f}x "

@@ -106,8 +106,10 @@ def test_retrieval_split_over_two_ranks_equals_one_process(synthetic_dir, tokeni
                  "--precision", "fp32", "--batch-size", "5", "--no-progress", "--out", str(tmp_path / "one")]) == 0
     one, two = (json.loads((tmp_path / n).read_text()) for n in ("one", "two"))
     assert {k: round(v, 4) for k, v in one.items()} == {k: round(v, 4) for k, v in two.items()}
-    # one process: the 8 images encoded once; every image's top 4 texts and every text's top 4 images
-    assert counts == {"encode_image": 8, "itm_logits": 4 * (8 + len(_captions(synthetic_dir / "test.json")))}
+    # one process: the 8 images encoded once; every image's top 4 texts and every text's top 4 images, each
+    # distinct pair once (an image's top texts are mostly among those texts' top images already)
+    n_caps = len(_captions(synthetic_dir / "test.json"))
+    assert counts["encode_image"] == 8 and 4 * n_caps <= counts["itm_logits"] < 4 * (8 + n_caps), counts
     for r in range(WORLD):  # each rank did half of it (the last share padded by at most one item)
         got = json.loads(Path(f"{tmp_path / 'two'}.counts.{r}").read_text())
         assert got["encode_image"] == 4

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from maskvlm.tasks.retrieval import _rerank, bootstrap_r1_mean, format_table, paired_r1_difference, recall_metrics
+from maskvlm.tasks.retrieval import (_rerank, bootstrap_r1_mean, format_table, paired_r1_difference, recall_metrics,
+                                     rerank_both_directions)
 
 
 def test_recall_metrics_on_hand_made_scores():
@@ -24,6 +25,25 @@ def test_rerank_changes_only_the_top_k_and_keeps_itc_order_below():
     scores = _rerank(sim, 2, lambda rows, cols: torch.tensor([0.0, 5.0]), itc_weight=0.0)
     assert scores.argsort(dim=1, descending=True).tolist() == [[1, 0, 2, 3]]
 
+
+
+def test_both_directions_score_each_distinct_pair_once_and_equal_each_direction_apart():
+    torch.manual_seed(0)
+    sim = torch.rand(6, 30)
+    table = torch.randn(6, 30)  # the "ITM score" of each (image, text) pair
+    calls = []
+
+    def score(img, txt):
+        calls.append(img * 30 + txt)
+        return table[img, txt]
+    i2t, t2i = rerank_both_directions(sim, 4, score, itc_weight=0.5)
+    assert len(calls) == 1 and len(calls[0].unique()) == len(calls[0])  # one call, no pair twice
+    asked = set(calls[0].tolist())
+    i2t_pairs = {i * 30 + t for i in range(6) for t in sim[i].topk(4).indices.tolist()}
+    t2i_pairs = {i * 30 + t for t in range(30) for i in sim[:, t].topk(4).indices.tolist()}
+    assert asked == i2t_pairs | t2i_pairs and len(asked) < len(i2t_pairs) + len(t2i_pairs)
+    assert torch.equal(i2t, _rerank(sim, 4, lambda img, txt: table[img, txt], itc_weight=0.5))
+    assert torch.equal(t2i, _rerank(sim.t().contiguous(), 4, lambda txt, img: table[img, txt], itc_weight=0.5))
 
 
 def test_rerank_keeps_close_similarities_apart_below_the_top_k():
