@@ -30,6 +30,25 @@ MICRO = [
 ]
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct free TCP ports on the loopback, for process groups started by a test (the sockets
+    are held until all n are bound, so no port is handed out twice)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world`` processes on this host."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 def micro_config(*overrides: str, recipe: str = "maskvlm"):
     return build_config(recipe, overrides=MICRO + list(overrides))
 

@@ -4,7 +4,6 @@ ranks and dataloader workers, exact mid-epoch resume, bad samples, resampling an
 import io
 import itertools
 import json
-import socket
 import tarfile
 from collections import Counter
 
@@ -20,6 +19,7 @@ from maskvlm.data.shards import write_shards
 from maskvlm.data.stream import ShardStream, Source, count_samples, deal_shards, expand_shards, open_stream, \
     shard_samples
 from maskvlm.data.transforms import ImageTransform
+from tests.conftest import free_ports
 
 TRANSFORM = ImageTransform(16, [0.5] * 3, [0.5] * 3, train=True, hflip=0.5)
 
@@ -107,10 +107,7 @@ def _spawned_reader(rank: int, port: int, pattern: str, out: str):
 
 def test_two_ranks_two_workers_see_every_sample_exactly_once_per_epoch(tmp_path):
     pattern = _make_shards(tmp_path / "shards", [12] * 8)  # 96 samples: 24 per reader, 6 batches of 4
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned_reader, args=(port, pattern, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_spawned_reader, args=(free_ports()[0], pattern, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in ("0", "1"):
         keys = ranks[0][epoch] + ranks[1][epoch]

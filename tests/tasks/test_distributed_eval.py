@@ -2,7 +2,6 @@
 of the classification examples) and every rank gets the whole result, equal to one process's."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import maskvlm.train.distributed as distributed
+from tests.conftest import free_ports, torchrun_env
 
 WORLD = 2
 
@@ -31,16 +31,8 @@ def test_rank_shares_cover_every_item_once_with_equal_lengths(monkeypatch, n, wo
     assert padded[:n].tolist() == list(range(n))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _join(rank: int, port: int) -> None:
-    import os
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    torchrun_env(rank, WORLD, port)
 
 
 def _count_rows(counts: dict, patch=setattr):
@@ -94,7 +86,8 @@ def test_retrieval_split_over_two_ranks_equals_one_process(synthetic_dir, tokeni
 
     folder = str(save_micro_model(tmp_path / "model", tokenizer, "train.precision=fp32"))
     data = str(synthetic_dir / "test.json")
-    mp.spawn(_spawned_cli_retrieval, args=(_port(), folder, data, str(tmp_path / "two")), nprocs=WORLD, join=True)
+    mp.spawn(_spawned_cli_retrieval, args=(free_ports()[0], folder, data, str(tmp_path / "two")), nprocs=WORLD,
+             join=True)
     single = _retrieval_ranks(folder, data, "itm", split=False)
     assert not torch.equal(single["ir"], _retrieval_ranks(folder, data, "itc", split=False)["ir"])  # re-ranked
     for r in range(WORLD):
@@ -156,7 +149,8 @@ def test_classification_predictions_split_over_two_ranks_equal_one_process(token
     root = generate_task("nlvr2", tmp_path / "nlvr2", {"train": 2, "dev": 2, "test1": 7}, image_size=32, seed=0,
                          progress=False)
     data = str(root / "test1.json")
-    mp.spawn(_spawned_predict, args=(_port(), str(folder), data, str(tmp_path / "logits")), nprocs=WORLD, join=True)
+    mp.spawn(_spawned_predict, args=(free_ports()[0], str(folder), data, str(tmp_path / "logits")), nprocs=WORLD,
+             join=True)
     one = _classifier_logits(str(folder), data, split=False)
     assert one.shape[0] == 13
     for r in range(WORLD):  # bf16 logits, gathered whole on every rank

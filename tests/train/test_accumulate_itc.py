@@ -6,7 +6,7 @@ import torch
 
 import maskvlm.pipeline as pipeline
 from maskvlm.config import ConfigError
-from tests.conftest import micro_config
+from tests.conftest import free_ports, micro_config, torchrun_env
 
 
 def _gradients(synthetic_dir, out, *overrides) -> tuple[dict, dict]:
@@ -72,39 +72,35 @@ def test_settings_it_does_not_combine_with_are_refused():
         micro_config("train.accumulate_itc=true", "loss.itc=0")
 
 
-def _spawned(rank: int, port: int, synthetic_dir: str, out: str, overrides: tuple):
-    import os
-
-    from maskvlm.train.distributed import shutdown
+def _spawned(rank: int, synthetic_dir: str, runs: list):
+    """Each of ``runs``, (port, out, overrides), one after the other in this process."""
     from pathlib import Path
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ok = False
-    try:
-        grads, _ = _gradients(Path(synthetic_dir), f"{out}/run", *overrides)
-        if "train.fsdp=true" not in overrides:  # sharded gradients: the test compares the saved weights
-            torch.save(grads, f"{out}/grads{rank}.pt")
-        ok = True
-    finally:
-        shutdown(ok)
+    from maskvlm.train.distributed import shutdown
+
+    for port, out, overrides in runs:
+        torchrun_env(rank, 2, port)
+        ok = False
+        try:
+            grads, _ = _gradients(Path(synthetic_dir), f"{out}/run", *overrides)
+            if "train.fsdp=true" not in overrides:  # sharded gradients: the test compares the saved weights
+                torch.save(grads, f"{out}/grads{rank}.pt")
+            ok = True
+        finally:
+            shutdown(ok)
 
 
 def test_two_ranks_accumulating_give_the_gradients_of_the_whole_batch(synthetic_dir, tmp_path):
     """Two ranks x 2 micro-batches x 2 pairs: the live features are gathered from both ranks with
     gradient, the rest of the pool from both ranks' cached features; DDP averages. The result is
     one process's gradient on the 8 pairs."""
-    import socket
-
     import torch.multiprocessing as mp
 
+
     only_itc = ("loss.itm=0", "loss.mlm=0", "loss.mim=0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(port, str(synthetic_dir), str(tmp_path), ("train.batch_size=2", "train.grad_accum=2",
-                                                                          "train.accumulate_itc=true", *only_itc)),
-             nprocs=2, join=True)
+    run = (free_ports()[0], str(tmp_path), ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true",
+                                            *only_itc))
+    mp.spawn(_spawned, args=(str(synthetic_dir), [run]), nprocs=2, join=True)
     whole, _ = _gradients(synthetic_dir, tmp_path / "whole", "train.batch_size=8", *only_itc)
     for rank in range(2):
         _assert_close(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True), whole, atol=1e-6)
@@ -127,22 +123,17 @@ def test_retrieval_fine_tuning_accumulates_itc_too(synthetic_dir, tokenizer, tmp
 def test_fsdp_accumulating_trains_like_ddp(synthetic_dir, tmp_path):
     """Under FSDP the pool's passes run with the root's parameters gathered (the blocks gather
     themselves, on every rank together); one step gives DDP's weights."""
-    import socket
-
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    weights = {}
-    for name, extra in (("ddp", ()), ("fsdp", ("train.fsdp=true",))):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = tmp_path / name
-        overrides = ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true", "train.save_every=1",
-                     "loss.itm=0", "loss.mlm=0", "loss.mim=0", *extra)
-        mp.spawn(_spawned, args=(port, str(synthetic_dir), str(out), overrides), nprocs=2, join=True)
-        weights[name] = load_file(str(out / "run" / "checkpoints" / "step-00000001" / "model.safetensors"))
-    ddp, fsdp = weights["ddp"], weights["fsdp"]
+
+    overrides = ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true", "train.save_every=1",
+                 "loss.itm=0", "loss.mlm=0", "loss.mim=0")
+    runs = [(port, str(tmp_path / name), (*overrides, *extra))
+            for port, (name, extra) in zip(free_ports(2), (("ddp", ()), ("fsdp", ("train.fsdp=true",))))]
+    mp.spawn(_spawned, args=(str(synthetic_dir), runs), nprocs=2, join=True)
+    ddp, fsdp = (load_file(str(tmp_path / name / "run" / "checkpoints" / "step-00000001" / "model.safetensors"))
+                 for name in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys()
     # AdamW's first step is about lr x sign(gradient): rounding-level differences stay small
     diffs = sorted((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)

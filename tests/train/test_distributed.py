@@ -1,9 +1,6 @@
 """Two CPU processes (gloo): the ITC loss over negatives gathered from every rank, with gradients
 averaged as DDP does, equals the single-process loss and gradient on the concatenated batch."""
 
-import contextlib
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,6 +8,7 @@ import torch.multiprocessing as mp
 
 from maskvlm.objectives.itc import itc_loss, sigmoid_itc_loss
 from maskvlm.train.distributed import all_gather_no_grad, all_gather_with_grad, shutdown
+from tests.conftest import free_ports, torchrun_env
 
 B, D, E, WORLD = 4, 12, 8, 2
 
@@ -80,7 +78,7 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     # with accumulation the gradients are reduced only on the last micro-batch (no_sync before it)
     from safetensors.torch import load_file
 
-    port, = _free_ports()
+    port, = free_ports()
     mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step-00000004"]  # written once, by rank 0
@@ -89,15 +87,6 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved if k in ranks[0])
-
-
-def _free_ports(n: int = 1) -> list[int]:
-    """n distinct free TCP ports on the loopback (the sockets are held until all n are bound)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _spawned_pretrain_runs(rank: int, synthetic_dir: str, runs: list, recipe: str = "maskvlm"):
@@ -111,12 +100,9 @@ def _spawned_pretrain_runs(rank: int, synthetic_dir: str, runs: list, recipe: st
 def _spawned_pretrain(rank: int, port: int, synthetic_dir: str, out: str, extra: tuple = (), resume=None,
                       recipe: str = "maskvlm"):
     """Each rank trains, then writes its own final weights so the test can compare them."""
-    import os
-
     from safetensors.torch import save_file
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    torchrun_env(rank, WORLD, port)
     import maskvlm.pipeline as pipeline
     from maskvlm.models.io import unique_state_dict
     from tests.conftest import micro_config
@@ -232,7 +218,7 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
         return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
 
     fsdp_run = tmp_path / "fsdp"
-    ports = _free_ports(3)
+    ports = free_ports(3)
     runs = [(ports[0], str(tmp_path / "ddp"), (), None),
             (ports[1], str(fsdp_run), ("train.fsdp=true", "train.save_every=2", "train.keep_last=3"), None),
             (ports[2], str(tmp_path / "resumed"), ("train.fsdp=true", "train.save_every=2"),
@@ -255,7 +241,7 @@ def test_fsdp_with_a_switch_trains_like_ddp_with_it(synthetic_dir, tmp_path, swi
     micro-batch) and with activation checkpointing (recomputed blocks that are also shard units)."""
     from safetensors.torch import load_file
 
-    ports = _free_ports(2)
+    ports = free_ports(2)
     runs = [(ports[0], str(tmp_path / "ddp"), (switch,), None),
             (ports[1], str(tmp_path / "fsdp"), (switch, "train.fsdp=true"), None)]
     mp.spawn(_spawned_pretrain_runs, args=(str(synthetic_dir), runs), nprocs=WORLD, join=True)
@@ -290,11 +276,8 @@ def test_shutdown_does_not_wait_for_a_rank_that_left_after_an_error(tmp_path):
 
 def _spawned_finetune(rank: int, port: int, init: str, data: str, out: str, world: int, batch: int):
     """VQA fine-tuning from ``init`` under a process group of ``world`` ranks (world 1: no group)."""
-    import os
-
     if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        torchrun_env(rank, world, port)
     from maskvlm.finetune import build_finetune_config, finetune
 
     cfg = build_finetune_config("vqa", init, overrides=[
@@ -323,7 +306,7 @@ def test_two_process_fine_tuning_equals_one_process_with_the_whole_batch(tokeniz
     init = save_micro_model(tmp_path / "init", tokenizer, "train.precision=fp32")
     data = generate_task("vqa", tmp_path / "vqa", {"train": 12, "val": 2, "test": 4}, image_size=32, seed=0,
                          progress=False)
-    port, = _free_ports()
+    port, = free_ports()
     mp.spawn(_spawned_finetune, args=(port, str(init), str(data), str(tmp_path / "two"), WORLD, 4), nprocs=WORLD,
              join=True)
     _spawned_finetune(0, 0, str(init), str(data), str(tmp_path / "one"), 1, 8)
@@ -343,7 +326,7 @@ def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path
     re-ranks half of the pairs); rank 0 records them, keeps the best weights and, with
     eval.test_on=best, every rank loads them before the test."""
     import json
-    port, = _free_ports()
+    port, = free_ports()
     extra = (f"data.val={synthetic_dir}/val.json", f"data.test={synthetic_dir}/test.json", "eval.every_steps=2",
              *(("train.fsdp=true",) if sharding == "fsdp" else ("eval.test_on=best",)))
     mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), extra), nprocs=WORLD, join=True)
@@ -359,7 +342,7 @@ def test_two_process_pretraining_evaluates_on_every_rank(synthetic_dir, tmp_path
 def test_ddp_without_unused_parameter_search_names_the_setting_for_a_recipe_that_needs_it(synthetic_dir, tmp_path):
     """ALBEF keeps an image cross-modality encoder no objective trains: DDP's own error named its constructor
     argument, not train.ddp_find_unused; step 1's checkpoint is kept, as for any failed step."""
-    port, = _free_ports()
+    port, = free_ports()
     with pytest.raises(mp.ProcessRaisedException, match=r"step 2: DDP found parameters no objective of this run "
                        r"trains \(recipe albef .* --resume auto train.ddp_find_unused=true"):
         mp.spawn(_spawned_pretrain, args=(port, str(synthetic_dir), str(tmp_path), ("train.ddp_find_unused=false",),
