@@ -11,7 +11,8 @@
 #                                          # ONLY="gpu_step_256 host_cost rerank_base" bash ... bench
 #   bash benchmarks/gpu_session.sh train   # host-device syncs in a step (gpu_profile); tests/train/test_gpu.py
 #                                          # (no syncs; compiled and CUDA-graph stacks = eager); the trainer on
-#                                          # CUDA: main job, NCCL/DDP, FSDP + resume,
+#                                          # CUDA: main job (and its model's re-ranking, each distinct
+#                                          # pair once vs directions apart), NCCL/DDP, FSDP + resume,
 #                                          # shards, torch.compile; data_throughput against the GPU rate
 #                                          # (and reduced vs full JPEG decoding per worker);
 #                                          # index build with decoding workers; accumulated ITC. More
@@ -58,6 +59,8 @@ train)
     step sync_check 120 python3 benchmarks/gpu_profile.py --rows 12
     step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu.py
     step main_job 200 $M pretrain --output-dir $R/main --no-progress
+    step rerank_trained 150 python3 benchmarks/retrieval_eval.py --checkpoint $R/main/best --device cuda \
+        --sizes 1000 --ks 16 128 --full-rerank --compare-directions-apart --repeats 3
     step ddp_nccl 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --data data/synthetic/train.json \
         --test-data data/synthetic/test.json --output-dir $R/ddp --steps 30 --no-progress
     step fsdp 90 torchrun --standalone --nproc-per-node 1 -m maskvlm pretrain --data data/synthetic/train.json \
