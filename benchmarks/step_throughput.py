@@ -407,6 +407,9 @@ def main() -> int:
                    help="run the libraries' workers side by side and alternate them: ROUNDS rounds of --repeats "
                         "timed steps each, the order swapped every round; adds the ratio per round (median, "
                         "min-max), which a drifting shared machine moves less")
+    p.add_argument("--peak-size", type=int, default=0, metavar="N",
+                   help="side of the square product that measures the matmul peak (default 4096 on CPU, 8192 on "
+                        "GPU; a small N gives a quick, low peak, e.g. for a smoke test)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=("LIB", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -420,7 +423,7 @@ def main() -> int:
     device = torch.device(args.device)
     rows = []
     for dtype in args.dtypes:
-        peak = matmul_peak(dtype, device)
+        peak = matmul_peak(dtype, device, args.peak_size)
         block = []
         if args.interleave:
             print(f"running {' and '.join(args.libs)} {dtype}, interleaved ...", file=sys.stderr, flush=True)
@@ -436,7 +439,7 @@ def main() -> int:
                                         args.repeats, args.override, args.compile))
             except RuntimeError as e:  # e.g. out of memory: reported in the table, the other runs go on
                 rows.append({"lib": lib, "dtype": dtype, "error": str(e)[:120]})
-        peak = max(peak, matmul_peak(dtype, device))
+        peak = max(peak, matmul_peak(dtype, device, args.peak_size))
         for r in block:
             med = statistics.median(r["times"])
             r.update(peak=peak, median_s=med, samples_per_s=r["batch"] / med,
