@@ -70,6 +70,9 @@ def main() -> int:
                    help="also time re-ranking with the first fusion layer's text self-attention run per pair")
     p.add_argument("--compare-directions-apart", action="store_true",
                    help="with --full-rerank: also time each direction re-ranked apart (no pair scored once for both)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after the timings, profile one more re-ranking (the default path, each k) with "
+                        "torch.profiler and print its ROWS most expensive operators, by name and by shape")
     args = p.parse_args()
     if args.compare_directions_apart and not args.full_rerank:
         p.error("--compare-directions-apart needs --full-rerank (a subset of queries shares almost no pairs)")
@@ -91,7 +94,7 @@ def main() -> int:
     lines = [*report_header(args.device, f"{weights}, {args.precision}, batch {args.batch_size}"), "",
              "| images | captions | encode s | ITC rank + recall s | k | ITM re-rank s (both directions) | "
              "re-rank pairs/s | total s | how |", "|---|---|---|---|---|---|---|---|---|"]
-    ratios = []
+    ratios, profiles = [], []
     for n in args.sizes:
         if args.checkpoint:
             model, cfg, tokenizer = load_pretrained(args.checkpoint, device)
@@ -193,12 +196,27 @@ def main() -> int:
                            " (keys/values gathered before the head split)":
                                "with the image keys/values gathered before the head split",
                            APART: "with each direction re-ranked apart"}
+                if args.profile:
+                    profiles.append(profile_rerank(lambda: timed("", shared, sim[:q_i], sim.t().contiguous()[:q_t]),
+                                                   args.profile, f"N = {len(dataset)}, k = {k}"))
                 for label in times:
                     if label:
                         ratios.append(f"- N = {len(dataset)}, k = {k}: re-ranking is {times[label] / times['']:.2f}x "
                                       f"faster than {against[label]}")
-    print("\n".join(lines + ([""] + ratios if ratios else [])))
+    print("\n".join(lines + ([""] + ratios if ratios else []) + profiles))
     return 0
+
+
+def profile_rerank(run, rows: int, title: str) -> str:
+    """torch.profiler over one call of ``run``: the ``rows`` operators with the most self CPU time,
+    by name and by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    by_name = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"\nProfile of one re-ranking, {title}, by operator:\n{by_name}\nby operator and input shapes:\n{by_shape}"
 
 
 if __name__ == "__main__":
