@@ -96,7 +96,6 @@ def test_two_ranks_accumulating_give_the_gradients_of_the_whole_batch(synthetic_
     one process's gradient on the 8 pairs."""
     import torch.multiprocessing as mp
 
-
     only_itc = ("loss.itm=0", "loss.mlm=0", "loss.mim=0")
     run = (free_ports()[0], str(tmp_path), ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true",
                                             *only_itc))
@@ -125,7 +124,6 @@ def test_fsdp_accumulating_trains_like_ddp(synthetic_dir, tmp_path):
     themselves, on every rank together); one step gives DDP's weights."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
-
 
     overrides = ("train.batch_size=2", "train.grad_accum=2", "train.accumulate_itc=true", "train.save_every=1",
                  "loss.itm=0", "loss.mlm=0", "loss.mim=0")

@@ -89,6 +89,13 @@ def test_two_process_pretraining_gives_the_same_weights_on_both_ranks(synthetic_
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved if k in ranks[0])
 
 
+def _last_weights(out) -> dict:
+    """The weights of the last checkpoint a pre-training run under ``out`` wrote."""
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
+
+
 def _spawned_pretrain_runs(rank: int, synthetic_dir: str, runs: list, recipe: str = "maskvlm"):
     """Several pre-training jobs one after the other in the same two processes, each with its own
     process group: ``runs`` holds (port, out, extra, resume). Starting two Python processes that
@@ -212,11 +219,6 @@ def test_itm_negatives_from_the_gathered_batch_match_the_single_process_computat
 def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
     """train.fsdp: the same weights as DDP after 4 steps (fp32, to rounding), checkpoints in the
     unsharded format, and a resume from step 2 that ends where the uninterrupted run ended."""
-    from safetensors.torch import load_file
-
-    def final(out):
-        return load_file(str(sorted((out / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
-
     fsdp_run = tmp_path / "fsdp"
     ports = free_ports(3)
     runs = [(ports[0], str(tmp_path / "ddp"), (), None),
@@ -224,7 +226,7 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
             (ports[2], str(tmp_path / "resumed"), ("train.fsdp=true", "train.save_every=2"),
              str(fsdp_run / "run" / "checkpoints" / "step-00000002"))]
     mp.spawn(_spawned_pretrain_runs, args=(str(synthetic_dir), runs, recipe), nprocs=WORLD, join=True)
-    ddp, fsdp, resumed = final(tmp_path / "ddp"), final(fsdp_run), final(tmp_path / "resumed")
+    ddp, fsdp, resumed = (_last_weights(out) for out in (tmp_path / "ddp", fsdp_run, tmp_path / "resumed"))
     assert fsdp.keys() == ddp.keys()
     # reduce-scatter and all-reduce sum in another order; AdamW turns rounding-level gradient differences
     # on near-zero gradients into up to lr-sized steps, so: tiny typical difference, small worst case
@@ -239,14 +241,11 @@ def test_fsdp_trains_like_ddp_and_resumes(synthetic_dir, tmp_path, recipe):
 def test_fsdp_with_a_switch_trains_like_ddp_with_it(synthetic_dir, tmp_path, switch):
     """FSDP gives DDP's weights with gradient accumulation (gradient sync only on the last
     micro-batch) and with activation checkpointing (recomputed blocks that are also shard units)."""
-    from safetensors.torch import load_file
-
     ports = free_ports(2)
     runs = [(ports[0], str(tmp_path / "ddp"), (switch,), None),
             (ports[1], str(tmp_path / "fsdp"), (switch, "train.fsdp=true"), None)]
     mp.spawn(_spawned_pretrain_runs, args=(str(synthetic_dir), runs), nprocs=WORLD, join=True)
-    ddp, fsdp = (load_file(str(sorted((tmp_path / name / "run" / "checkpoints").iterdir())[-1] / "model.safetensors"))
-                 for name in ("ddp", "fsdp"))
+    ddp, fsdp = _last_weights(tmp_path / "ddp"), _last_weights(tmp_path / "fsdp")
     diffs = sorted((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
     assert diffs[len(diffs) // 2] < 1e-7 and diffs[-1] < 1e-4, (diffs[len(diffs) // 2], diffs[-1])
 

@@ -331,7 +331,7 @@ def evaluate_retrieval(model: MaskVLM, tokenizer: TextTokenizer, dataset: Retrie
 
             def pair_scores(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
                 return itm_scores(model, enc, img, txt, batch_size, device, precision, split_over_ranks,
-                                  progress, "ITM re-rank", match_logit).cpu()
+                                  progress, match_logit=match_logit).cpu()
             i2t, t2i = rerank_both_directions(sim_i2t, k, pair_scores, itc_weight, split_over_ranks)
             metrics.update(recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img, ranks_out=ranks_out))
         else:
