@@ -51,8 +51,8 @@ bench)
     step gpu_step_256 400 python3 benchmarks/gpu_step.py --batch-size 256 --warmup 5 --repeats 10 \
         --only default "+ torch.compile" "+ torch.compile, CUDA graphs"
     step host_cost 240 python3 benchmarks/host_overhead.py --device cuda --top 12
-    step rerank_base 300 python3 benchmarks/retrieval_eval.py --preset base --device cuda --sizes 1000 \
-        --ks 16 128 --compare-text-per-pair --compare-gathered-kv --repeats 3
+    step rerank_base 420 python3 benchmarks/retrieval_eval.py --preset base --device cuda --sizes 1000 \
+        --ks 16 128 --compare-text-per-pair --compare-gathered-kv --compare-compiled --repeats 3
     ;;
 train)
     R=runs/gpu

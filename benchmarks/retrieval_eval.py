@@ -31,6 +31,10 @@ out from some queries score each direction apart (a few queries share no pairs),
 overstate the evaluation's re-ranking time by up to a sixth. The pairs/s column counts the
 candidate pairs of both lists, (N + 5N) x k, whichever way they are scored.
 
+``--compare-compiled`` also times re-ranking through torch.compile (``eval.compile``, inductor,
+dynamic shapes); its compilation happens in the untimed warm-up, whose time is reported, and the
+inductor cache under /tmp makes a second run's compilation shorter.
+
 With ``--repeats R`` the variants take turns R times (the order swapped every round) and
 each row reports its median round, so a slow spell of a shared machine does not land on one variant.
 """
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 
 APART = " (each direction apart)"  # the variant label of --compare-directions-apart
+COMPILED = " (compiled, eval.compile)"  # the variant label of --compare-compiled
 # each comparison's row label -> what the ratio line says the default is faster than
 AGAINST = {" (per pair)": "per pair (image keys per pair, every token in the last layer)",
            " (text self-attention per pair)": "with the text self-attention per pair",
@@ -75,6 +80,10 @@ def main() -> int:
                    help="also time re-ranking with the first fusion layer's text self-attention run per pair")
     p.add_argument("--compare-directions-apart", action="store_true",
                    help="with --full-rerank: also time each direction re-ranked apart (no pair scored once for both)")
+    p.add_argument("--compare-compiled", action="store_true",
+                   help="also time re-ranking through torch.compile (eval.compile) and print its ratio")
+    p.add_argument("--compile-backend", default="inductor", help="its torch.compile backend (aot_eager: no code "
+                   "generation, for a quick check that the script runs)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after the timings, profile one more re-ranking (the default path, each k) with "
                         "torch.profiler and print its ROWS most expensive operators, by name and by shape")
@@ -134,6 +143,10 @@ def main() -> int:
                         out.append(logits[:, 1] - logits[:, 0])
                 return torch.cat(out)
 
+            def compiled(a, b):  # as shared, through torch.compile
+                return itm_scores(model, enc, a, b, args.batch_size, device, args.precision,
+                                  compile_backend=args.compile_backend).cpu()
+
             def text_per_pair(a, b):  # as shared, but the text-only first step runs for every pair
                 model.text_self_attention = lambda hidden, mask: None
                 try:
@@ -151,7 +164,8 @@ def main() -> int:
             variants = [("", shared)] + ([(" (per pair)", per_pair)] if args.compare_per_pair else []) + (
                 [(" (text self-attention per pair)", text_per_pair)] if args.compare_text_per_pair else []) + (
                 [(" (keys/values gathered before the head split)", gathered_kv)] if args.compare_gathered_kv else []
-            ) + ([(APART, shared)] if args.compare_directions_apart else [])
+            ) + ([(APART, shared)] if args.compare_directions_apart else []) + (
+                [(COMPILED, compiled)] if args.compare_compiled else [])
 
             def directions_apart(sim_part_i, sim_part_t, k, pairs):
                 """Seconds for each direction re-ranked on its own, image queries then caption queries."""
@@ -177,7 +191,11 @@ def main() -> int:
                     return directions_apart(part_i, part_t, k, pairs)
 
                 for label, pairs in variants:  # untimed warm-up: first calls at new shapes are slower
+                    t = time.perf_counter()
                     directions_apart(sim[:8], sim.t().contiguous()[:8], k, pairs)
+                    if label == COMPILED:
+                        ratios.append(f"- N = {len(dataset)}, k = {k}: the compiled variant's warm-up (8 queries "
+                                      f"each way, compilation included) took {time.perf_counter() - t:.1f} s")
                 timings = {label: [] for label, _ in variants}
                 for rep in range(args.repeats):  # the variants take turns, the order swapped each round
                     for label, pairs in (variants if rep % 2 == 0 else variants[::-1]):
@@ -200,7 +218,10 @@ def main() -> int:
                     profiles.append(profile_rerank(lambda: timed("", shared, sim[:q_i], sim.t().contiguous()[:q_t]),
                                                    args.profile, f"N = {len(dataset)}, k = {k}"))
                 for label in times:
-                    if label:
+                    if label == COMPILED:
+                        ratios.append(f"- N = {len(dataset)}, k = {k}: re-ranking through torch.compile is "
+                                      f"{times[''] / times[label]:.2f}x faster than eager (compilation not counted)")
+                    elif label:
                         ratios.append(f"- N = {len(dataset)}, k = {k}: re-ranking is {times[label] / times['']:.2f}x "
                                       f"faster than {AGAINST[label]}")
     print("\n".join(lines + ([""] + ratios if ratios else []) + profiles))

@@ -26,8 +26,9 @@ def _run(script: str, *args: str, timeout: int = 180) -> str:
 def test_retrieval_eval_with_every_comparison(tmp_path):
     out = _run("retrieval_eval.py", "--sizes", "12", "--ks", "4", "--full-rerank", "--compare-per-pair",
                "--compare-text-per-pair", "--compare-gathered-kv", "--compare-directions-apart", "--profile", "3",
-               "--work", str(tmp_path))
+               "--compare-compiled", "--compile-backend", "aot_eager", "--work", str(tmp_path))
     assert "measured, each distinct pair once" in out and "(each direction apart)" in out
+    assert "re-ranking through torch.compile is" in out and "(compiled, eval.compile)" in out
     assert "Profile of one re-ranking, N = 12, k = 4" in out
     assert out.count("re-ranking is") == 4, out
 

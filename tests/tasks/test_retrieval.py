@@ -280,3 +280,36 @@ def test_every_score_ranks_by_what_it_names(synthetic_dir, tokenizer, model, con
     assert itc["txt_r1"] == itc["itc_txt_r1"] and itc["k"] == 0
     with pytest.raises(ValueError, match="unknown retrieval score 'logit'"):
         evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=4, score="logit")
+
+
+def test_compiled_reranking_compiles_the_fusion_and_gives_the_same_scores(synthetic_dir, tokenizer, model, config):
+    """``eval.compile``: the re-ranking fusion runs through torch.compile (here the aot_eager backend,
+    which generates no code, so fp32 scores match eager closely). It compiles even inside the
+    trainer's eager evaluation of ``train.compile`` stacks (``force_eager`` stance), and
+    ``make_retrieval_eval`` passes the key on."""
+    from torch._dynamo.utils import counters
+
+    from maskvlm.data.formats import RetrievalDataset
+    from maskvlm.tasks.pretrain import eval_transform, make_retrieval_eval
+    from maskvlm.tasks.retrieval import evaluate_retrieval
+    from maskvlm.train.loop import eager_evaluation
+
+    torch._dynamo.reset()
+    model.eval()
+    dataset = RetrievalDataset(synthetic_dir / "test.json", None, eval_transform(config))
+    eager = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=6, batch_size=16,
+                               precision="fp32", ranks_out=(eager_ranks := {}))
+    frames = counters["frames"]["ok"]
+    with eager_evaluation(True):
+        compiled = evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=6, batch_size=16,
+                                      precision="fp32", ranks_out=(compiled_ranks := {}), compile_backend="aot_eager")
+    assert counters["frames"]["ok"] > frames  # the fusion really ran compiled (the check can fail)
+    assert compiled == pytest.approx(eager, abs=1e-6)
+    for key in eager_ranks:
+        torch.testing.assert_close(compiled_ranks[key], eager_ranks[key], rtol=1e-5, atol=1e-5)
+    config.eval.compile, config.train.compile_backend, config.eval.k_auto, config.eval.k = True, "aot_eager", False, 6
+    config.train.precision, config.eval.batch_size = "fp32", 16
+    frames = counters["frames"]["ok"]
+    torch._dynamo.reset()
+    assert make_retrieval_eval(model, tokenizer, config, str(synthetic_dir / "test.json"))() == pytest.approx(eager)
+    assert counters["frames"]["ok"] > frames

@@ -198,5 +198,6 @@ def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_pa
     def run() -> dict:
         return evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,
                                   score, config.eval.batch_size, device, config.train.precision,
-                                  progress=progress, split_over_ranks=True)
+                                  progress=progress, split_over_ranks=True,
+                                  compile_backend=config.train.compile_backend if config.eval.compile else None)
     return run
