@@ -282,7 +282,8 @@ def test_every_score_ranks_by_what_it_names(synthetic_dir, tokenizer, model, con
         evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k=4, score="logit")
 
 
-def test_compiled_reranking_compiles_the_fusion_and_gives_the_same_scores(synthetic_dir, tokenizer, model, config):
+def test_compiled_reranking_compiles_the_fusion_and_gives_the_same_scores(synthetic_dir, tokenizer, model, config,
+                                                                          maskvlm_log):
     """``eval.compile``: the re-ranking fusion runs through torch.compile (here the aot_eager backend,
     which generates no code, so fp32 scores match eager closely). It compiles even inside the
     trainer's eager evaluation of ``train.compile`` stacks (``force_eager`` stance), and
@@ -313,3 +314,4 @@ def test_compiled_reranking_compiles_the_fusion_and_gives_the_same_scores(synthe
     torch._dynamo.reset()
     assert make_retrieval_eval(model, tokenizer, config, str(synthetic_dir / "test.json"))() == pytest.approx(eager)
     assert counters["frames"]["ok"] > frames
+    assert "retrieval re-ranking through torch.compile (aot_eager, eval.compile)" in maskvlm_log.text  # in train.log

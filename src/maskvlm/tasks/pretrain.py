@@ -3,6 +3,7 @@ objective whose weight is non-zero on a batch and returns the weighted loss and 
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -187,13 +188,16 @@ def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_pa
     over the ranks."""
     from ..data.formats import RetrievalDataset
     from ..runtime import resolve_device
-    from .retrieval import choose_score, evaluate_retrieval, protocol_k
+    from .retrieval import choose_score, evaluate_retrieval, log_once, protocol_k
 
     if dataset is None:
         dataset = RetrievalDataset(annotation_path, config.data.image_root, eval_transform(config))
     device = resolve_device(config.train.device)
     k = protocol_k(annotation_path, config.eval.k, config.eval.k_auto)
     score = choose_score(config)
+    if config.eval.compile and k > 0 and score != "itc":
+        log_once(f"retrieval re-ranking through torch.compile ({config.train.compile_backend}, eval.compile)",
+                   logging.INFO)
 
     def run() -> dict:
         return evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,

@@ -39,23 +39,24 @@ def choose_score(config: Config, score: Optional[str] = None) -> str:
     and an untrained head in use is logged as a warning."""
     chosen = score or config.eval.score
     if chosen != "itc" and score is None and untrained_heads(config, ["itm"]):
-        _warn_once(f"{untrained_note(config, ['itm'])}: ranking by ITC only (`maskvlm evaluate retrieval "
+        log_once(f"{untrained_note(config, ['itm'])}: ranking by ITC only (`maskvlm evaluate retrieval "
                    "--score itm` re-ranks anyway)")
         chosen = "itc"
     note = untrained_note(config, ["itc", "itm"] if chosen != "itc" else ["itc"])
     if note:
-        _warn_once(f"retrieval: {note}; expect figures near chance")
+        log_once(f"retrieval: {note}; expect figures near chance")
     return chosen
 
 
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    """A warning logged once per process (a run builds a val and a test evaluation)."""
+def log_once(message: str, level: int = logging.WARNING) -> None:
+    """A warning (or a message at ``level``) logged once per process (a run builds a val and a test
+    evaluation)."""
     if message not in _warned:
         _warned.add(message)
-        log.warning("%s", message)
+        log.log(level, "%s", message)
 
 
 _compiled_fuse: dict[str, object] = {}  # backend -> the compiled call, shared by every model
