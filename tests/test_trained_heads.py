@@ -56,7 +56,7 @@ def no_itm(synthetic_dir, tmp_path_factory):
 def test_runs_record_trained_heads_and_fine_tuning_adds_its_own(no_itm, synthetic_dir, tmp_path, warnings_logged):
     assert read_config(resolve_resume(str(no_itm), None)).task.trained == ["itc", "mim", "mlm"]
     base = read_config(resolve_resume(str(no_itm), None))
-    retrieval._warned.clear()  # warnings are logged once per process
+    retrieval._logged.clear()  # warnings are logged once per process
     assert choose_score(base) == "itc"  # the default does not re-rank with an untrained ITM head
     assert "ITM head of this model was never trained" in warnings_logged.text
     assert "ranking by ITC only" in warnings_logged.text

@@ -197,7 +197,7 @@ def make_retrieval_eval(model: MaskVLM, tokenizer, config: Config, annotation_pa
     score = choose_score(config)
     if config.eval.compile and k > 0 and score != "itc":
         log_once(f"retrieval re-ranking through torch.compile ({config.train.compile_backend}, eval.compile)",
-                   logging.INFO)
+                 logging.INFO)
 
     def run() -> dict:
         return evaluate_retrieval(model, tokenizer, dataset, config.data.max_text_len, k,

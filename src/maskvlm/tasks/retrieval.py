@@ -40,7 +40,7 @@ def choose_score(config: Config, score: Optional[str] = None) -> str:
     chosen = score or config.eval.score
     if chosen != "itc" and score is None and untrained_heads(config, ["itm"]):
         log_once(f"{untrained_note(config, ['itm'])}: ranking by ITC only (`maskvlm evaluate retrieval "
-                   "--score itm` re-ranks anyway)")
+                 "--score itm` re-ranks anyway)")
         chosen = "itc"
     note = untrained_note(config, ["itc", "itm"] if chosen != "itc" else ["itc"])
     if note:
@@ -48,14 +48,14 @@ def choose_score(config: Config, score: Optional[str] = None) -> str:
     return chosen
 
 
-_warned: set[str] = set()
+_logged: set[str] = set()
 
 
 def log_once(message: str, level: int = logging.WARNING) -> None:
     """A warning (or a message at ``level``) logged once per process (a run builds a val and a test
     evaluation)."""
-    if message not in _warned:
-        _warned.add(message)
+    if message not in _logged:
+        _logged.add(message)
         log.log(level, "%s", message)
 
 
@@ -63,6 +63,7 @@ _compiled_fuse: dict[str, object] = {}  # backend -> the compiled call, shared b
 
 
 def _call_fuse(model: MaskVLM, *args, **kwargs) -> torch.Tensor:
+    # the class's method: a compiled bound method would keep its model alive in _compiled_fuse
     return type(model).fuse(model, *args, **kwargs)
 
 
@@ -152,8 +153,7 @@ def itm_scores(model: MaskVLM, enc: dict, image_idx: torch.Tensor, text_idx: tor
             images, pair_image = torch.unique_consecutive(ii, return_inverse=True)
             cls = torch.zeros(len(tt), 1, dtype=torch.long, device=where)  # the ITM head reads [CLS] alone
             fused = fuse(texts[tt], text_mask[tt], enc["image_hidden"][images],
-                               image_index=pair_image.to(where), output_positions=cls,
-                               self_attended=self_attended)
+                         image_index=pair_image.to(where), output_positions=cls, self_attended=self_attended)
             logits = model.itm_logits(fused).float()
             scores.append(logits[:, 1] if match_logit else logits[:, 1] - logits[:, 0])
     scores = torch.cat(scores)
